@@ -1,0 +1,43 @@
+# loopline — the two commands of the README are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UV_VERSION := 0.13.9
+# Where the CPU build of torch (torch==2.13.0+cpu, pinned in requirements.lock) lies.
+FIND_LINKS ?= /opt/wheels
+STAMP := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export GIT_PYTHON_REFRESH := quiet
+
+.PHONY: install run test test-fast lock bench-scale clean-outputs
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+	$(BIN)/uv pip sync --quiet --python $(BIN)/python --find-links $(FIND_LINKS) requirements.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Train and evaluate on the bundled Bikeshare data with params.yaml, offline.
+run: install
+	$(BIN)/loopline run
+
+test: install
+	$(BIN)/python -m pytest
+
+# Unit tests only (no DVC repro in a temp clone, no servers).
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+# Re-resolve requirements.lock from pyproject.toml (needs the package index).
+lock: install
+	$(BIN)/uv pip compile pyproject.toml --extra dev -c constraints.txt --python-version 3.11 \
+		--find-links $(FIND_LINKS) --no-emit-find-links -o requirements.lock
+
+# Scale benchmark: synthetic Bikeshare-shaped data at 1M and 10M rows.
+bench-scale: install
+	$(BIN)/python bench/scale.py --rows 1000000 10000000

@@ -1,0 +1,179 @@
+"""params.yaml as pydantic models, validated at load: a typo or a wrong type names the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipelines.errors import LooplineError
+
+MODEL_FAMILIES = ("linear", "random_forest", "hist_gradient_boosting")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ColumnSpec(_Section):
+    type: Literal["int", "float", "category"]
+    min: float | None = None
+    max: float | None = None
+    # Allowed values: category labels, or the codes an int column may take.
+    values: list[str] | list[int] | None = None
+    max_null_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    # What clean does with a missing value: keep it (imputed inside the model) or
+    # quarantine the row. The target's missing values are always quarantined.
+    missing: Literal["keep", "quarantine"] = "keep"
+
+    @model_validator(mode="after")
+    def _check(self) -> ColumnSpec:
+        if self.type == "category" and not self.values:
+            raise ValueError("a category column needs its allowed 'values'")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is greater than max {self.max}")
+        return self
+
+
+class RowCount(_Section):
+    min: int = Field(1, ge=0)
+    max: int | None = None
+
+
+class SchemaConfig(_Section):
+    columns: dict[str, ColumnSpec]
+    row_count: RowCount = RowCount()
+
+
+class DataConfig(_Section):
+    source: Path
+    task: Literal["regression", "classification"]
+    target: str
+    # Columns in the source file that must never reach the model (identifiers, leakage).
+    drop_columns: list[str] = []
+
+
+class CleanConfig(_Section):
+    drop_duplicates: bool = True
+    # Above this share of quarantined rows the data is broken, not dirty: clean fails.
+    max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
+
+
+class FeaturesConfig(_Section):
+    numeric: list[str] = []
+    categorical: list[str] = []
+    # column -> period; category columns use the position of the value in schema values.
+    cyclical: dict[str, float] = {}
+    scale: bool = True
+
+    @property
+    def columns(self) -> list[str]:
+        return [*self.numeric, *self.categorical, *self.cyclical]
+
+
+class SplitConfig(_Section):
+    # Sort keys that put rows in time order; earlier rows train, later rows validate/test.
+    # Leave empty for data without time: a seeded (stratified, for classification) shuffle.
+    order_by: list[str] = []
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    seed: int = 42
+
+
+class TrainConfig(_Section):
+    model: str = "hist_gradient_boosting"
+    seed: int = 42
+    # Per model family: keyword arguments of the scikit-learn estimator.
+    hyperparams: dict[str, dict[str, Any]] = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        unknown = [m for m in [self.model, *self.hyperparams] if m not in MODEL_FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown model family {unknown[0]!r}; choose one of {list(MODEL_FAMILIES)}")
+        return self
+
+
+class PathsConfig(_Section):
+    data: Path = Path("data")
+    models: Path = Path("models")
+
+
+class Params(_Section):
+    data: DataConfig
+    table_schema: SchemaConfig = Field(alias="schema")
+    clean: CleanConfig = CleanConfig()
+    features: FeaturesConfig
+    split: SplitConfig = SplitConfig()
+    train: TrainConfig = TrainConfig()
+    paths: PathsConfig = PathsConfig()
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Params:
+        cols = self.table_schema.columns
+        target = self.data.target
+        if target not in cols:
+            raise ValueError(f"data.target {target!r} is not a column in schema.columns")
+        if self.data.task == "classification" and cols[target].type != "category":
+            raise ValueError(f"a classification target must be a category column; {target!r} is {cols[target].type}")
+        if self.data.task == "regression" and cols[target].type == "category":
+            raise ValueError(f"a regression target must be numeric; {target!r} is a category column")
+        for col in self.data.drop_columns:
+            if col in cols:
+                raise ValueError(f"data.drop_columns names {col!r}, which is also in schema.columns")
+        seen: set[str] = set()
+        for col in self.features.columns:
+            if col == target:
+                raise ValueError(f"features list the target {target!r}: that leaks the answer")
+            if col not in cols:
+                raise ValueError(f"feature {col!r} is not a column in schema.columns")
+            if col in seen:
+                raise ValueError(f"feature {col!r} is listed twice in features")
+            seen.add(col)
+        for col in self.features.cyclical:
+            if cols[col].type == "category" and not cols[col].values:
+                raise ValueError(f"cyclical feature {col!r} is a category without values")
+        for col in self.split.order_by:
+            if col not in cols:
+                raise ValueError(f"split.order_by names {col!r}, which is not in schema.columns")
+        if not self.features.columns:
+            raise ValueError("features lists no columns")
+        return self
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key (check the spelling; allowed keys are in the README)")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] != "value_error":
+                msg += f" (got {e.get('input')!r})"
+            lines.append(f"{key}: {msg}" if key else msg)
+    return f"{source} is not valid: " + "; ".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise LooplineError("params", _describe(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LooplineError("params", f"{path} does not exist") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise LooplineError("params", f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise LooplineError("params", f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, str(path))

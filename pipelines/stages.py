@@ -1,0 +1,185 @@
+"""The pipeline stages as file-to-file steps: one function per `dvc.yaml` stage.
+
+Each reads its inputs from the paths in `Layout`, calls the pure functions of its module
+and writes its outputs atomically. `dvc repro`, the Prefect flows and the tests all run
+these same functions. Each returns a small JSON-able summary.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from pipelines.config import Params
+from pipelines.errors import LooplineError
+from pipelines.storage import read_json, write_csv, write_json, write_parquet, write_text
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every stage output lives, below `paths.data` and `paths.models`."""
+
+    data: Path
+    models: Path
+
+    @classmethod
+    def of(cls, params: Params) -> Layout:
+        return cls(data=params.paths.data, models=params.paths.models)
+
+    @property
+    def ingested(self) -> Path:
+        return self.data / "interim" / "ingested.parquet"
+
+    @property
+    def ingest_quarantine(self) -> Path:
+        return self.data / "quarantine" / "ingest.csv"
+
+    @property
+    def clean(self) -> Path:
+        return self.data / "interim" / "clean.parquet"
+
+    @property
+    def clean_quarantine(self) -> Path:
+        return self.data / "quarantine" / "clean.csv"
+
+    @property
+    def clean_report(self) -> Path:
+        return self.data / "interim" / "clean_report.json"
+
+    @property
+    def validation(self) -> Path:
+        return self.data / "validation"
+
+    def split_file(self, name: str) -> Path:
+        return self.data / "processed" / f"{name}.parquet"
+
+    @property
+    def metrics(self) -> Path:
+        return self.models / "metrics.json"
+
+    @property
+    def predictions(self) -> Path:
+        return self.models / "plots" / "predictions.csv"
+
+
+def _read(path: Path, stage: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise LooplineError(stage, f"input {path} does not exist; run the earlier stages first (dvc repro)")
+    return pq.read_table(path).to_pandas()
+
+
+def ingest(params: Params) -> dict[str, Any]:
+    from pipelines.ingest import read_source
+
+    layout = Layout.of(params)
+    result = read_source(params.data.source, params.table_schema, params.data)
+    write_parquet(result.rows, layout.ingested)
+    write_csv(result.quarantine, layout.ingest_quarantine)
+    return {"source": str(params.data.source), "rows": result.rows.num_rows,
+            "rows_quarantined": len(result.quarantine)}
+
+
+def clean(params: Params) -> dict[str, Any]:
+    from pipelines.clean import clean_rows
+
+    layout = Layout.of(params)
+    if not layout.ingested.is_file():
+        raise LooplineError("clean", f"input {layout.ingested} does not exist; run ingest first")
+    result = clean_rows(pq.read_table(layout.ingested), params.table_schema, params.data, params.clean)
+    write_parquet(result.rows, layout.clean)
+    write_csv(result.quarantine, layout.clean_quarantine)
+    write_json(result.report, layout.clean_report)
+    return result.report
+
+
+def validate(params: Params) -> dict[str, Any]:
+    from pipelines.validate import raise_if_failed, validate_frame
+
+    layout = Layout.of(params)
+    source = str(layout.clean)
+    validation = validate_frame(_read(layout.clean, "validate"), params.table_schema, source)
+    # The report is written whatever the outcome: on failure it is what a person opens.
+    write_json(validation.result, layout.validation / "result.json")
+    write_text(validation.report_html, layout.validation / "report.html")
+    raise_if_failed(validation, source, str(layout.validation / "report.html"))
+    stats = validation.result["statistics"]
+    summary = {"success": True, "expectations": stats["evaluated_expectations"]}
+    write_json(summary, layout.validation / "summary.json")
+    return summary
+
+
+def split(params: Params) -> dict[str, Any]:
+    from pipelines.split import split_rows
+
+    layout = Layout.of(params)
+    stratify = params.data.task == "classification"
+    parts = split_rows(_read(layout.clean, "split"), params.split, params.data.target, stratify)
+    counts = {}
+    for name in ("train", "val", "test"):
+        frame = getattr(parts, name)
+        write_parquet(frame, layout.split_file(name))
+        counts[name] = len(frame)
+    return counts
+
+
+def train(params: Params) -> dict[str, Any]:
+    from pipelines.evaluate import naive_baseline
+    from pipelines.model_io import save_model
+    from pipelines.train import build_model, fit_model
+
+    layout = Layout.of(params)
+    rows = _read(layout.split_file("train"), "train")
+    model = fit_model(build_model(params), rows, params)
+    meta = {
+        "task": params.data.task,
+        "target": params.data.target,
+        "features": params.features.columns,
+        "family": params.train.model,
+        "hyperparams": params.train.hyperparams.get(params.train.model, {}),
+        "baseline": naive_baseline(rows[params.data.target], params.data.task),
+        "train_rows": len(rows),
+        "classes": [str(c) for c in getattr(model, "classes_", [])],
+    }
+    save_model(model, meta, layout.models)
+    return {"model": params.train.model, "train_rows": len(rows)}
+
+
+def evaluate(params: Params) -> dict[str, Any]:
+    from pipelines.evaluate import score
+    from pipelines.model_io import load_model
+
+    layout = Layout.of(params)
+    model, meta = load_model(layout.models)
+    metrics: dict[str, Any] = {}
+    for name in ("val", "test"):
+        metrics[name], rows = score(model, _read(layout.split_file(name), "evaluate"), meta["features"],
+                                    params.data.target, params.data.task, meta["baseline"])
+        if name == "test":
+            write_csv(rows, layout.predictions)
+    write_json(metrics, layout.metrics)
+    return metrics
+
+
+STAGES: dict[str, Callable[[Params], dict[str, Any]]] = {
+    "ingest": ingest, "clean": clean, "validate": validate,
+    "split": split, "train": train, "evaluate": evaluate,
+}
+
+
+def run_all(params: Params, echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
+    """Every stage in order, in this process (what `loopline run` does)."""
+    summary: dict[str, Any] = {}
+    for name, stage in STAGES.items():
+        summary[name] = stage(params)
+        echo(f"{name}: {summary[name]}" if name != "evaluate" else f"{name}: done")
+    return summary
+
+
+def read_metrics(params: Params) -> dict[str, Any]:
+    return read_json(Layout.of(params).metrics)

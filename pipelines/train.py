@@ -1,0 +1,75 @@
+"""train: a seeded scikit-learn estimator behind the fitted feature transform.
+
+The model family is configuration (`train.model`); the same family name gives a regressor
+or a classifier depending on the task. Hyperparameters are passed to the estimator as they
+are, so an unknown one fails with the key named.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+from sklearn.base import BaseEstimator
+from sklearn.ensemble import (
+    HistGradientBoostingClassifier,
+    HistGradientBoostingRegressor,
+    RandomForestClassifier,
+    RandomForestRegressor,
+)
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.pipeline import Pipeline
+
+from pipelines.config import Params
+from pipelines.errors import LooplineError
+from pipelines.features import build_preprocessor
+
+STAGE = "train"
+
+ESTIMATORS: dict[str, dict[str, type[BaseEstimator]]] = {
+    "linear": {"regression": Ridge, "classification": LogisticRegression},
+    "random_forest": {"regression": RandomForestRegressor, "classification": RandomForestClassifier},
+    "hist_gradient_boosting": {"regression": HistGradientBoostingRegressor,
+                               "classification": HistGradientBoostingClassifier},
+}
+LINEAR_CLASSIFIER_DEFAULTS = {"max_iter": 1000}
+
+
+def build_estimator(family: str, task: str, hyperparams: dict[str, Any], seed: int) -> BaseEstimator:
+    cls = ESTIMATORS[family][task]
+    estimator = cls(**(LINEAR_CLASSIFIER_DEFAULTS if cls is LogisticRegression else {}))
+    valid = estimator.get_params()
+    unknown = [k for k in hyperparams if k not in valid]
+    if unknown:
+        raise LooplineError(STAGE, f"train.hyperparams.{family}.{unknown[0]} is not a parameter of "
+                                   f"{cls.__name__}; valid ones: {sorted(valid)}")
+    if "random_state" in valid:
+        estimator.set_params(random_state=seed)
+    try:
+        return estimator.set_params(**hyperparams)
+    except (TypeError, ValueError) as err:
+        raise LooplineError(STAGE, f"train.hyperparams.{family}: {err}") from None
+
+
+def build_model(params: Params, family: str | None = None,
+                hyperparams: dict[str, Any] | None = None) -> Pipeline:
+    family = family or params.train.model
+    if hyperparams is None:
+        hyperparams = params.train.hyperparams.get(family, {})
+    estimator = build_estimator(family, params.data.task, hyperparams, params.train.seed)
+    return Pipeline([("features", build_preprocessor(params.features, params.table_schema)),
+                     ("model", estimator)])
+
+
+def fit_model(model: Pipeline, train: pd.DataFrame, params: Params) -> Pipeline:
+    X = train[params.features.columns]
+    y = train[params.data.target]
+    if params.data.task == "classification":
+        y = y.astype(str)
+        if y.nunique() < 2:
+            raise LooplineError(STAGE, f"the training rows hold a single class of {params.data.target!r} "
+                                       f"({y.iloc[0]!r}); a classifier needs at least two")
+    try:
+        return model.fit(X, y)
+    except ValueError as err:
+        raise LooplineError(STAGE, f"fitting {type(model[-1]).__name__} failed: {err}") from None
