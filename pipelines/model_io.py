@@ -3,13 +3,15 @@
 skops refuses to instantiate types that are not trusted. We never trust everything: the
 allowlist below names exactly what loopline's pipelines contain, and a file that asks for
 anything else is refused with the offending types named (a tampered or foreign file).
-The zip is written with fixed timestamps so the same model gives the same bytes, which
-keeps `dvc repro` outputs and their hashes reproducible.
+skops names objects by their memory address and stamps the zip with the time; we renumber
+the addresses in order of appearance and fix the timestamps, so the same model always gives
+the same bytes, which keeps `dvc repro` outputs and their hashes reproducible.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -28,21 +30,33 @@ TRUSTED_TYPES = frozenset({
 })
 
 
-def _fixed_time_zip(data: bytes) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
-        for info in src.infolist():
-            fixed = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
-            fixed.compress_type = info.compress_type
-            fixed.external_attr = info.external_attr
-            dst.writestr(fixed, src.read(info.filename))
+_ID = re.compile(r'(?<="__id__": )\d+|\b\d+(?=\.npy\b)')
+
+
+def _canonical_zip(data: bytes) -> bytes:
+    with zipfile.ZipFile(io.BytesIO(data)) as src:
+        schema = src.read("schema.json").decode("utf-8")
+        number: dict[str, str] = {}
+        for match in _ID.finditer(schema):
+            number.setdefault(match.group(), str(len(number) + 1))
+        renamed = _ID.sub(lambda m: number[m.group()], schema)
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as dst:
+            for info in src.infolist():
+                stem, dot, ext = info.filename.partition(".")
+                name = number.get(stem, stem) + dot + ext
+                fixed = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+                fixed.compress_type = info.compress_type
+                fixed.external_attr = info.external_attr
+                body = renamed.encode("utf-8") if info.filename == "schema.json" else src.read(info.filename)
+                dst.writestr(fixed, body)
     return out.getvalue()
 
 
 def dumps_model(model: Any) -> bytes:
     import skops.io as sio
 
-    return _fixed_time_zip(sio.dumps(model))
+    return _canonical_zip(sio.dumps(model))
 
 
 def loads_model(data: bytes, source: str = "model") -> Any:

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import raw_params
+from pipelines.config import load_params, parse_params
+from pipelines.errors import LooplineError
+
+
+def test_shipped_params_files_load():
+    assert load_params("params.yaml").data.target == "bikers"
+    assert load_params("params.wine.yaml").data.task == "classification"
+
+
+def _error(raw: dict) -> str:
+    with pytest.raises(LooplineError) as info:
+        parse_params(raw, "params.yaml")
+    return str(info.value)
+
+
+def test_unknown_key_is_named():
+    raw = raw_params()
+    raw["train"]["modle"] = "linear"
+    msg = _error(raw)
+    assert "train.modle" in msg and "unknown key" in msg
+
+
+def test_wrong_type_is_named():
+    raw = raw_params()
+    raw["split"]["val_fraction"] = "a lot"
+    msg = _error(raw)
+    assert "split.val_fraction" in msg and "'a lot'" in msg
+
+
+def test_nested_schema_error_names_column():
+    raw = raw_params()
+    raw["schema"]["columns"]["temp"]["type"] = "decimal"
+    assert "schema.columns.temp.type" in _error(raw)
+
+
+def test_target_as_feature_is_refused():
+    raw = raw_params()
+    raw["features"]["numeric"].append("bikers")
+    assert "leaks" in _error(raw)
+
+
+def test_dropped_leakage_column_cannot_be_declared():
+    raw = raw_params()
+    raw["schema"]["columns"]["casual"] = {"type": "int"}
+    assert "casual" in _error(raw)
+
+
+def test_unknown_model_family():
+    raw = raw_params()
+    raw["train"]["model"] = "xgboost"
+    assert "xgboost" in _error(raw)
+
+
+def test_invalid_yaml_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(LooplineError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_cli_reports_bad_params_without_traceback(tmp_path, capsys):
+    from conftest import run_cli
+
+    raw = raw_params()
+    raw["train"]["hyperparms"] = {}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code, _, err = run_cli("stage", "train", "--params", str(path), capsys=capsys)
+    assert code == 2
+    assert "train.hyperparms: unknown key" in err
+    assert "Traceback" not in err

@@ -1,0 +1,105 @@
+"""The real DVC pipeline in a fresh copy of the repository: reproducibility, no-op re-runs,
+experiments, metrics and plots, and a push/pull round trip through a local remote."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from pipelines.storage import file_md5
+
+pytestmark = pytest.mark.slow
+
+OUTPUTS = ["data/interim/clean.parquet", "data/processed/train.parquet", "models/model.skops", "models/model.json"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["GIT_PYTHON_REFRESH"] = "quiet"
+    env.setdefault("GIT_AUTHOR_NAME", "loopline test")
+    env.setdefault("GIT_AUTHOR_EMAIL", "test@loopline.invalid")
+    env["GIT_COMMITTER_NAME"], env["GIT_COMMITTER_EMAIL"] = env["GIT_AUTHOR_NAME"], env["GIT_AUTHOR_EMAIL"]
+    return env
+
+
+def sh(*args: str, cwd: Path) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Path:
+    """The repository's files (as a fresh clone has them) in a new git repo, after `dvc repro`."""
+    root = tmp_path_factory.mktemp("clone") / "loopline"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        if (REPO / rel).is_file():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, root / rel)
+    sh("git", "init", "-q", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "clone", cwd=root)
+    sh("dvc", "repro", cwd=root)
+    return root
+
+
+def test_repro_matches_committed_lock_and_metrics(clone):
+    assert (clone / "dvc.lock").read_text() == (REPO / "dvc.lock").read_text()
+    assert json.loads((clone / "models/metrics.json").read_text()) == json.loads(
+        (REPO / "models/metrics.json").read_text())
+    assert sh("git", "status", "--porcelain", cwd=clone).strip() == ""
+
+
+def test_second_repro_is_a_fast_no_op(clone):
+    started = time.perf_counter()
+    out = sh("dvc", "repro", cwd=clone)
+    elapsed = time.perf_counter() - started
+    assert "Data and pipelines are up to date" in out
+    assert "Running stage" not in out
+    assert elapsed < 3.0, f"no-op dvc repro took {elapsed:.2f}s"
+
+
+def test_metrics_and_plots(clone):
+    metrics = json.loads(sh("dvc", "metrics", "show", "--json", cwd=clone))
+    shown = json.dumps(metrics)
+    assert "rmse" in shown and "baseline_rmse" in shown
+    sh("dvc", "plots", "show", "-o", "plots_html", cwd=clone)
+    page = (clone / "plots_html" / "index.html").read_text()
+    assert "Predicted vs actual" in page and "Residuals" in page
+
+
+def test_push_pull_round_trip(clone, tmp_path):
+    remote = tmp_path / "remote"
+    sh("dvc", "remote", "modify", "--local", "local", "url", str(remote), cwd=clone)
+    before = {p: file_md5(clone / p) for p in OUTPUTS}
+    sh("dvc", "push", cwd=clone)
+    assert any(remote.rglob("*")), "nothing was pushed"
+    shutil.rmtree(clone / ".dvc" / "cache")
+    for p in OUTPUTS:
+        (clone / p).unlink()
+    sh("dvc", "pull", cwd=clone)
+    assert {p: file_md5(clone / p) for p in OUTPUTS} == before
+    assert "up to date" in sh("dvc", "status", cwd=clone)
+
+
+def test_experiment_variant_and_params_diff(clone):
+    sh("dvc", "exp", "run", "-S", "train.model=linear", cwd=clone)
+    diff = sh("dvc", "params", "diff", "--json", cwd=clone)
+    assert "linear" in diff and "hist_gradient_boosting" in diff
+    metrics = json.loads((clone / "models/metrics.json").read_text())
+    committed = json.loads((REPO / "models/metrics.json").read_text())
+    assert metrics["test"]["rmse"] != committed["test"]["rmse"]
+    assert metrics["test"]["rmse"] < metrics["test"]["baseline_rmse"]
+    exps = sh("dvc", "exp", "show", "--json", cwd=clone)
+    assert "linear" in exps
