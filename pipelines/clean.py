@@ -24,7 +24,7 @@ STAGE = "clean"
 
 @dataclass(frozen=True)
 class Cleaned:
-    rows: pd.DataFrame  # numeric columns float64, category columns pandas Categorical
+    rows: pa.Table  # numeric columns float64, category columns dictionary-encoded (pandas Categorical)
     quarantine: pd.DataFrame  # the original text of each bad row plus a `reason` column
     report: dict[str, int]
 
@@ -44,7 +44,7 @@ def _to_number(text: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return values, bad | infinite
 
 
-def _to_category(text: pa.ChunkedArray, allowed: list) -> pd.Categorical:
+def _to_category(text: pa.ChunkedArray, allowed: list) -> pa.DictionaryArray:
     """Trim and match labels case-insensitively to the allowed spelling; keep unknown labels
     as they are (validate reports them). Works on the distinct labels only."""
     encoded = pc.dictionary_encode(pc.utf8_trim_whitespace(text)).combine_chunks()
@@ -52,12 +52,12 @@ def _to_category(text: pa.ChunkedArray, allowed: list) -> pd.Categorical:
     labels = [spelling.get(v.lower(), v) for v in encoded.dictionary.to_pylist()]
     categories = [str(v) for v in allowed] + sorted(set(labels) - set(spelling.values()))
     position = {c: i for i, c in enumerate(categories)}
-    remap = np.array([position[label] for label in labels] + [-1], dtype=np.int64)
-    codes = encoded.indices.fill_null(len(labels)).to_numpy(zero_copy_only=False)
-    return pd.Categorical.from_codes(remap[codes], categories=categories)
+    remap = np.array([position[label] for label in labels] + [-1], dtype=np.int32)
+    codes = remap[encoded.indices.fill_null(len(labels)).to_numpy(zero_copy_only=False)]
+    return pa.DictionaryArray.from_arrays(pa.array(codes, mask=codes < 0), pa.array(categories, pa.string()))
 
 
-def _type_column(text: pa.ChunkedArray, spec: ColumnSpec) -> tuple[object, np.ndarray, str]:
+def _type_column(text: pa.ChunkedArray, spec: ColumnSpec) -> tuple[pa.Array, np.ndarray, str]:
     if spec.type == "category":
         return _to_category(text, spec.values or []), np.zeros(len(text), dtype=bool), ""
     values, bad = _to_number(text)
@@ -66,12 +66,12 @@ def _type_column(text: pa.ChunkedArray, spec: ColumnSpec) -> tuple[object, np.nd
         fractional = ~bad & ~np.isnan(values) & (values != np.round(values))
         if fractional.any():
             bad, reason = bad | fractional, "not a whole number"
-    return values, bad, reason
+    return pa.array(values, from_pandas=True), bad, reason  # NaN becomes null
 
 
 def clean_rows(rows: pa.Table, schema: SchemaConfig, data: DataConfig, cfg: CleanConfig) -> Cleaned:
     n_in = rows.num_rows
-    typed: dict[str, object] = {}
+    typed: dict[str, pa.Array] = {}
     problems: list[tuple[str, np.ndarray]] = []
     for col, spec in schema.columns.items():
         values, bad, reason = _type_column(rows.column(col), spec)
@@ -79,10 +79,10 @@ def clean_rows(rows: pa.Table, schema: SchemaConfig, data: DataConfig, cfg: Clea
         if bad.any():
             problems.append((f"{col}: {reason}", bad))
         if col == data.target or spec.missing == "quarantine":
-            missing = np.asarray(pd.isna(values)) & ~bad
+            missing = values.is_null().to_numpy(zero_copy_only=False) & ~bad
             if missing.any():
                 problems.append((f"{col}: missing value", missing))
-    df = pd.DataFrame(typed)
+    table = pa.table(typed)
 
     any_bad = np.zeros(n_in, dtype=bool)
     for _, mask in problems:
@@ -102,16 +102,38 @@ def clean_rows(rows: pa.Table, schema: SchemaConfig, data: DataConfig, cfg: Clea
             f"clean.max_quarantine_fraction={cfg.max_quarantine_fraction}: {_summarise(quarantine, problems)}. "
             "The source looks broken rather than dirty; nothing was written."))
 
-    df = df.loc[~any_bad].reset_index(drop=True)
+    if quarantined:
+        table = table.filter(pa.array(~any_bad))
     duplicates = 0
     if cfg.drop_duplicates:
-        dup = df.duplicated().to_numpy()
+        dup = _duplicated(table)
         duplicates = int(dup.sum())
         if duplicates:
-            df = df.loc[~dup].reset_index(drop=True)
+            table = table.filter(pa.array(~dup))
     report = {"rows_in": n_in, "rows_quarantined": quarantined,
-              "duplicates_dropped": duplicates, "rows_out": len(df)}
-    return Cleaned(rows=df, quarantine=quarantine, report=report)
+              "duplicates_dropped": duplicates, "rows_out": table.num_rows}
+    return Cleaned(rows=table, quarantine=quarantine, report=report)
+
+
+def _duplicated(table: pa.Table) -> np.ndarray:
+    """Rows equal to an earlier row. A 64-bit hash per row finds the candidates in linear
+    time; exact comparison then runs on the (few) rows whose hash is not unique."""
+    row_hash = np.zeros(table.num_rows, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for column in table.columns:
+            column = column.combine_chunks()
+            if pa.types.is_dictionary(column.type):
+                bits = column.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.uint64)
+            else:  # float64; nulls as NaN hash alike
+                bits = column.to_numpy(zero_copy_only=False).view(np.uint64)
+            row_hash = (row_hash ^ bits) * np.uint64(0x100000001B3) + np.uint64(0x9E3779B97F4A7C15)
+            row_hash ^= row_hash >> np.uint64(29)
+    candidates = np.flatnonzero(pd.Series(row_hash).duplicated(keep=False).to_numpy())
+    dup = np.zeros(table.num_rows, dtype=bool)
+    if len(candidates):
+        subset = table.take(pa.array(candidates)).to_pandas()
+        dup[candidates] = subset.duplicated().to_numpy()
+    return dup
 
 
 def _summarise(quarantine: pd.DataFrame, problems: list[tuple[str, np.ndarray]]) -> str:

@@ -61,10 +61,9 @@ def build_preprocessor(features: FeaturesConfig, schema: SchemaConfig) -> Column
     if features.numeric:
         transformers.append(("numeric", Pipeline(numeric_steps), list(features.numeric)))
     if features.categorical:
-        transformers.append(("categorical", Pipeline([
-            ("impute", SimpleImputer(strategy="most_frequent")),
-            ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False)),
-        ]), list(features.categorical)))
+        # A missing value becomes its own indicator column; unknown labels encode as all zeros.
+        transformers.append(("categorical", OneHotEncoder(handle_unknown="ignore", sparse_output=False),
+                             list(features.categorical)))
     for col, period in features.cyclical.items():
         spec = schema.columns[col]
         categories = [str(v) for v in spec.values] if spec.type == "category" else None

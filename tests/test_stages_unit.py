@@ -36,10 +36,11 @@ def _bike_rows(n: int = 10, **override) -> pa.Table:
 def test_clean_types_and_normalises_categories():
     rows = _bike_rows(4, mnth=[" jan", "JAN", "Jan ", "feb"], weathersit=["Clear", "clear", " CLEAR", "tornado"])
     out = clean_rows(rows, PARAMS.table_schema, PARAMS.data, PARAMS.clean.model_copy(update={"max_quarantine_fraction": 1.0}))
-    assert out.rows["temp"].dtype == np.float64
-    assert list(out.rows["mnth"]) == ["Jan", "Jan", "Jan", "Feb"]
+    df = out.rows.to_pandas()
+    assert df["temp"].dtype == np.float64
+    assert list(df["mnth"]) == ["Jan", "Jan", "Jan", "Feb"]
     # unknown labels are kept as they are, for validate to report
-    assert list(out.rows["weathersit"]) == ["clear", "clear", "clear", "tornado"]
+    assert list(df["weathersit"]) == ["clear", "clear", "clear", "tornado"]
 
 
 def test_clean_quarantines_unparseable_and_missing_target_with_reasons():
@@ -56,7 +57,7 @@ def test_clean_quarantines_unparseable_and_missing_target_with_reasons():
 def test_clean_drops_exact_duplicates_and_counts_them():
     rows = _bike_rows(5, day=["1"] * 5, hr=["0"] * 5, bikers=["3"] * 5)
     out = clean_rows(rows, PARAMS.table_schema, PARAMS.data, PARAMS.clean)
-    assert out.report["duplicates_dropped"] == 4 and len(out.rows) == 1
+    assert out.report["duplicates_dropped"] == 4 and out.rows.num_rows == 1
 
 
 def test_clean_fails_when_most_rows_are_broken():
@@ -76,7 +77,7 @@ def test_clean_keeps_or_quarantines_missing_values_per_schema():
     assert out.report["rows_quarantined"] == 1
     assert out.quarantine["reason"].iloc[0] == "hum: missing value"  # temp's is kept: imputed later
     kept = clean_rows(rows, PARAMS.table_schema, PARAMS.data, PARAMS.clean)
-    assert kept.report["rows_quarantined"] == 0 and kept.rows["hum"].isna().sum() == 1
+    assert kept.report["rows_quarantined"] == 0 and kept.rows.to_pandas()["hum"].isna().sum() == 1
 
 
 def test_cyclical_encoder_wraps_around_and_handles_labels():
@@ -126,3 +127,12 @@ def test_shuffled_split_is_seeded_and_stratified():
 def test_split_refuses_too_few_rows():
     with pytest.raises(LooplineError, match="too few"):
         split_rows(pd.DataFrame({"day": [1, 2], "hr": [0, 0], "bikers": [1, 2]}), PARAMS.split, "bikers", False)
+
+
+def test_duplicates_found_exactly_including_missing_values():
+    rows = _bike_rows(6, day=["1", "1", "1", "2", "1", "1"], hr=["0"] * 6, bikers=["3"] * 6,
+                      temp=[None, None, "0.5", None, "0.5", "0.25"], weathersit=["clear"] * 5 + ["CLEAR"])
+    out = clean_rows(rows, PARAMS.table_schema, PARAMS.data, PARAMS.clean)
+    # rows 1 (= row 0, both temp missing) and 4 (= row 2) are duplicates; row 5 differs in temp
+    assert out.report["duplicates_dropped"] == 2
+    assert out.rows.to_pandas()["temp"].tolist()[:3] == pytest.approx([float("nan"), 0.5, float("nan")], nan_ok=True)
