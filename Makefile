@@ -22,9 +22,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# Train and evaluate on the bundled Bikeshare data with params.yaml, offline.
+# The training flow on the bundled Bikeshare data (params.yaml), offline: Prefect + MLflow + registry.
 run: install
-	$(BIN)/loopline run
+	$(BIN)/loopline train
 
 test: install
 	$(BIN)/python -m pytest

@@ -52,6 +52,77 @@ def run(params: ParamsOption = Path("params.yaml")) -> None:
     typer.echo(_metrics_table(summary["evaluate"]))
 
 
+@app.command()
+def train(params: ParamsOption = Path("params.yaml"),
+          force: Annotated[bool, typer.Option(help="Ignore cached stage results and retrain.")] = False,
+          as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False) -> None:
+    """Run the training flow (Prefect): data stages, candidate search, guarded promotion."""
+    from flows.training import training_flow
+
+    result = training_flow(params_path=str(params), force=force)
+    if as_json:
+        typer.echo(json.dumps(result, default=str))
+        return
+    trained, decision = result["trained"], result["decision"]
+    metric = trained["metric"]
+    typer.echo(f"\ncached stages: {', '.join(result['cached']) or 'none'}")
+    typer.echo(f"{'candidate':<24}{'family':<26}{'val ' + metric:>12}")
+    for c in trained["candidates"]:
+        typer.echo(f"{c['name']:<24}{c['family']:<26}{c['val']:>12.4f}")
+    typer.echo(f"best: {trained['best']}  test {metric}={trained['test'][metric]:.4f} "
+               f"(naive baseline {trained['test']['baseline_' + metric]:.4f})")
+    if result["training_cached"]:
+        typer.echo(f"training skipped: {decision['reason']}")
+    else:
+        typer.echo(f"{decision['model_name']} v{decision['version']}: {decision['outcome']} — {decision['reason']}")
+
+
+@app.command()
+def deploy(params: ParamsOption = Path("params.yaml")) -> None:
+    """Serve the scheduled deployments (cron from params.yaml `schedule:`) until stopped."""
+    from flows.deploy import serve_deployments
+
+    serve_deployments(params)
+
+
+@app.command()
+def promote(version: Annotated[str, typer.Argument(help="The model version to make champion.")],
+            params: ParamsOption = Path("params.yaml")) -> None:
+    """Make a registered model version the champion by hand (audited)."""
+    from pipelines.registry import promote as promote_version
+    from pipelines.tracking import client_for, tracking_uri
+
+    p = _params(params)
+    client, _ = client_for(p)
+    replaced = promote_version(client, p.tracking.model_name, version, tracking_uri(p))
+    typer.echo(f"{p.tracking.model_name}: champion is v{version} (was {'v' + replaced if replaced else 'none'})")
+
+
+@app.command()
+def rollback(params: ParamsOption = Path("params.yaml")) -> None:
+    """Move the champion back to the version it replaced (audited)."""
+    from pipelines.registry import rollback as rollback_champion
+    from pipelines.tracking import client_for, tracking_uri
+
+    p = _params(params)
+    client, _ = client_for(p)
+    old, new = rollback_champion(client, p.tracking.model_name, tracking_uri(p))
+    typer.echo(f"{p.tracking.model_name}: champion rolled back from v{old} to v{new}")
+
+
+@app.command()
+def ui(params: ParamsOption = Path("params.yaml"), port: int = 5000, host: str = "127.0.0.1") -> None:
+    """Open the MLflow UI on the tracking store (mlflow server)."""
+    import os
+
+    from pipelines.tracking import tracking_uri
+
+    p = _params(params)
+    artifacts = str(Path(p.tracking.artifact_root).resolve())
+    os.execvp("mlflow", ["mlflow", "server", "--backend-store-uri", tracking_uri(p),
+                         "--default-artifact-root", artifacts, "--host", host, "--port", str(port)])
+
+
 @app.command("check-params")
 def check_params(params: ParamsOption = Path("params.yaml")) -> None:
     """Validate a params file and print it with defaults filled in."""

@@ -96,6 +96,66 @@ class TrainConfig(_Section):
         return self
 
 
+class ParamRange(_Section):
+    """One hyperparameter's search range: `low`/`high` (with `log`), or `choices`."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool | None = None  # default: true when low and high are whole numbers
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ParamRange:
+        if self.choices is None and (self.low is None or self.high is None):
+            raise ValueError("give either low and high, or choices")
+        if self.choices is None and self.low > self.high:  # type: ignore[operator]
+            raise ValueError(f"low {self.low} is greater than high {self.high}")
+        return self
+
+
+class SearchConfig(_Section):
+    # Each family is a candidate with its train.hyperparams; then n_trials Optuna trials
+    # sample a family and its hyperparameters from `space`.
+    families: list[str] = ["hist_gradient_boosting"]
+    n_trials: int = Field(0, ge=0)
+    seed: int = 42
+    space: dict[str, dict[str, ParamRange]] = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        for family in [*self.families, *self.space]:
+            if family not in MODEL_FAMILIES:
+                raise ValueError(f"unknown model family {family!r}; choose from {list(MODEL_FAMILIES)}")
+        if self.n_trials and not self.space:
+            raise ValueError("n_trials > 0 needs a search space")
+        if not self.families and not self.n_trials:
+            raise ValueError("nothing to train: no families and no trials")
+        return self
+
+
+class PromotionConfig(_Section):
+    # The metric candidates are ranked and the champion judged by; default by task
+    # (rmse for regression, f1 for classification).
+    metric: str | None = None
+    # A challenger replaces the champion only if better by this relative margin on the
+    # same test rows (0.01 = 1% better).
+    min_improvement: float = Field(0.0, ge=0.0)
+
+
+class TrackingConfig(_Section):
+    # MLFLOW_TRACKING_URI, when set, wins over `uri`.
+    uri: str = "sqlite:///mlflow.db"
+    artifact_root: Path = Path("mlruns")
+    experiment: str = "loopline"
+    model_name: str = "loopline-model"
+
+
+class ScheduleConfig(_Section):
+    timezone: str = "UTC"
+    training: str | None = "0 3 * * 1"  # cron
+
+
 class PathsConfig(_Section):
     data: Path = Path("data")
     models: Path = Path("models")
@@ -109,6 +169,18 @@ class Params(_Section):
     split: SplitConfig = SplitConfig()
     train: TrainConfig = TrainConfig()
     paths: PathsConfig = PathsConfig()
+    search: SearchConfig = SearchConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+
+    @property
+    def metric(self) -> tuple[str, bool]:
+        """The promotion metric and whether larger is better."""
+        from pipelines.evaluate import PRIMARY_METRIC, metric_direction
+
+        name = self.promotion.metric or PRIMARY_METRIC[self.data.task][0]
+        return name, metric_direction(name)
 
     @model_validator(mode="after")
     def _cross_check(self) -> Params:
@@ -140,6 +212,11 @@ class Params(_Section):
                 raise ValueError(f"split.order_by names {col!r}, which is not in schema.columns")
         if not self.features.columns:
             raise ValueError("features lists no columns")
+        metric = self.promotion.metric
+        valid = {"regression": ["rmse", "mae", "r2"],
+                 "classification": ["accuracy", "precision", "recall", "f1", "roc_auc"]}[self.data.task]
+        if metric is not None and metric not in valid:
+            raise ValueError(f"promotion.metric {metric!r} is not a {self.data.task} metric; choose one of {valid}")
         return self
 
 

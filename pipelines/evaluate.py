@@ -14,6 +14,12 @@ STAGE = "evaluate"
 
 # The metric each task is judged by, and whether larger is better.
 PRIMARY_METRIC = {"regression": ("rmse", False), "classification": ("f1", True)}
+LOWER_IS_BETTER = {"rmse", "mae"}
+
+
+def metric_direction(name: str) -> bool:
+    """True when a larger value of the metric is better."""
+    return name not in LOWER_IS_BETTER
 
 
 def naive_baseline(y_train: pd.Series, task: str) -> float | str:

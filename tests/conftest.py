@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,8 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 BIKESHARE = REPO / "pipelines" / "datasets" / "bikeshare_2011.csv"
 WINE = REPO / "pipelines" / "datasets" / "wine.csv"
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Before anything imports prefect or mlflow: a private Prefect home (results, cache records,
+# the temporary API's database) and no tracking URI from the caller's environment.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="loopline-prefect-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_API_URL", None)
 
 
 def raw_params(name: str = "params.yaml") -> dict:
@@ -70,3 +81,59 @@ def params_of():
     from pipelines.config import load_params
 
     return load_params
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status < 500:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server started in its own session, with everything it started."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def venv_bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A real `prefect server start` on a free loopback port, used by every flow test."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("prefect") / "server.log", "w")
+    proc = subprocess.Popen([venv_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_for_http(f"{url}/health", timeout=120, proc=proc)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        stop(proc)
+        log.close()

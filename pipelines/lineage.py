@@ -1,0 +1,111 @@
+"""Content fingerprints and lineage: what a result was made from.
+
+`dvc.yaml` is the one declaration of each stage's inputs (deps and params). The training
+flow keys its task cache on the same declaration, so "unchanged" means the same thing to
+`dvc repro` and to `loopline train`: same input bytes, same params, same stage code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.config import Params
+from pipelines.errors import LooplineError
+from pipelines.storage import file_md5
+
+_VAR = re.compile(r"\$\{([^}]+)\}")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    deps: list[Path]
+    params: list[str]
+    outs: list[Path]
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _params_tree(params: Params) -> dict[str, Any]:
+    return params.model_dump(mode="json", by_alias=True)
+
+
+def _entries(items: list) -> list[str]:
+    """dvc.yaml lists entries as strings or as one-key mappings (a path with options)."""
+    names: list[str] = []
+    for item in items or []:
+        names.extend(item if isinstance(item, dict) else [item])
+    return names
+
+
+def dvc_stage(stage: str, params: Params, dvc_yaml: str | Path = "dvc.yaml") -> StageSpec:
+    """A stage of dvc.yaml with its ${...} references filled in from `params`."""
+    path = Path(dvc_yaml)
+    if not path.is_file():
+        raise LooplineError("lineage", f"{path} not found; run loopline from the repository root")
+    entry = yaml.safe_load(path.read_text())["stages"][stage]
+    tree = _params_tree(params)
+
+    def fill(text: str) -> str:
+        return _VAR.sub(lambda m: str(_lookup(tree, m.group(1))), text)
+
+    outs = [Path(fill(o)) for key in ("outs", "metrics", "plots") for o in _entries(entry.get(key))]
+    return StageSpec(deps=[Path(fill(d)) for d in entry.get("deps", [])],
+                     params=list(entry.get("params", [])), outs=outs)
+
+
+def fingerprint(deps: list[Path], param_keys: list[str], params: Params, salt: str = "") -> str:
+    """A hash of the input files' bytes and the named params values."""
+    tree = _params_tree(params)
+    digest = hashlib.sha256(salt.encode())
+    for dep in deps:
+        digest.update(f"{dep}:{file_md5(dep) if dep.is_file() else 'missing'}\n".encode())
+    for key in param_keys:
+        digest.update(f"{key}={json.dumps(_lookup(tree, key), sort_keys=True)}\n".encode())
+    return digest.hexdigest()
+
+
+def stage_fingerprint(stage: str, params: Params, dvc_yaml: str | Path = "dvc.yaml") -> str:
+    """Fingerprint of a dvc.yaml stage's inputs."""
+    spec = dvc_stage(stage, params, dvc_yaml)
+    return fingerprint(spec.deps, spec.params, params, salt=stage)
+
+
+def stage_outputs_exist(stage: str, params: Params, dvc_yaml: str | Path = "dvc.yaml") -> bool:
+    """False when an output was deleted: a cached result must not stand in for it then."""
+    return all(out.exists() for out in dvc_stage(stage, params, dvc_yaml).outs)
+
+
+def git_commit(cwd: str | Path = ".") -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    commit = out.stdout.strip() or "unknown"
+    return f"{commit}-dirty" if dirty and commit != "unknown" else commit
+
+
+def dvc_lock_md5(path: Path, dvc_lock: str | Path = "dvc.lock") -> str | None:
+    """The md5 that dvc.lock records for `path` as a stage output, if any."""
+    lock = Path(dvc_lock)
+    if not lock.is_file():
+        return None
+    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+        for out in stage.get("outs", []):
+            if Path(out["path"]) == path:
+                return out.get("md5")
+    return None

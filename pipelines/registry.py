@@ -1,0 +1,157 @@
+"""The MLflow model registry with aliases: `challenger` for the newest candidate, `champion`
+for the model in service. The champion changes only to a model that beats it on the same
+test rows, by manual promotion, or by rollback; every change leaves an audit tag.
+
+Promotion decisions run under an exclusive lock, so two trainings finishing at once compare
+one after the other and cannot both become champion.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import LooplineError
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+TAG = "loopline."
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def lock_path(tracking_uri: str) -> Path:
+    """Beside the SQLite database when there is one, else in the temp dir, per tracking URI.
+    (A remote tracking server shared by several machines needs a shared lock instead.)"""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri.removeprefix("sqlite:///") + ".registry.lock")
+    digest = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"loopline-registry-{digest}.lock"
+
+
+@contextmanager
+def registry_lock(tracking_uri: str) -> Iterator[None]:
+    path = lock_path(tracking_uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def alias_version(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def register(client, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
+    """A new model version from a logged model, aliased `challenger`."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass  # exists already (possibly created a moment ago by a concurrent training)
+    version = str(client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags).version)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    return version
+
+
+@dataclass(frozen=True)
+class Decision:
+    promoted: bool
+    version: str
+    champion_before: str | None
+    metric: str
+    challenger_value: float
+    champion_value: float | None
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def is_better(new: float, old: float, higher_is_better: bool, min_improvement: float) -> bool:
+    """`new` beats `old` by at least `min_improvement`, relative to |old|."""
+    margin = abs(old) * min_improvement
+    return new > old + margin if higher_is_better else new < old - margin
+
+
+def promote_if_better(client, name: str, version: str, metric: str, higher_is_better: bool,
+                      min_improvement: float, challenger_value: float,
+                      score_version: Callable[[str], float], tracking_uri: str) -> Decision:
+    """Make `version` champion if there is none, or if it beats the champion, which
+    `score_version` re-scores on the same test rows the challenger was scored on."""
+    with registry_lock(tracking_uri):
+        current = alias_version(client, name, CHAMPION)
+        champion_value: float | None = None
+        if current is None:
+            promoted, reason = True, "first model: no champion yet"
+        else:
+            champion_value = float(score_version(current))
+            promoted = is_better(challenger_value, champion_value, higher_is_better, min_improvement)
+            relation = "beats" if promoted else "does not beat"
+            reason = (f"challenger {metric}={challenger_value:.4f} {relation} champion v{current} "
+                      f"{metric}={champion_value:.4f} on the same test rows "
+                      f"(min_improvement {min_improvement:.1%})")
+        decision = Decision(promoted, version, current, metric, challenger_value, champion_value, reason)
+        tags = {f"{TAG}decision": "promoted" if promoted else "rejected", f"{TAG}decision_reason": reason,
+                f"{TAG}decided_at": _now()}
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+        if promoted:
+            if current is not None:
+                client.set_model_version_tag(name, version, f"{TAG}previous_champion", current)
+            client.set_registered_model_alias(name, CHAMPION, version)
+        if current is not None:
+            client.set_model_version_tag(name, current, f"{TAG}last_challenge",
+                                         f"v{version}: {'lost' if promoted else 'defended'} ({reason})")
+        return decision
+
+
+def promote(client, name: str, version: str, tracking_uri: str, reason: str = "manual") -> str | None:
+    """Make `version` champion by hand; returns the version it replaced."""
+    with registry_lock(tracking_uri):
+        try:
+            client.get_model_version(name, version)
+        except Exception:
+            raise LooplineError("registry", f"model {name!r} has no version {version}") from None
+        current = alias_version(client, name, CHAMPION)
+        if current == version:
+            return current
+        if current is not None:
+            client.set_model_version_tag(name, version, f"{TAG}previous_champion", current)
+        client.set_model_version_tag(name, version, f"{TAG}promoted", f"{_now()} by {reason}, replacing v{current}")
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return current
+
+
+def rollback(client, name: str, tracking_uri: str) -> tuple[str, str]:
+    """Move `champion` back to the version it replaced; returns (from, to)."""
+    with registry_lock(tracking_uri):
+        current = alias_version(client, name, CHAMPION)
+        if current is None:
+            raise LooplineError("registry", f"model {name!r} has no champion to roll back")
+        previous = client.get_model_version(name, current).tags.get(f"{TAG}previous_champion")
+        if not previous:
+            raise LooplineError("registry", f"champion v{current} of {name!r} replaced no earlier "
+                                            "champion; nothing to roll back to")
+        client.set_model_version_tag(name, current, f"{TAG}rolled_back", f"{_now()}: champion returned to v{previous}")
+        client.set_model_version_tag(name, previous, f"{TAG}restored", f"{_now()}: rollback from v{current}")
+        client.set_registered_model_alias(name, CHAMPION, previous)
+        return current, previous

@@ -1,0 +1,170 @@
+"""MLflow tracking: where runs go, what each run records, and reading registered models back.
+
+All logging goes through an explicit run id (`MlflowClient`), never a global active run,
+so concurrent tasks cannot write into each other's runs. The model itself is logged with
+`mlflow.sklearn.log_model` (skops format, trusting exactly `model_io.TRUSTED_TYPES`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipelines.config import Params
+from pipelines.errors import LooplineError
+
+MODEL_ARTIFACT = "model"
+
+
+def tracking_uri(params: Params) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
+
+
+def client_for(params: Params):
+    """An MlflowClient on the configured store, and the experiment id (created if needed).
+
+    The first use of a SQLite store creates and migrates its tables; two processes doing
+    that at once collide, so it happens under the registry's file lock."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.registry import registry_lock
+
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
+    with registry_lock(uri):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        name = params.tracking.experiment
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return client, experiment.experiment_id
+        return client, client.create_experiment(
+            name, artifact_location=Path(params.tracking.artifact_root).resolve().as_uri())
+
+
+def flatten(prefix: str, value: Any) -> dict[str, str]:
+    """Nested config as MLflow params: {"train.hyperparams.linear.alpha": "1.0", ...}."""
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for key, sub in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), sub))
+        return out
+    return {prefix: str(value)[:6000]}
+
+
+def log_dict_batch(client, run_id: str, params: dict[str, str] | None = None,
+                   metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
+                   step: int = 0) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = int(time.time() * 1000)
+    p = [Param(k, v) for k, v in (params or {}).items()]
+    m = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
+    t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    for start in range(0, max(len(p), len(m), len(t), 1), 100):  # MLflow's batch limits
+        client.log_batch(run_id, metrics=m[start:start + 100], params=p[start:start + 100],
+                         tags=t[start:start + 100])
+
+
+def plain_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Categorical columns as plain strings: what a request carries, and what MLflow's
+    signature inference understands."""
+    out = df.copy()
+    for col in out.columns:
+        if isinstance(out[col].dtype, pd.CategoricalDtype):
+            out[col] = out[col].astype(object).where(out[col].notna(), None)
+    return out
+
+
+def log_model(run_id: str, model: Any, example: pd.DataFrame, metadata: dict[str, Any]) -> str:
+    """Log the fitted pipeline into `run_id`; returns the model URI."""
+    import mlflow
+    import skops
+    import skops.io as sio
+    import sklearn
+    from mlflow.models import infer_signature
+
+    from pipelines.model_io import dumps_model
+
+    needed = sorted(sio.get_untrusted_types(data=dumps_model(model)))
+    example = plain_frame(example)
+    signature = infer_signature(example, model.predict(example))
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.sklearn.log_model(
+            model, name=MODEL_ARTIFACT, serialization_format="skops", skops_trusted_types=needed,
+            signature=signature, input_example=example, metadata=metadata,
+            pip_requirements=[f"scikit-learn=={sklearn.__version__}", f"skops=={skops.__version__}",
+                              f"pandas=={pd.__version__}", f"numpy=={np.__version__}"])
+    return info.model_uri
+
+
+def load_model_version(client, name: str, version: str) -> tuple[Any, dict[str, Any]]:
+    """A registered sklearn model and its metadata, loaded through loopline's type allowlist
+    (not the trusted-type list stored beside it, which a tampered artifact could widen)."""
+    from mlflow.models import Model
+
+    from pipelines.model_io import loads_model
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
+        skops_file = local / "model.skops"
+        if not skops_file.is_file():
+            raise LooplineError("registry", f"{name} v{version} has no model.skops (not a loopline sklearn model)")
+        model = loads_model(skops_file.read_bytes(), f"{name} v{version}")
+        metadata = Model.load(str(local / "MLmodel")).metadata or {}
+    return model, metadata
+
+
+def diagnostic_figures(model: Any, test: pd.DataFrame, predictions: pd.DataFrame, features: list[str],
+                       target: str, task: str, seed: int) -> dict[str, Any]:
+    """matplotlib figures for a run: predicted vs actual and residuals (regression) or the
+    confusion matrix (classification), and permutation feature importance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.inspection import permutation_importance
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    figures: dict[str, Any] = {}
+    if task == "regression":
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
+        a.scatter(predictions["actual"], predictions["predicted"], s=4, alpha=0.4)
+        top = float(max(predictions["actual"].max(), predictions["predicted"].max()))
+        a.plot([0, top], [0, top], color="grey", lw=1)
+        a.set(xlabel=f"actual {target}", ylabel="predicted", title="Predicted vs actual (test rows)")
+        b.hist(predictions["residual"], bins=50)
+        b.set(xlabel="actual - predicted", ylabel="rows", title="Residuals (test rows)")
+        figures["predicted_vs_actual.png"] = fig
+    else:
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        ConfusionMatrixDisplay.from_predictions(predictions["actual"], predictions["predicted"], ax=ax)
+        ax.set_title("Confusion matrix (test rows)")
+        figures["confusion_matrix.png"] = fig
+
+    sample = test.sample(n=min(len(test), 2000), random_state=seed)
+    y = sample[target] if task == "regression" else sample[target].astype(str)
+    result = permutation_importance(model, sample[features], y, n_repeats=3, random_state=seed, n_jobs=1)
+    order = np.argsort(result.importances_mean)
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(features) + 1.2))
+    ax.barh(np.array(features)[order], result.importances_mean[order], xerr=result.importances_std[order])
+    ax.set(xlabel="drop in score when shuffled", title="Permutation feature importance (test rows)")
+    fig.tight_layout()
+    figures["feature_importance.png"] = fig
+    return figures
+
+
+def log_figures(client, run_id: str, figures: dict[str, Any]) -> None:
+    import matplotlib.pyplot as plt
+
+    for name, fig in figures.items():
+        client.log_figure(run_id, fig, f"plots/{name}")
+        plt.close(fig)

@@ -1,0 +1,316 @@
+"""The Prefect training flow against a real Prefect server and a real SQLite-backed MLflow:
+tracking, caching, the guarded registry, failures, kills, concurrency and deployments."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, bikeshare_sample, free_port, stop, venv_bin, wait_for_http, write_params
+
+pytestmark = pytest.mark.slow
+
+SMALL_SEARCH = {"families": ["linear", "hist_gradient_boosting"], "n_trials": 2,
+                "space": {"hist_gradient_boosting": {"max_iter": {"choices": [30, 60]},
+                                                     "learning_rate": {"low": 0.05, "high": 0.2}}}}
+
+
+def tracking(tmp: Path, model_name: str = "bikes") -> dict:
+    return {"uri": f"sqlite:///{tmp}/mlflow.db", "artifact_root": str(tmp / "mlruns"),
+            "experiment": "test-bikes", "model_name": model_name}
+
+
+def flow_params(tmp: Path, source: Path, store: Path | None = None, **sections) -> Path:
+    sections.setdefault("search", SMALL_SEARCH)
+    sections.setdefault("tracking", tracking(store or tmp))
+    return write_params(tmp, source, **sections)
+
+
+def client_of(store: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{store}/mlflow.db"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def champion(client, name="bikes") -> str | None:
+    from pipelines.registry import CHAMPION, alias_version
+
+    return alias_version(client, name, CHAMPION)
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(REPO)  # the flow reads dvc.yaml and stage code from the repository root
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_api, tmp_path_factory):
+    from flows.training import training_flow
+
+    tmp = tmp_path_factory.mktemp("flow")
+    params = flow_params(tmp, bikeshare_sample(tmp))
+    return tmp, params, training_flow(params_path=str(params))
+
+
+def test_first_run_tracks_everything_and_becomes_champion(first_run):
+    tmp, _, result = first_run
+    trained, decision = result["trained"], result["decision"]
+    assert result["cached"] == [] and not result["training_cached"]
+    assert decision["promoted"] and decision["version"] == "1" and "first model" in decision["reason"]
+    assert [c["name"] for c in trained["candidates"]] == ["linear", "hist_gradient_boosting", "trial-0", "trial-1"]
+    assert trained["test"]["rmse"] < trained["test"]["baseline_rmse"]
+
+    client = client_of(tmp)
+    parent = client.get_run(trained["parent_run_id"])
+    tags = parent.data.tags
+    assert tags["git_commit"] != "unknown" and len(tags["data.clean_md5"]) == 32
+    assert tags["data.rows_train"] == "1400" and tags["prefect.flow_run_id"]
+    assert tags["loopline.decision"] == "promoted"
+    assert parent.data.params["search.n_trials"] == "2"
+    assert parent.data.metrics["test_rmse"] == pytest.approx(trained["test"]["rmse"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{trained['parent_run_id']}'")
+    assert len(children) == 4 and all("val_rmse" in c.data.metrics for c in children)
+    artifacts = {a.path for a in client.list_artifacts(trained["best_run_id"], "plots")}
+    assert {"plots/predicted_vs_actual.png", "plots/feature_importance.png"} <= artifacts
+    assert champion(client) == "1"
+    assert str(client.get_model_version_by_alias("bikes", "challenger").version) == "1"
+
+
+def test_registered_model_loads_through_allowlist_and_matches(first_run):
+    import mlflow
+    import pandas as pd
+
+    from pipelines.tracking import load_model_version
+
+    tmp, _, result = first_run
+    client = client_of(tmp)
+    model, meta = load_model_version(client, "bikes", "1")
+    test = pd.read_parquet(tmp / "data" / "processed" / "test.parquet")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+    pyfunc = mlflow.pyfunc.load_model("models:/bikes@champion")
+    from pipelines.tracking import plain_frame
+
+    X = plain_frame(test[meta["features"]])
+    assert pyfunc.predict(X) == pytest.approx(model.predict(X))
+
+
+def test_second_run_on_unchanged_inputs_skips_training(first_run):
+    from flows.training import training_flow
+
+    tmp, params, result = first_run
+    again = training_flow(params_path=str(params))
+    assert again["cached"] == ["ingest", "clean", "validate", "split"]
+    assert again["training_cached"] and again["decision"]["outcome"] == "skipped"
+    assert again["trained"]["parent_run_id"] == result["trained"]["parent_run_id"]
+    assert len(client_of(tmp).search_model_versions("name='bikes'")) == 1
+
+
+def test_param_change_retrains_only_what_depends_on_it(first_run):
+    from flows.training import training_flow
+
+    tmp, params, result = first_run
+    changed = flow_params(tmp, Path(json.loads(json.dumps(str(tmp / "bikeshare_sample.csv")))),
+                          search={**SMALL_SEARCH, "n_trials": 3})
+    assert changed == params
+    again = training_flow(params_path=str(changed))
+    assert again["cached"] == ["ingest", "clean", "validate", "split"]
+    assert not again["training_cached"]
+    assert again["decision"]["version"] == "2"
+    assert len(again["trained"]["candidates"]) == 5
+
+
+def test_worse_model_leaves_champion_and_records_decision(first_run):
+    from flows.training import training_flow
+
+    tmp, _, _ = first_run
+    client = client_of(tmp)
+    before = champion(client)
+    worse = flow_params(tmp, tmp / "bikeshare_sample.csv", search={"families": ["linear"], "n_trials": 0},
+                        train={"hyperparams": {"linear": {"alpha": 1e5}}})
+    result = training_flow(params_path=str(worse))
+    decision = result["decision"]
+    assert not decision["promoted"] and decision["champion_before"] == before
+    assert champion(client) == before
+    new = client.get_model_version("bikes", decision["version"])
+    assert new.tags["loopline.decision"] == "rejected" and "does not beat" in new.tags["loopline.decision_reason"]
+    assert "defended" in client.get_model_version("bikes", before).tags["loopline.last_challenge"]
+    assert str(client.get_model_version_by_alias("bikes", "challenger").version) == decision["version"]
+
+
+def test_cli_promote_and_rollback_are_audited(first_run, capsys):
+    from conftest import run_cli
+
+    tmp, params, _ = first_run
+    client = client_of(tmp)
+    versions = sorted(int(v.version) for v in client.search_model_versions("name='bikes'"))
+    before = champion(client)
+    target = str(max(v for v in versions if str(v) != before))
+    code, out, err = run_cli("promote", target, "--params", str(params), capsys=capsys)
+    assert code == 0, err
+    assert champion(client) == target
+    assert f"replacing v{before}" in client.get_model_version("bikes", target).tags["loopline.promoted"]
+    code, out, err = run_cli("rollback", "--params", str(params), capsys=capsys)
+    assert code == 0, err
+    assert champion(client) == before and f"from v{target} to v{before}" in out
+    assert "rollback from" in client.get_model_version("bikes", before).tags["loopline.restored"]
+    code, _, err = run_cli("promote", "99", "--params", str(params), capsys=capsys)
+    assert code == 2 and "no version 99" in err and "Traceback" not in err
+
+
+def test_mlflow_server_rest_api_shows_runs(first_run):
+    tmp, _, result = first_run
+    port = free_port()
+    proc = subprocess.Popen([venv_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{base}/health", proc=proc)
+        run_id = result["trained"]["parent_run_id"]
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}") as resp:
+            run = json.load(resp)["run"]
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        assert tags["data.clean_md5"] == result["trained"]["data_md5"]
+        assert metrics["test_rmse"] == pytest.approx(result["trained"]["test"]["rmse"])
+        body = json.dumps({"experiment_ids": [run["info"]["experiment_id"]],
+                           "filter": f"tags.mlflow.parentRunId = '{run_id}'"}).encode()
+        req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req) as resp:
+            assert len(json.load(resp)["runs"]) == 4
+    finally:
+        stop(proc)
+
+
+def test_validation_failure_fails_flow_links_report_registers_nothing(prefect_api, tmp_path):
+    import asyncio
+
+    import pandas as pd
+    from prefect.client.orchestration import get_client
+
+    from flows.training import training_flow
+    from pipelines.errors import LooplineError
+
+    source = bikeshare_sample(tmp_path)
+    df = pd.read_csv(source)
+    df.loc[5, "hum"] = 9.0
+    df.to_csv(source, index=False)
+    params = flow_params(tmp_path, source)
+    state = training_flow(params_path=str(params), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(LooplineError, match="column 'hum'"):
+        state.result()
+
+    async def artifact():
+        async with get_client() as client:
+            return await client.read_latest_artifacts()
+
+    links = [a for a in asyncio.run(artifact()) if a.key == "validation-report"]
+    assert links and links[0].data.endswith("report.html)") or "report.html" in str(links[0].data)
+    assert not (tmp_path / "mlflow.db").exists() or not client_of(tmp_path).search_registered_models()
+
+
+def _env(prefect_api: str) -> dict:
+    env = dict(os.environ, PREFECT_API_URL=prefect_api, PYTHONUNBUFFERED="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def test_sigkill_during_training_leaves_registry_and_next_run_completes(prefect_api, tmp_path):
+    store = tmp_path
+    slow = {"families": ["linear"], "n_trials": 40,
+            "space": {"random_forest": {"n_estimators": {"choices": [60, 80]}}}}
+    params = flow_params(tmp_path, bikeshare_sample(tmp_path), search=slow)
+    client = client_of(store)
+    proc = subprocess.Popen([venv_bin("loopline"), "train", "--params", str(params)], cwd=REPO,
+                            env=_env(prefect_api), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # kill once a few trials have been logged
+        if (store / "mlflow.db").exists():
+            runs = client.search_runs(client.get_experiment_by_name("test-bikes").experiment_id) \
+                if client.get_experiment_by_name("test-bikes") else []
+            if len(runs) >= 4:
+                break
+        assert proc.poll() is None, "training finished before it could be killed"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert client.search_registered_models() == [] or not client.search_model_versions("name='bikes'")
+
+    fast = flow_params(tmp_path, tmp_path / "bikeshare_sample.csv", search={**slow, "n_trials": 2})
+    done = subprocess.run([venv_bin("loopline"), "train", "--params", str(fast)], cwd=REPO, env=_env(prefect_api),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "v1: promoted to champion" in done.stdout
+    assert champion(client) == "1"
+
+
+def test_two_concurrent_trainings_cannot_both_become_champion(prefect_api, tmp_path):
+    store = tmp_path / "shared"
+    store.mkdir()
+    procs = []
+    for i, rows in enumerate((1500, 2000)):
+        work = tmp_path / f"w{i}"
+        work.mkdir()
+        params = flow_params(work, bikeshare_sample(work, rows=rows), store=store,
+                             search={"families": ["hist_gradient_boosting"], "n_trials": 0})
+        procs.append(subprocess.Popen([venv_bin("loopline"), "train", "--params", str(params)], cwd=REPO,
+                                      env=_env(prefect_api), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outputs = [p.communicate(timeout=400) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    client = client_of(store)
+    versions = client.search_model_versions("name='bikes'")
+    assert len(versions) == 2
+    reasons = [client.get_model_version("bikes", v.version).tags["loopline.decision_reason"] for v in versions]
+    assert sum("first model" in r for r in reasons) == 1, reasons
+    later = next(r for r in reasons if "first model" not in r)
+    assert "champion v" in later  # the second decision compared against the first champion
+    assert champion(client) in {"1", "2"}
+
+
+def test_deploy_serves_scheduled_training_on_a_real_server(prefect_api, tmp_path):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    params = flow_params(tmp_path, bikeshare_sample(tmp_path),
+                         search={"families": ["linear"], "n_trials": 0},
+                         schedule={"training": "15 4 * * 2", "timezone": "UTC"})
+    proc = subprocess.Popen([venv_bin("loopline"), "deploy", "--params", str(params)], cwd=REPO,
+                            env=_env(prefect_api), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        async def deployment():
+            async with get_client() as client:
+                return await client.read_deployment_by_name("training/scheduled-training")
+
+        deadline = time.monotonic() + 120
+        dep = None
+        while dep is None and time.monotonic() < deadline:
+            assert proc.poll() is None, "loopline deploy exited"
+            try:
+                dep = asyncio.run(deployment())
+            except Exception:
+                time.sleep(1)
+        assert dep is not None, "deployment never appeared"
+        assert [s.schedule.cron for s in dep.schedules] == ["15 4 * * 2"]
+        assert dep.parameters["params_path"] == str(params)
+        run = run_deployment("training/scheduled-training", timeout=300)
+        assert run.state.is_completed(), run.state
+        assert champion(client_of(tmp_path)) == "1"
+    finally:
+        stop(proc)
