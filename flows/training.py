@@ -77,7 +77,8 @@ def search_task(params_path: str, flow_run_id: str) -> dict[str, Any]:
     from pipelines.lineage import dvc_lock_md5, git_commit
     from pipelines.search import search_candidates
     from pipelines.storage import file_md5
-    from pipelines.tracking import client_for, diagnostic_figures, flatten, log_dict_batch, log_figures, log_model
+    from pipelines.tracking import (client_for, diagnostic_figures, flatten, log_dict_batch, log_figures,
+                                    log_history, log_model, log_torch_weights)
 
     params = load_params(params_path)
     layout = stages.Layout.of(params)
@@ -101,8 +102,13 @@ def search_task(params_path: str, flow_run_id: str) -> dict[str, Any]:
     def log_candidate(c) -> None:
         child = client.create_run(experiment_id, run_name=c.name,
                                   tags={"mlflow.parentRunId": parent_id, **lineage, "loopline.family": c.family})
+        estimator = c.model[-1]
+        device = {"device": estimator.device_, "gpu_name": estimator.gpu_name_} if hasattr(estimator, "device_") else {}
         log_dict_batch(client, child.info.run_id, params=flatten("", {"family": c.family, **c.hyperparams}),
-                       metrics={f"val_{k}": v for k, v in c.val.items()} | {"fit_seconds": c.fit_seconds})
+                       metrics={f"val_{k}": v for k, v in c.val.items()} | {"fit_seconds": c.fit_seconds},
+                       tags=device)
+        if hasattr(estimator, "history_"):
+            log_history(client, child.info.run_id, estimator.history_)
         client.set_terminated(child.info.run_id)
         candidates.append({"name": c.name, "family": c.family, "run_id": child.info.run_id,
                            "val": c.val[metric], "fit_seconds": round(c.fit_seconds, 2)})
@@ -120,7 +126,9 @@ def search_task(params_path: str, flow_run_id: str) -> dict[str, Any]:
         metadata = {"task": params.data.task, "target": params.data.target, "features": params.features.columns,
                     "family": best.family, "baseline": base, "metric": metric,
                     "classes": [str(c) for c in getattr(best.model, "classes_", [])]}
-        model_uri = log_model(best_run, best.model, train[params.features.columns].head(5), metadata)
+        model_uri = log_model(client, best_run, best.model, train[params.features.columns].head(5), metadata)
+        if hasattr(best.model[-1], "state_dict"):
+            log_torch_weights(client, best_run, best.model)
         log_dict_batch(client, best_run, metrics={f"test_{k}": v for k, v in test_metrics.items()})
         log_dict_batch(client, parent_id,
                        metrics={f"val_{k}": v for k, v in best.val.items()}

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipelines.errors import LooplineError
 
-MODEL_FAMILIES = ("linear", "random_forest", "hist_gradient_boosting")
+MODEL_FAMILIES = ("linear", "random_forest", "hist_gradient_boosting", "torch_mlp")
 
 
 class _Section(BaseModel):

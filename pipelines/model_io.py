@@ -25,6 +25,8 @@ META_FILE = "model.json"
 TRUSTED_TYPES = frozenset({
     "numpy.dtype",
     "pipelines.features.CyclicalEncoder",
+    "pipelines.torch_model.TorchMLPClassifier",
+    "pipelines.torch_model.TorchMLPRegressor",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
     "sklearn.tree._tree.Tree",
 })

@@ -128,13 +128,12 @@ def split(params: Params) -> dict[str, Any]:
     return counts
 
 
-def train(params: Params) -> dict[str, Any]:
+def fit_configured_model(params: Params) -> tuple[Any, dict[str, Any]]:
+    """The `train.model` family fitted on the training split, and its metadata."""
     from pipelines.evaluate import naive_baseline
-    from pipelines.model_io import save_model
     from pipelines.train import build_model, fit_model
 
-    layout = Layout.of(params)
-    rows = _read(layout.split_file("train"), "train")
+    rows = _read(Layout.of(params).split_file("train"), "train")
     model = fit_model(build_model(params), rows, params)
     meta = {
         "task": params.data.task,
@@ -146,8 +145,15 @@ def train(params: Params) -> dict[str, Any]:
         "train_rows": len(rows),
         "classes": [str(c) for c in getattr(model, "classes_", [])],
     }
-    save_model(model, meta, layout.models)
-    return {"model": params.train.model, "train_rows": len(rows)}
+    return model, meta
+
+
+def train(params: Params) -> dict[str, Any]:
+    from pipelines.model_io import save_model
+
+    model, meta = fit_configured_model(params)
+    save_model(model, meta, Layout.of(params).models)
+    return {"model": params.train.model, "train_rows": meta["train_rows"]}
 
 
 def evaluate(params: Params) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """MLflow tracking: where runs go, what each run records, and reading registered models back.
 
-All logging goes through an explicit run id (`MlflowClient`), never a global active run,
-so concurrent tasks cannot write into each other's runs. The model itself is logged with
-`mlflow.sklearn.log_model` (skops format, trusting exactly `model_io.TRUSTED_TYPES`).
+Everything goes through an `MlflowClient` bound to the configured store and an explicit run
+id: no global tracking URI, no active run, so concurrent tasks and flows on different stores
+in one process cannot write into each other's runs. The model is written by
+`mlflow.sklearn.save_model` (skops format, trusting exactly the types it holds, all within
+`model_io.TRUSTED_TYPES`) and uploaded into its run as `model/`.
 """
 
 from __future__ import annotations
@@ -31,13 +33,11 @@ def client_for(params: Params):
 
     The first use of a SQLite store creates and migrates its tables; two processes doing
     that at once collide, so it happens under the registry's file lock."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from pipelines.registry import registry_lock
 
     uri = tracking_uri(params)
-    mlflow.set_tracking_uri(uri)
     with registry_lock(uri):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         name = params.tracking.experiment
@@ -72,6 +72,16 @@ def log_dict_batch(client, run_id: str, params: dict[str, str] | None = None,
                          tags=t[start:start + 100])
 
 
+def log_history(client, run_id: str, history: list[dict[str, float]]) -> None:
+    """Per-epoch curves (train/loss, val/<metric>, lr, epoch_seconds, samples_per_s), step = epoch."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, int(h["epoch"])) for h in history for k, v in h.items() if k != "epoch"]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+
+
 def plain_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Categorical columns as plain strings: what a request carries, and what MLflow's
     signature inference understands."""
@@ -82,9 +92,9 @@ def plain_frame(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def log_model(run_id: str, model: Any, example: pd.DataFrame, metadata: dict[str, Any]) -> str:
-    """Log the fitted pipeline into `run_id`; returns the model URI."""
-    import mlflow
+def log_model(client, run_id: str, model: Any, example: pd.DataFrame, metadata: dict[str, Any]) -> str:
+    """Save the fitted pipeline as an MLflow model into `run_id`; returns its runs:/ URI."""
+    import mlflow.sklearn
     import skops
     import skops.io as sio
     import sklearn
@@ -95,13 +105,28 @@ def log_model(run_id: str, model: Any, example: pd.DataFrame, metadata: dict[str
     needed = sorted(sio.get_untrusted_types(data=dumps_model(model)))
     example = plain_frame(example)
     signature = infer_signature(example, model.predict(example))
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.sklearn.log_model(
-            model, name=MODEL_ARTIFACT, serialization_format="skops", skops_trusted_types=needed,
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / MODEL_ARTIFACT
+        mlflow.sklearn.save_model(
+            model, str(local), serialization_format="skops", skops_trusted_types=needed,
             signature=signature, input_example=example, metadata=metadata,
             pip_requirements=[f"scikit-learn=={sklearn.__version__}", f"skops=={skops.__version__}",
                               f"pandas=={pd.__version__}", f"numpy=={np.__version__}"])
-    return info.model_uri
+        client.log_artifacts(run_id, str(local), MODEL_ARTIFACT)
+    return f"runs:/{run_id}/{MODEL_ARTIFACT}"
+
+
+def log_torch_weights(client, run_id: str, model: Any) -> None:
+    """For PyTorch users: the MLP's state_dict (load with torch.load(weights_only=True)) and
+    the fitted feature transform (skops), beside the servable pipeline."""
+    import torch
+
+    from pipelines.model_io import dumps_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(model[-1].state_dict(), Path(tmp) / "state_dict.pt")
+        (Path(tmp) / "preprocess.skops").write_bytes(dumps_model(model[:-1]))
+        client.log_artifacts(run_id, tmp, "torch")
 
 
 def load_model_version(client, name: str, version: str) -> tuple[Any, dict[str, Any]]:
@@ -111,10 +136,9 @@ def load_model_version(client, name: str, version: str) -> tuple[Any, dict[str, 
 
     from pipelines.model_io import loads_model
 
-    import mlflow
-
+    run_id = client.get_model_version(name, version).run_id
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
+        local = Path(client.download_artifacts(run_id, MODEL_ARTIFACT, tmp))
         skops_file = local / "model.skops"
         if not skops_file.is_file():
             raise LooplineError("registry", f"{name} v{version} has no model.skops (not a loopline sklearn model)")

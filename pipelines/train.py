@@ -23,6 +23,7 @@ from sklearn.pipeline import Pipeline
 from pipelines.config import Params
 from pipelines.errors import LooplineError
 from pipelines.features import build_preprocessor
+from pipelines.torch_model import TorchMLPClassifier, TorchMLPRegressor
 
 STAGE = "train"
 
@@ -31,6 +32,7 @@ ESTIMATORS: dict[str, dict[str, type[BaseEstimator]]] = {
     "random_forest": {"regression": RandomForestRegressor, "classification": RandomForestClassifier},
     "hist_gradient_boosting": {"regression": HistGradientBoostingRegressor,
                                "classification": HistGradientBoostingClassifier},
+    "torch_mlp": {"regression": TorchMLPRegressor, "classification": TorchMLPClassifier},
 }
 LINEAR_CLASSIFIER_DEFAULTS = {"max_iter": 1000}
 
@@ -45,6 +47,8 @@ def build_estimator(family: str, task: str, hyperparams: dict[str, Any], seed: i
                                    f"{cls.__name__}; valid ones: {sorted(valid)}")
     if "random_state" in valid:
         estimator.set_params(random_state=seed)
+    if "seed" in valid:
+        estimator.set_params(seed=seed)
     try:
         return estimator.set_params(**hyperparams)
     except (TypeError, ValueError) as err:
@@ -57,6 +61,8 @@ def build_model(params: Params, family: str | None = None,
     if hyperparams is None:
         hyperparams = params.train.hyperparams.get(family, {})
     estimator = build_estimator(family, params.data.task, hyperparams, params.train.seed)
+    if "checkpoint_dir" in estimator.get_params() and estimator.get_params()["checkpoint_dir"] is None:
+        estimator.set_params(checkpoint_dir=str(params.paths.models / "checkpoints"))
     return Pipeline([("features", build_preprocessor(params.features, params.table_schema)),
                      ("model", estimator)])
 

@@ -103,3 +103,12 @@ def test_experiment_variant_and_params_diff(clone):
     assert metrics["test"]["rmse"] < metrics["test"]["baseline_rmse"]
     exps = sh("dvc", "exp", "show", "--json", cwd=clone)
     assert "linear" in exps
+
+
+def test_torch_experiment_runs_through_the_same_stages(clone):
+    sh("dvc", "exp", "run", "-S", "train.model=torch_mlp", "-S", "train.hyperparams.torch_mlp.epochs=8",
+       "-S", "train.hyperparams.torch_mlp.device=cpu", cwd=clone)
+    meta = json.loads((clone / "models/model.json").read_text())
+    metrics = json.loads((clone / "models/metrics.json").read_text())
+    assert meta["family"] == "torch_mlp"
+    assert metrics["test"]["rmse"] < metrics["test"]["baseline_rmse"]

@@ -85,7 +85,7 @@ def test_first_run_tracks_everything_and_becomes_champion(first_run):
     assert str(client.get_model_version_by_alias("bikes", "challenger").version) == "1"
 
 
-def test_registered_model_loads_through_allowlist_and_matches(first_run):
+def test_registered_model_loads_through_allowlist_and_matches(first_run, monkeypatch):
     import mlflow
     import pandas as pd
 
@@ -95,7 +95,7 @@ def test_registered_model_loads_through_allowlist_and_matches(first_run):
     client = client_of(tmp)
     model, meta = load_model_version(client, "bikes", "1")
     test = pd.read_parquet(tmp / "data" / "processed" / "test.parquet")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")  # for the fluent API only
     pyfunc = mlflow.pyfunc.load_model("models:/bikes@champion")
     from pipelines.tracking import plain_frame
 
@@ -190,6 +190,29 @@ def test_mlflow_server_rest_api_shows_runs(first_run):
             assert len(json.load(resp)["runs"]) == 4
     finally:
         stop(proc)
+
+
+def test_torch_candidate_logs_epoch_curves_and_registers_a_servable_model(prefect_api, tmp_path):
+    import pandas as pd
+
+    from flows.training import training_flow
+    from pipelines.tracking import load_model_version, plain_frame
+
+    hp = {"torch_mlp": {"epochs": 12, "hidden_sizes": [32], "device": "cpu", "patience": 20}}
+    params = flow_params(tmp_path, bikeshare_sample(tmp_path), search={"families": ["torch_mlp"], "n_trials": 0},
+                         train={"hyperparams": hp})
+    result = training_flow(params_path=str(params))
+    client = client_of(tmp_path)
+    run_id = result["trained"]["best_run_id"]
+    curve = client.get_metric_history(run_id, "val/rmse")
+    assert [m.step for m in curve] == list(range(12))
+    assert len(client.get_metric_history(run_id, "train/loss")) == 12
+    assert client.get_run(run_id).data.tags["device"] == "cpu"
+    assert {"torch/state_dict.pt", "torch/preprocess.skops"} <= {
+        a.path for a in client.list_artifacts(run_id, "torch")}
+    model, meta = load_model_version(client, "bikes", result["decision"]["version"])
+    test = pd.read_parquet(tmp_path / "data" / "processed" / "test.parquet")
+    assert model.predict(plain_frame(test[meta["features"]])).shape == (len(test),)
 
 
 def test_validation_failure_fails_flow_links_report_registers_nothing(prefect_api, tmp_path):
