@@ -73,7 +73,7 @@ def search_task(params_path: str, flow_run_id: str) -> dict[str, Any]:
     metrics and plots into the parent run. Registration is a separate step."""
     import pyarrow.parquet as pq
 
-    from pipelines.evaluate import naive_baseline, score
+    from pipelines.evaluate import score
     from pipelines.lineage import dvc_lock_md5, git_commit
     from pipelines.search import search_candidates
     from pipelines.storage import file_md5
@@ -120,12 +120,9 @@ def search_task(params_path: str, flow_run_id: str) -> dict[str, Any]:
         timings["search: fit and score candidates"] = time.perf_counter() - started
         started = time.perf_counter()
         best_run = next(c["run_id"] for c in candidates if c["name"] == best.name)
-        base = naive_baseline(train[params.data.target], params.data.task)
+        metadata = stages.model_metadata(params, best.family, best.model, train, best.hyperparams)
         test_metrics, predictions = score(best.model, test, params.features.columns, params.data.target,
-                                          params.data.task, base)
-        metadata = {"task": params.data.task, "target": params.data.target, "features": params.features.columns,
-                    "family": best.family, "baseline": base, "metric": metric,
-                    "classes": [str(c) for c in getattr(best.model, "classes_", [])]}
+                                          params.data.task, metadata["baseline"])
         model_uri = log_model(client, best_run, best.model, train[params.features.columns].head(5), metadata)
         if hasattr(best.model[-1], "state_dict"):
             log_torch_weights(client, best_run, best.model)

@@ -119,8 +119,10 @@ def ui(params: ParamsOption = Path("params.yaml"), port: int = 5000, host: str =
 
     p = _params(params)
     artifacts = str(Path(p.tracking.artifact_root).resolve())
-    os.execvp("mlflow", ["mlflow", "server", "--backend-store-uri", tracking_uri(p),
-                         "--default-artifact-root", artifacts, "--host", host, "--port", str(port)])
+    mlflow = str(Path(sys.executable).with_name("mlflow"))  # the one installed beside loopline
+    os.execv(mlflow, [mlflow, "server", "--backend-store-uri", tracking_uri(p),
+                         "--default-artifact-root", artifacts, "--host", host, "--port", str(port),
+                         "--workers", "1"])
 
 
 @app.command("check-params")

@@ -128,24 +128,32 @@ def split(params: Params) -> dict[str, Any]:
     return counts
 
 
+def model_metadata(params: Params, family: str, model: Any, train_rows: pd.DataFrame,
+                   hyperparams: dict[str, Any]) -> dict[str, Any]:
+    """What a saved or registered model needs beside its weights: the task, the input
+    columns, the naive baseline (to report beside its metrics) and the class labels."""
+    from pipelines.evaluate import naive_baseline
+
+    return {
+        "task": params.data.task,
+        "target": params.data.target,
+        "features": params.features.columns,
+        "family": family,
+        "hyperparams": hyperparams,
+        "baseline": naive_baseline(train_rows[params.data.target], params.data.task),
+        "train_rows": len(train_rows),
+        "classes": [str(c) for c in getattr(model, "classes_", [])],
+    }
+
+
 def fit_configured_model(params: Params) -> tuple[Any, dict[str, Any]]:
     """The `train.model` family fitted on the training split, and its metadata."""
-    from pipelines.evaluate import naive_baseline
     from pipelines.train import build_model, fit_model
 
     rows = _read(Layout.of(params).split_file("train"), "train")
     model = fit_model(build_model(params), rows, params)
-    meta = {
-        "task": params.data.task,
-        "target": params.data.target,
-        "features": params.features.columns,
-        "family": params.train.model,
-        "hyperparams": params.train.hyperparams.get(params.train.model, {}),
-        "baseline": naive_baseline(rows[params.data.target], params.data.task),
-        "train_rows": len(rows),
-        "classes": [str(c) for c in getattr(model, "classes_", [])],
-    }
-    return model, meta
+    family = params.train.model
+    return model, model_metadata(params, family, model, rows, params.train.hyperparams.get(family, {}))
 
 
 def train(params: Params) -> dict[str, Any]:

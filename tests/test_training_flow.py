@@ -166,12 +166,11 @@ def test_cli_promote_and_rollback_are_audited(first_run, capsys):
     assert code == 2 and "no version 99" in err and "Traceback" not in err
 
 
-def test_mlflow_server_rest_api_shows_runs(first_run):
-    tmp, _, result = first_run
+def test_loopline_ui_serves_runs_over_the_mlflow_rest_api(first_run):
+    tmp, params, result = first_run
     port = free_port()
-    proc = subprocess.Popen([venv_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([venv_bin("loopline"), "ui", "--params", str(params), "--port", str(port)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for_http(f"{base}/health", proc=proc)
