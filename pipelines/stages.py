@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from pipelines.config import Params
 from pipelines.errors import LooplineError
-from pipelines.storage import read_json, write_csv, write_json, write_parquet, write_text
+from pipelines.storage import write_csv, write_json, write_parquet, write_text
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,3 @@ def run_all(params: Params, echo: Callable[[str], None] = lambda s: print(s, fil
         summary[name] = stage(params)
         echo(f"{name}: {summary[name]}" if name != "evaluate" else f"{name}: done")
     return summary
-
-
-def read_metrics(params: Params) -> dict[str, Any]:
-    return read_json(Layout.of(params).metrics)
