@@ -22,8 +22,8 @@ from pipelines.config import load_params
 from pipelines.errors import LooplineError
 
 DATA_STAGES = ("ingest", "clean", "validate", "split")
-SEARCH_CODE = [Path("pipelines") / f for f in ("search.py", "train.py", "features.py", "evaluate.py",
-                                               "model_io.py", "tracking.py")]
+SEARCH_CODE = [Path("pipelines") / f for f in ("search.py", "train.py", "features.py", "torch_model.py",
+                                               "evaluate.py", "model_io.py", "tracking.py")]
 SEARCH_PARAMS = ["data", "features", "train", "search", "promotion", "tracking"]
 
 
@@ -71,8 +71,6 @@ def _search_key(context, parameters: dict[str, Any]) -> str:
 def search_task(params_path: str, flow_run_id: str) -> dict[str, Any]:
     """Train every candidate (a nested MLflow run each), log the best model with its test
     metrics and plots into the parent run. Registration is a separate step."""
-    import pyarrow.parquet as pq
-
     from pipelines.evaluate import score
     from pipelines.lineage import dvc_lock_md5, git_commit
     from pipelines.search import search_candidates
@@ -82,7 +80,7 @@ def search_task(params_path: str, flow_run_id: str) -> dict[str, Any]:
 
     params = load_params(params_path)
     layout = stages.Layout.of(params)
-    train, val, test = (pq.read_table(layout.split_file(n)).to_pandas() for n in ("train", "val", "test"))
+    train, val, test = (stages.read_split(params, n, "search") for n in ("train", "val", "test"))
     client, experiment_id = client_for(params)
     metric, _ = params.metric
     clean_md5 = file_md5(layout.clean)
@@ -149,8 +147,6 @@ def search_task(params_path: str, flow_run_id: str) -> dict[str, Any]:
 def register_task(params_path: str, trained: dict[str, Any]) -> dict[str, Any]:
     """Register the best model as `challenger`; promote it to `champion` only if it beats the
     champion re-scored on the same test rows."""
-    import pyarrow.parquet as pq
-
     from pipelines.evaluate import score
     from pipelines.registry import promote_if_better, register
     from pipelines.tracking import client_for, load_model_version, tracking_uri
@@ -162,7 +158,7 @@ def register_task(params_path: str, trained: dict[str, Any]) -> dict[str, Any]:
     tags = {"loopline.data_md5": trained["data_md5"], "loopline.git_commit": trained["git_commit"],
             f"loopline.test_{metric}": str(trained["test"][metric]), "loopline.candidate": trained["best"]}
     version = register(client, name, trained["model_uri"], trained["best_run_id"], tags)
-    test = pq.read_table(stages.Layout.of(params).split_file("test")).to_pandas()
+    test = stages.read_split(params, "test", "register")
 
     def score_version(v: str) -> float:
         model, meta = load_model_version(client, name, v)

@@ -68,10 +68,19 @@ class Layout:
         return self.models / "plots" / "predictions.csv"
 
 
-def _read(path: Path, stage: str) -> pd.DataFrame:
+def _require(path: Path, stage: str) -> Path:
     if not path.is_file():
         raise LooplineError(stage, f"input {path} does not exist; run the earlier stages first (dvc repro)")
-    return pq.read_table(path).to_pandas()
+    return path
+
+
+def _read(path: Path, stage: str) -> pd.DataFrame:
+    return pq.read_table(_require(path, stage)).to_pandas()
+
+
+def read_split(params: Params, name: str, stage: str = "train") -> pd.DataFrame:
+    """One of the train / val / test splits as a DataFrame."""
+    return _read(Layout.of(params).split_file(name), stage)
 
 
 def ingest(params: Params) -> dict[str, Any]:
@@ -89,9 +98,8 @@ def clean(params: Params) -> dict[str, Any]:
     from pipelines.clean import clean_rows
 
     layout = Layout.of(params)
-    if not layout.ingested.is_file():
-        raise LooplineError("clean", f"input {layout.ingested} does not exist; run ingest first")
-    result = clean_rows(pq.read_table(layout.ingested), params.table_schema, params.data, params.clean)
+    rows = pq.read_table(_require(layout.ingested, "clean"))
+    result = clean_rows(rows, params.table_schema, params.data, params.clean)
     write_parquet(result.rows, layout.clean)
     write_csv(result.quarantine, layout.clean_quarantine)
     write_json(result.report, layout.clean_report)
@@ -150,7 +158,7 @@ def fit_configured_model(params: Params) -> tuple[Any, dict[str, Any]]:
     """The `train.model` family fitted on the training split, and its metadata."""
     from pipelines.train import build_model, fit_model
 
-    rows = _read(Layout.of(params).split_file("train"), "train")
+    rows = read_split(params, "train")
     model = fit_model(build_model(params), rows, params)
     family = params.train.model
     return model, model_metadata(params, family, model, rows, params.train.hyperparams.get(family, {}))
@@ -172,7 +180,7 @@ def evaluate(params: Params) -> dict[str, Any]:
     model, meta = load_model(layout.models)
     metrics: dict[str, Any] = {}
     for name in ("val", "test"):
-        metrics[name], rows = score(model, _read(layout.split_file(name), "evaluate"), meta["features"],
+        metrics[name], rows = score(model, read_split(params, name, "evaluate"), meta["features"],
                                     params.data.target, params.data.task, meta["baseline"])
         if name == "test":
             write_csv(rows, layout.predictions)

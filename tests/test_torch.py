@@ -18,7 +18,7 @@ import torch
 
 from conftest import REPO, WINE, bikeshare_sample, venv_bin, write_params
 from pipelines import stages
-from pipelines.model_io import dumps_model, loads_model
+from pipelines.model_io import dumps_model, load_model, loads_model
 from pipelines.torch_model import TorchMLPRegressor
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -47,7 +47,7 @@ def test_learns_bikeshare_better_than_naive_baseline_and_reloads(bike):
     stages.train(bike)
     metrics = stages.evaluate(bike)["test"]
     assert metrics["rmse"] < 0.75 * metrics["baseline_rmse"]
-    model, meta = __import__("pipelines.model_io", fromlist=["load_model"]).load_model(bike.paths.models)
+    model, meta = load_model(bike.paths.models)
     mlp = model[-1]
     assert isinstance(mlp, TorchMLPRegressor) and mlp.device_ == "cpu"
     history = mlp.history_
