@@ -125,6 +125,54 @@ def ui(params: ParamsOption = Path("params.yaml"), port: int = 5000, host: str =
                          "--workers", "1"])
 
 
+def _bentoml_serve(target: str, params: Path, host: str | None, port: int | None, extra_env: dict[str, str]) -> None:
+    import os
+
+    p = _params(params)
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    env = {**os.environ, "LOOPLINE_PARAMS": str(params.resolve()), **extra_env}
+    os.execve(bentoml, [bentoml, "serve", target, "--host", host or p.serve.host,
+                        "--port", str(port or p.serve.port)], env)
+
+
+@app.command()
+def serve(params: ParamsOption = Path("params.yaml"),
+          port: Annotated[int | None, typer.Option(help="Default: serve.port.")] = None,
+          host: Annotated[str | None, typer.Option(help="Default: serve.host.")] = None,
+          bento: Annotated[str | None, typer.Option(help="Serve a Bento built by `loopline package` "
+                                                         "(e.g. loopline:latest) instead of the registry.")] = None) -> None:
+    """Serve the champion over HTTP with BentoML (POST /predict, /predict_batch; /docs)."""
+    from pipelines.stages import Layout
+
+    if bento is None:
+        _bentoml_serve("serving.service:Predictor", params, host, port, {})
+    else:
+        log = Layout.of(_params(params)).prediction_log.resolve()
+        _bentoml_serve(bento, params, host, port, {"LOOPLINE_PREDICTION_LOG": str(log)})
+
+
+@app.command()
+def package(params: ParamsOption = Path("params.yaml")) -> None:
+    """Build a Bento holding the current champion (serving/bentofile.yaml); prints its tag."""
+    from serving.package import build_bento
+
+    tag, model_tag, version = build_bento(_params(params))
+    typer.echo(f"bento {tag}: {model_tag} (registry version {version}); serve it with "
+               f"`loopline serve --bento {tag}`, containerize it with `bentoml containerize {tag}`")
+
+
+@app.command()
+def score(input_path: Annotated[Path, typer.Argument(metavar="INPUT.csv", help="Records to score (CSV or Parquet).")],
+          output_path: Annotated[Path, typer.Argument(metavar="OUTPUT.parquet", help="Where to write predictions.")],
+          params: ParamsOption = Path("params.yaml")) -> None:
+    """Batch predictions with the champion (a Prefect flow): same checks and preprocessing as serving."""
+    from flows.scoring import scoring_flow
+
+    result = scoring_flow(params_path=str(params), input_path=str(input_path), output_path=str(output_path))
+    typer.echo(f"scored {result['rows']} rows with {result['model_name']} v{result['model_version']} "
+               f"-> {result['output']}")
+
+
 @app.command("check-params")
 def check_params(params: ParamsOption = Path("params.yaml")) -> None:
     """Validate a params file and print it with defaults filled in."""

@@ -156,6 +156,22 @@ class ScheduleConfig(_Section):
     training: str | None = "0 3 * * 1"  # cron
 
 
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=1, le=65535)
+    # Concurrent single-record requests are predicted together, up to this many at once.
+    max_batch_size: int = Field(64, ge=1)
+    # How long the first request of a batch may wait for others (0: predict as soon as
+    # the model is free; requests arriving meanwhile form the next batch).
+    batch_wait_ms: float = Field(0.0, ge=0.0)
+    # /predict_batch refuses longer lists; any request body above max_body_bytes gets 413.
+    max_batch_records: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(2_000_000, ge=1024)
+    # How often the service asks the registry whether `champion` moved (0: never; the
+    # POST /admin/reload endpoint still works).
+    reload_interval_s: float = Field(10.0, ge=0.0)
+
+
 class PathsConfig(_Section):
     data: Path = Path("data")
     models: Path = Path("models")
@@ -173,6 +189,7 @@ class Params(_Section):
     promotion: PromotionConfig = PromotionConfig()
     tracking: TrackingConfig = TrackingConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    serve: ServeConfig = ServeConfig()
 
     @property
     def metric(self) -> tuple[str, bool]:

@@ -60,6 +60,10 @@ class Layout:
         return self.data / "processed" / f"{name}.parquet"
 
     @property
+    def prediction_log(self) -> Path:
+        return self.data / "serving" / "predictions.db"
+
+    @property
     def metrics(self) -> Path:
         return self.models / "metrics.json"
 

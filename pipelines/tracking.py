@@ -136,6 +136,7 @@ def load_model_version(client, name: str, version: str) -> tuple[Any, dict[str, 
 
     from pipelines.model_io import loads_model
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in logs
     run_id = client.get_model_version(name, version).run_id
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(client.download_artifacts(run_id, MODEL_ARTIFACT, tmp))

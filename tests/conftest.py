@@ -137,3 +137,26 @@ def prefect_api(tmp_path_factory):
     finally:
         stop(proc)
         log.close()
+
+
+def tracking_section(tmp: Path, model_name: str = "bikes") -> dict:
+    """params `tracking:` for a private SQLite MLflow store below `tmp`."""
+    return {"uri": f"sqlite:///{tmp}/mlflow.db", "artifact_root": str(tmp / "mlruns"),
+            "experiment": "test-bikes", "model_name": model_name}
+
+
+def register_family(params, family: str) -> str:
+    """Fit one model family on the prepared splits, log it to MLflow and register it
+    (alias `challenger`); returns the new version. The splits must exist (run_all)."""
+    from pipelines import stages
+    from pipelines.registry import register
+    from pipelines.tracking import client_for, log_model
+
+    params = params.model_copy(update={"train": params.train.model_copy(update={"model": family})})
+    model, meta = stages.fit_configured_model(params)
+    client, experiment_id = client_for(params)
+    run_id = client.create_run(experiment_id, run_name=family).info.run_id
+    example = stages.read_split(params, "train")[params.features.columns].head(5)
+    uri = log_model(client, run_id, model, example, meta)
+    client.set_terminated(run_id)
+    return register(client, params.tracking.model_name, uri, run_id, {})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, bikeshare_sample, free_port, stop, venv_bin, wait_for_http, write_params
+from conftest import REPO, bikeshare_sample, free_port, stop, tracking_section, venv_bin, wait_for_http, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -22,14 +22,9 @@ SMALL_SEARCH = {"families": ["linear", "hist_gradient_boosting"], "n_trials": 2,
                                                      "learning_rate": {"low": 0.05, "high": 0.2}}}}
 
 
-def tracking(tmp: Path, model_name: str = "bikes") -> dict:
-    return {"uri": f"sqlite:///{tmp}/mlflow.db", "artifact_root": str(tmp / "mlruns"),
-            "experiment": "test-bikes", "model_name": model_name}
-
-
 def flow_params(tmp: Path, source: Path, store: Path | None = None, **sections) -> Path:
     sections.setdefault("search", SMALL_SEARCH)
-    sections.setdefault("tracking", tracking(store or tmp))
+    sections.setdefault("tracking", tracking_section(store or tmp))
     return write_params(tmp, source, **sections)
 
 

@@ -1,0 +1,298 @@
+"""What the service does, without BentoML: hold the champion, predict, batch, log.
+
+- `ChampionHolder` keeps the model currently served. `refresh()` asks the registry which
+  version `champion` points at and, when it moved, loads the new version and swaps it in
+  one assignment: a batch that already took the old model finishes with it, the next batch
+  gets the new one, no request is dropped.
+- `MicroBatcher` predicts concurrent single-record requests together: while the model is
+  busy with one batch, the requests that arrive queue up and form the next one.
+- `PredictionLog` appends every prediction to SQLite from a writer thread, so the request
+  path only puts rows on a queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipelines.config import Params
+from pipelines.errors import LooplineError
+
+log = logging.getLogger("loopline.serving")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class NoChampion(LooplineError):
+    def __init__(self, model_name: str):
+        super().__init__("serve", f"model {model_name!r} has no version aliased 'champion' yet; "
+                                  "train one (`loopline train`) or promote one (`loopline promote V`)")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    model: Any
+    name: str
+    version: str
+    run_id: str
+    task: str
+    features: list[str]
+    classes: list[str]
+    loaded_at: str
+
+    @classmethod
+    def of(cls, model: Any, meta: dict[str, Any], name: str, version: str, run_id: str) -> ServedModel:
+        return cls(model=model, name=name, version=str(version), run_id=run_id, task=meta["task"],
+                   features=list(meta["features"]), classes=[str(c) for c in meta.get("classes", [])],
+                   loaded_at=utc_now())
+
+
+def records_frame(records: Sequence[dict[str, Any]], params: Params) -> pd.DataFrame:
+    """Request records as the frame the model pipeline was fitted on: numeric columns as
+    float64 (as clean types them), category columns as strings."""
+    columns = params.features.columns
+    frame = pd.DataFrame.from_records(records, columns=columns)
+    specs = params.table_schema.columns
+    numeric = [c for c in columns if specs[c].type != "category"]
+    frame[numeric] = frame[numeric].astype("float64")
+    return frame
+
+
+def predict_frame(served: ServedModel, frame: pd.DataFrame) -> tuple[list[Any], list[dict[str, float]] | None]:
+    """Predictions (floats or class labels) and, for classifiers, class probabilities."""
+    model = served.model
+    if served.task == "regression":
+        return np.asarray(model.predict(frame), dtype="float64").tolist(), None
+    labels = [str(v) for v in model.predict(frame)]
+    if not hasattr(model, "predict_proba"):
+        return labels, None
+    proba = np.asarray(model.predict_proba(frame), dtype="float64")
+    classes = [str(c) for c in model.classes_]
+    return labels, [dict(zip(classes, row)) for row in proba.tolist()]
+
+
+def load_registry_champion(params: Params, known_version: str | None) -> ServedModel | None:
+    """The registry's champion if it is not `known_version` (None: no champion, or unchanged)."""
+    from pipelines.registry import CHAMPION, alias_version
+    from pipelines.tracking import client_for, load_model_version
+
+    client, _ = client_for(params)
+    name = params.tracking.model_name
+    version = alias_version(client, name, CHAMPION)
+    if version is None or version == known_version:
+        return None
+    model, meta = load_model_version(client, name, version)
+    return ServedModel.of(model, meta, name, version, client.get_model_version(name, version).run_id)
+
+
+class ChampionHolder:
+    """The model in service, swapped atomically when the registry's champion moves."""
+
+    def __init__(self, params: Params, load: Callable[[str | None], ServedModel | None], source: str):
+        self.params = params
+        self._load = load
+        self.source = source
+        self.current: ServedModel | None = None
+        self.last_check: str | None = None
+        self.last_error: str | None = None
+        self._refresh_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    def refresh(self) -> bool:
+        """Load the champion if it changed; True when the served version changed. A failure
+        to reach the registry or load a model keeps the current model in service."""
+        with self._refresh_lock:
+            known = self.current.version if self.current else None
+            try:
+                loaded = self._load(known)
+                self.last_error = None
+            except Exception as err:  # the registry is down or the artifact is bad: keep serving
+                self.last_error = f"{type(err).__name__}: {err}"
+                log.warning("champion refresh failed, still serving v%s: %s", known, self.last_error)
+                return False
+            finally:
+                self.last_check = utc_now()
+            if loaded is None:
+                return False
+            self.current = loaded
+            log.info("now serving %s v%s (run %s), was v%s", loaded.name, loaded.version, loaded.run_id, known)
+            return True
+
+    def start_polling(self, interval_s: float) -> None:
+        if interval_s <= 0 or self._poller is not None:
+            return
+
+        def poll() -> None:
+            while not self._stop.wait(interval_s):
+                self.refresh()
+
+        self._poller = threading.Thread(target=poll, name="champion-poller", daemon=True)
+        self._poller.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def require(self) -> ServedModel:
+        served = self.current
+        if served is None:
+            raise NoChampion(self.params.tracking.model_name)
+        return served
+
+    def status(self) -> dict[str, Any]:
+        served = self.current
+        return {"model_name": self.params.tracking.model_name, "source": self.source,
+                "model_version": served.version if served else None,
+                "run_id": served.run_id if served else None,
+                "loaded_at": served.loaded_at if served else None,
+                "last_check": self.last_check, "last_error": self.last_error}
+
+
+class MicroBatcher:
+    """Collects concurrent `submit` calls into lists for `handle`, run in a worker thread.
+
+    With `wait_s` = 0 a batch is whatever queued while the previous one was predicted, so a
+    lone request is never delayed and a burst is predicted in a few large calls."""
+
+    def __init__(self, handle: Callable[[list[Any]], list[Any]], max_batch_size: int, wait_s: float = 0.0):
+        self._handle = handle
+        self._max = max_batch_size
+        self._wait_s = wait_s
+        self._queue: asyncio.Queue | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, item: Any) -> Any:
+        if self._worker is None or self._worker.done():
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.get_running_loop().create_task(self._run())
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, future))  # type: ignore[union-attr]
+        return await future
+
+    async def _collect(self) -> list[tuple[Any, asyncio.Future]]:
+        q = self._queue
+        assert q is not None
+        batch = [await q.get()]
+        deadline = time.monotonic() + self._wait_s
+        while len(batch) < self._max:
+            if not q.empty():
+                batch.append(q.get_nowait())
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(q.get(), left))
+            except TimeoutError:
+                break
+        return [(item, fut) for item, fut in batch if not fut.done()]  # drop cancelled requests
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect()
+            if not batch:
+                continue
+            try:
+                results = await asyncio.to_thread(self._handle, [item for item, _ in batch])
+            except Exception as err:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(err)
+                continue
+            for (_, fut), result in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(result)
+
+
+LOG_COLUMNS = ("request_id", "ts", "model_name", "model_version", "run_id", "inputs", "prediction", "probabilities")
+
+
+class PredictionLog:
+    """Every served prediction, appended to a SQLite table (WAL) by one writer thread.
+
+    Columns: request_id, ts (UTC ISO), model_name, model_version, run_id, inputs (JSON
+    object of the record), prediction (number or label), probabilities (JSON or NULL)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS predictions (request_id TEXT NOT NULL, ts TEXT NOT NULL, "
+                       "model_name TEXT NOT NULL, model_version TEXT NOT NULL, run_id TEXT NOT NULL, "
+                       "inputs TEXT NOT NULL, prediction NOT NULL, probabilities TEXT)")
+            db.execute("CREATE INDEX IF NOT EXISTS predictions_request_id ON predictions (request_id)")
+            db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="prediction-log", daemon=True)
+        self._writer.start()
+        self.dropped = 0
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30)
+
+    def append(self, served: ServedModel, request_ids: Sequence[str], records: Sequence[dict[str, Any]],
+               predictions: Sequence[Any], probabilities: Sequence[dict[str, float]] | None) -> None:
+        ts = utc_now()
+        probs = [json.dumps(p) for p in probabilities] if probabilities is not None else [None] * len(records)
+        rows = [(rid, ts, served.name, served.version, served.run_id, json.dumps(rec), pred, prob)
+                for rid, rec, pred, prob in zip(request_ids, records, predictions, probs)]
+        self._queue.put(rows)
+
+    def _write_loop(self) -> None:
+        db = self._connect()
+        db.execute("PRAGMA synchronous=NORMAL")
+        while True:
+            item = self._queue.get()
+            rows, done = ([], item) if isinstance(item, threading.Event) else (item, None)
+            while done is None and not self._queue.empty() and len(rows) < 50_000:  # one transaction per burst
+                more = self._queue.get()
+                if isinstance(more, threading.Event):
+                    done = more
+                else:
+                    rows.extend(more)
+            if rows:
+                try:
+                    with db:
+                        db.executemany(f"INSERT INTO predictions VALUES ({', '.join('?' * len(LOG_COLUMNS))})", rows)
+                except sqlite3.Error:
+                    self.dropped += len(rows)
+                    log.exception("could not write %d predictions to %s", len(rows), self.path)
+            if done is not None:
+                done.set()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until everything appended so far is on disk."""
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait(timeout)
+
+
+def read_prediction_log(path: str | Path, columns: Sequence[str], since: str | None = None) -> pd.DataFrame:
+    """The prediction log as a frame with one column per input field in `columns` (SQLite
+    extracts them from the JSON), for monitoring."""
+    path = Path(path)
+    if not path.is_file():
+        raise LooplineError("monitor", f"prediction log {path} does not exist; nothing has been served yet")
+    fields = "".join(f", json_extract(inputs, '$.\"{c}\"') AS \"{c}\"" for c in columns)
+    query = f"SELECT request_id, ts, model_name, model_version, run_id, prediction, probabilities{fields} FROM predictions"
+    args: tuple = ()
+    if since is not None:
+        query, args = query + " WHERE ts >= ?", (since,)
+    with sqlite3.connect(path, timeout=30) as db:
+        return pd.read_sql_query(query + " ORDER BY rowid", db, params=args)

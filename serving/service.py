@@ -1,0 +1,215 @@
+"""The BentoML service: the registry's `champion` over HTTP.
+
+    bentoml serve serving.service:Predictor      (or `loopline serve`)
+
+Two ways to get the model:
+- from the MLflow registry (`loopline serve`): the params file in $LOOPLINE_PARAMS
+  (default params.yaml) names the store and model; the service polls the `champion` alias
+  every `serve.reload_interval_s` and switches when it moves (POST /admin/reload checks now);
+- from a Bento built by `loopline package`: the champion was copied into the Bento with its
+  params, and the Bento argument `model` names it. No registry needed, no reloading.
+
+Without a champion the service starts, /readyz answers 503, and /predict answers 503 with a
+message saying how to make one; it picks the champion up as soon as one is registered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import bentoml
+from starlette.responses import JSONResponse
+
+from pipelines.config import load_params, parse_params
+from serving.runtime import (ChampionHolder, MicroBatcher, NoChampion, PredictionLog, ServedModel,
+                             load_registry_champion, predict_frame, records_frame)
+from serving.schema import BatchPrediction, Prediction, ServiceStatus, batch_model, record_model
+
+BENTO_PARAMS_FILE = "params.json"
+
+
+def _configuration():
+    """(params, Bento model tag or None) from the Bento argument `model` or $LOOPLINE_PARAMS."""
+    tag = getattr(bentoml.use_arguments(), "model", None)
+    if tag:
+        stored = bentoml.models.get(tag)
+        raw = json.loads(Path(stored.path_of(BENTO_PARAMS_FILE)).read_text(encoding="utf-8"))
+        return parse_params(raw, f"{tag}/{BENTO_PARAMS_FILE}"), tag
+    return load_params(os.environ.get("LOOPLINE_PARAMS", "params.yaml")), None
+
+
+PARAMS, BENTO_MODEL = _configuration()
+Record = record_model(PARAMS)
+RecordBatch = batch_model(PARAMS, Record)
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+PREDICTIONS = bentoml.metrics.Counter(name="loopline_predictions", documentation="Rows predicted, by model version",
+                                      labelnames=["model_version"])
+BATCH_ROWS = bentoml.metrics.Histogram(name="loopline_batch_rows", documentation="Rows per model call",
+                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+
+
+def _error(status: int, message: str, ctx: bentoml.Context) -> JSONResponse:
+    ctx.response.status_code = status  # BentoML sets the status from the context when an API takes one
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class RequestGuard:
+    """ASGI middleware for every POST (the API routes): JSON bodies only (415), and no body
+    larger than `serve.max_body_bytes` (413), checked before anything parses it."""
+
+    def __init__(self, app: Any, max_body_bytes: int):
+        self.app, self.max = app, max_body_bytes
+
+    async def _reject(self, send: Any, status: int, message: str) -> None:
+        body = json.dumps({"error": message}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        media = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
+        if media != b"application/json":
+            return await self._reject(send, 415, f"send JSON (Content-Type: application/json), not {media.decode('latin-1')!r}")
+        too_big = f"request body is larger than serve.max_body_bytes ({self.max} bytes)"
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max:
+            return await self._reject(send, 413, too_big)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max:
+                return await self._reject(send, 413, too_big)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _load_bento_model(path: Path):
+    from pipelines.model_io import load_model
+
+    def load(known_version: str | None) -> ServedModel | None:
+        if known_version is not None:
+            return None  # a Bento holds one model
+        model, meta = load_model(path)
+        return ServedModel.of(model, meta, meta["model_name"], meta["model_version"], meta["run_id"])
+    return load
+
+
+@bentoml.service(name="loopline", http={"port": PARAMS.serve.port}, traffic={"timeout": 60})
+class Predictor:
+    if BENTO_MODEL:
+        bento_model = bentoml.models.BentoModel(BENTO_MODEL)
+
+    def __init__(self) -> None:
+        from pipelines.stages import Layout
+
+        if BENTO_MODEL:
+            self.holder = ChampionHolder(PARAMS, _load_bento_model(Path(self.bento_model.path)), f"bento {BENTO_MODEL}")
+        else:
+            self.holder = ChampionHolder(PARAMS, lambda known: load_registry_champion(PARAMS, known), "registry")
+        self.holder.refresh()
+        if not BENTO_MODEL:
+            self.holder.start_polling(PARAMS.serve.reload_interval_s)
+        log_path = os.environ.get("LOOPLINE_PREDICTION_LOG") or Layout.of(PARAMS).prediction_log
+        self.prediction_log = PredictionLog(log_path)
+        self.batcher = MicroBatcher(self._predict_single, PARAMS.serve.max_batch_size,
+                                    PARAMS.serve.batch_wait_ms / 1000)
+
+    def __is_ready__(self) -> bool:
+        return self.holder.current is not None
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        self.holder.stop()
+        self.prediction_log.flush()
+
+    def _predict(self, records: list[dict[str, Any]], request_ids: list[str]):
+        served = self.holder.require()  # one model for the whole batch, even if a reload lands meanwhile
+        predictions, probabilities = predict_frame(served, records_frame(records, PARAMS))
+        self.prediction_log.append(served, request_ids, records, predictions, probabilities)
+        PREDICTIONS.labels(model_version=served.version).inc(len(records))
+        BATCH_ROWS.observe(len(records))
+        return served, predictions, probabilities
+
+    def _predict_single(self, items: list[tuple[dict[str, Any], str]]) -> list[Prediction]:
+        request_ids = [rid for _, rid in items]
+        served, predictions, probabilities = self._predict([record for record, _ in items], request_ids)
+        return [Prediction(prediction=p, probabilities=probabilities[i] if probabilities else None,
+                           model_name=served.name, model_version=served.version, run_id=served.run_id,
+                           request_id=rid) for i, (p, rid) in enumerate(zip(predictions, request_ids))]
+
+    @staticmethod
+    def _request_id(ctx: bentoml.Context) -> str | None:
+        given = ctx.request.headers.get("x-request-id")
+        if given is None:
+            import uuid
+
+            return uuid.uuid4().hex
+        return given if REQUEST_ID.fullmatch(given) else None
+
+    @bentoml.api(route="/predict", input_spec=Record)
+    async def predict(self, ctx: bentoml.Context, **record: Any) -> Prediction:
+        """Predict one record. Concurrent requests are predicted together in micro-batches.
+        An `X-Request-ID` header (1-64 of A-Z a-z 0-9 . _ : -) names the prediction in the log."""
+        request_id = self._request_id(ctx)
+        if request_id is None:
+            return _error(400, "header X-Request-ID must be 1-64 characters of A-Z a-z 0-9 . _ : -", ctx)
+        try:
+            return await self.batcher.submit((record, request_id))
+        except NoChampion as err:
+            return _error(503, err.message, ctx)
+
+    @bentoml.api(route="/predict_batch", input_spec=RecordBatch)
+    async def predict_batch(self, ctx: bentoml.Context, records: list) -> BatchPrediction:
+        """Predict a list of records in one call (at most `serve.max_batch_records`)."""
+        import asyncio
+
+        request_id = self._request_id(ctx)
+        if request_id is None:
+            return _error(400, "header X-Request-ID must be 1-64 characters of A-Z a-z 0-9 . _ : -", ctx)
+        request_ids = [f"{request_id}-{i}" for i in range(len(records))]
+        try:
+            served, predictions, probabilities = await asyncio.to_thread(
+                self._predict, [r.model_dump() for r in records], request_ids)
+        except NoChampion as err:
+            return _error(503, err.message, ctx)
+        return BatchPrediction(predictions=predictions, probabilities=probabilities, model_name=served.name,
+                               model_version=served.version, run_id=served.run_id, request_ids=request_ids)
+
+    @bentoml.api(route="/admin/reload")
+    async def reload(self) -> ServiceStatus:
+        """Ask the registry for the champion now (the service also polls it on its own)."""
+        import asyncio
+
+        await asyncio.to_thread(self.holder.refresh)
+        return ServiceStatus(**self.holder.status())
+
+    @bentoml.api(route="/model")
+    def model_info(self) -> ServiceStatus:
+        """The model in service, where it came from, and the last registry check."""
+        return ServiceStatus(**self.holder.status())
+
+
+Predictor.add_asgi_middleware(RequestGuard, max_body_bytes=PARAMS.serve.max_body_bytes)

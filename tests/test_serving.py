@@ -1,0 +1,322 @@
+"""The BentoML service as users run it: a real `loopline serve` (bentoml serve) subprocess on a
+loopback port, a real SQLite MLflow registry, HTTP calls. Also the packaged Bento and the
+batch-scoring flow."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import (bikeshare_sample, free_port, register_family, run_cli, stop, tracking_section, venv_bin,
+                      wait_for_http, write_params)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Prepared splits and an empty registry; models are registered by the tests."""
+    from pipelines.config import load_params
+    from pipelines.stages import run_all
+
+    tmp = tmp_path_factory.mktemp("serving")
+    path = write_params(tmp, bikeshare_sample(tmp), tracking=tracking_section(tmp),
+                        serve={"reload_interval_s": 1, "max_batch_records": 50, "max_body_bytes": 100_000})
+    params = load_params(path)
+    run_all(params, echo=lambda _: None)
+    return tmp, path, params
+
+
+def start_service(args: list[str], tmp: Path, port: int) -> subprocess.Popen:
+    log = open(tmp / f"serve-{port}.log", "w")
+    env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    return subprocess.Popen([venv_bin("loopline"), "serve", *args, "--port", str(port)], cwd=tmp, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def service(setup):
+    tmp, path, _ = setup
+    port = free_port()
+    proc = start_service(["--params", str(path)], tmp, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/livez", timeout=120, proc=proc)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            yield client
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def test_rows(setup) -> pd.DataFrame:
+    from pipelines.stages import read_split
+    from pipelines.tracking import plain_frame
+
+    _, _, params = setup
+    return plain_frame(read_split(params, "test")[params.features.columns].head(40))
+
+
+def records(frame: pd.DataFrame) -> list[dict]:
+    """JSON records with integer columns as JSON integers (the service refuses 3.0 for an int)."""
+    return json.loads(frame.to_json(orient="records"))
+
+
+def as_request(frame: pd.DataFrame, params) -> list[dict]:
+    out = frame.copy()
+    for col, spec in params.table_schema.columns.items():
+        if col in out and spec.type == "int":
+            out[col] = out[col].astype("int64")
+    return records(out)
+
+
+def wait_for_version(client: httpx.Client, version: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.post("/model").json()["model_version"] == version:
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"the service did not switch to v{version}")
+
+
+def pyfunc_predictions(params, version: str, frame: pd.DataFrame) -> np.ndarray:
+    import mlflow.pyfunc
+    from mlflow.tracking import MlflowClient
+
+    uri = params.tracking.uri
+    run_id = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version("bikes", version).run_id
+    local = MlflowClient(tracking_uri=uri).download_artifacts(run_id, "model", str(params.paths.data / f"pyfunc-{version}"))
+    return np.asarray(mlflow.pyfunc.load_model(local).predict(frame), dtype="float64")
+
+
+def test_without_a_champion_the_service_runs_and_answers_503(service, test_rows, setup):
+    _, _, params = setup
+    body = as_request(test_rows.head(1), params)[0]
+    response = service.post("/predict", json=body)
+    assert response.status_code == 503
+    assert "no version aliased 'champion'" in response.json()["error"] and "loopline train" in response.json()["error"]
+    assert service.post("/predict_batch", json={"records": [body]}).status_code == 503
+    assert service.get("/readyz").status_code == 503 and service.get("/livez").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def champion_v1(service, setup):
+    """v1 (hist gradient boosting) becomes champion; the running service picks it up by polling."""
+    from pipelines.registry import promote
+    from pipelines.tracking import client_for
+
+    _, _, params = setup
+    v1 = register_family(params, "hist_gradient_boosting")
+    v2 = register_family(params, "linear")
+    client, _ = client_for(params)
+    promote(client, "bikes", v1, params.tracking.uri, reason="test")
+    wait_for_version(service, v1)
+    return v1, v2
+
+
+def test_predictions_equal_mlflow_pyfunc_single_and_batch(service, champion_v1, test_rows, setup):
+    _, _, params = setup
+    v1, _ = champion_v1
+    expected = pyfunc_predictions(params, v1, test_rows)
+    bodies = as_request(test_rows, params)
+    single = [service.post("/predict", json=b).json() for b in bodies]
+    assert {r["model_version"] for r in single} == {v1} and all(r["run_id"] for r in single)
+    np.testing.assert_allclose([r["prediction"] for r in single], expected, rtol=1e-9)
+    batch = service.post("/predict_batch", json={"records": bodies}, headers={"X-Request-ID": "batch-7"}).json()
+    np.testing.assert_allclose(batch["predictions"], expected, rtol=1e-9)
+    assert batch["request_ids"][:2] == ["batch-7-0", "batch-7-1"] and batch["model_version"] == v1
+    assert service.get("/readyz").status_code == 200
+
+
+def test_every_prediction_is_logged_with_inputs_version_and_request_id(service, champion_v1, test_rows, setup):
+    from serving.runtime import read_prediction_log
+
+    tmp, _, params = setup
+    body = as_request(test_rows.head(1), params)[0]
+    answer = service.post("/predict", json=body, headers={"X-Request-ID": "req-42"}).json()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        log = read_prediction_log(tmp / "data" / "serving" / "predictions.db", params.features.columns)
+        row = log[log["request_id"] == "req-42"]
+        if len(row):
+            break
+        time.sleep(0.2)
+    assert len(row) == 1
+    row = row.iloc[0]
+    assert row["prediction"] == pytest.approx(answer["prediction"]) and row["model_version"] == champion_v1[0]
+    assert {c: row[c] for c in body} == body
+    assert (log["request_id"].str.startswith("batch-7-")).sum() == len(test_rows)
+
+
+BAD_BODIES = [
+    ("wrong type", {"hr": "eight"}, 400, "hr"),
+    ("float for int", {"hr": 8.0}, 400, "hr"),
+    ("out of range", {"hum": 1.5}, 400, "hum"),
+    ("unknown category", {"weathersit": "sunny"}, 400, "weathersit"),
+    ("null where not allowed", {"season": None}, 400, "season"),
+    ("extra field", {"station": "A"}, 400, "station"),
+]
+
+
+@pytest.mark.parametrize("name, change, status, field", BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
+def test_bad_fields_get_a_4xx_naming_the_field(service, champion_v1, test_rows, setup, name, change, status, field):
+    _, _, params = setup
+    body = {**as_request(test_rows.head(1), params)[0], **change}
+    response = service.post("/predict", json=body)
+    assert response.status_code == status
+    assert [d["loc"] for d in response.json()["detail"]] == [[field]]
+
+
+def test_malformed_requests_get_a_4xx_and_the_server_keeps_serving(service, champion_v1, test_rows, setup):
+    _, _, params = setup
+    good = as_request(test_rows.head(1), params)[0]
+    missing = {k: v for k, v in good.items() if k != "temp"}
+    raw_bodies = {
+        "missing field": (json.dumps(missing), 400, "temp"),
+        "NaN": (json.dumps({**good, "temp": float("nan")}), 400, "temp"),
+        "Infinity": (json.dumps({**good, "temp": float("inf")}), 400, "temp"),
+        "empty body": ("", 400, "Field required"),
+        "invalid JSON": ("{\"hr\": ", 400, "Invalid JSON"),
+        "a list": ("[1, 2]", 400, "object"),
+    }
+    for name, (raw, status, mention) in raw_bodies.items():
+        response = service.post("/predict", content=raw, headers={"Content-Type": "application/json"})
+        assert response.status_code == status, name
+        assert mention in response.text, name
+    oversized = service.post("/predict_batch", json={"records": [good] * 51})
+    assert oversized.status_code == 400 and oversized.json()["detail"][0]["loc"] == ["records"]
+    huge = service.post("/predict", content=b"{" + b" " * 200_000 + b"}", headers={"Content-Type": "application/json"})
+    assert huge.status_code == 413 and "max_body_bytes" in huge.json()["error"]
+    chunked = service.post("/predict", content=iter([b"{", b" " * 150_000, b"}"]),
+                           headers={"Content-Type": "application/json"})
+    assert chunked.status_code == 413
+    form = service.post("/predict", content=b"a=1", headers={"Content-Type": "multipart/form-data"})
+    assert form.status_code == 415 and "application/json" in form.json()["error"]
+    bad_id = service.post("/predict", json=good, headers={"X-Request-ID": "x" * 65})
+    assert bad_id.status_code == 400 and "X-Request-ID" in bad_id.json()["error"]
+    assert service.post("/predict", json=good).status_code == 200
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_concurrent_single_requests_are_predicted_in_batches(service, champion_v1, test_rows, setup):
+    import asyncio
+
+    _, _, params = setup
+    bodies = as_request(test_rows, params)
+    before = service.get("/metrics").text
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=str(service.base_url), timeout=30) as client:
+            return await asyncio.gather(*(client.post("/predict", json=bodies[i % len(bodies)]) for i in range(64)))
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 64
+    after = service.get("/metrics").text
+    rows = metric(after, "loopline_batch_rows_sum") - metric(before, "loopline_batch_rows_sum")
+    calls = metric(after, "loopline_batch_rows_count") - metric(before, "loopline_batch_rows_count")
+    assert rows == 64 and calls < 64, f"{calls} model calls for 64 concurrent requests"
+
+
+def test_hot_reload_switches_version_without_dropping_requests(service, champion_v1, test_rows, setup):
+    from pipelines.registry import promote
+    from pipelines.tracking import client_for
+
+    _, _, params = setup
+    v1, v2 = champion_v1
+    body = as_request(test_rows.head(1), params)[0]
+    seen: list[tuple[int, str | None]] = []
+    done = threading.Event()
+
+    def traffic():
+        with httpx.Client(base_url=str(service.base_url), timeout=30) as client:
+            while not done.is_set():
+                r = client.post("/predict", json=body)
+                seen.append((r.status_code, r.json().get("model_version")))
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        time.sleep(0.5)
+        client, _ = client_for(params)
+        promote(client, "bikes", v2, params.tracking.uri, reason="test")
+        wait_for_version(service, v2)
+        time.sleep(0.5)
+    finally:
+        done.set()
+        worker.join()
+    versions = [v for _, v in seen]
+    assert {s for s, _ in seen} == {200}
+    assert versions[0] == v1 and versions[-1] == v2
+    switch = versions.index(v2)
+    assert set(versions[switch:]) == {v2}, "served version went back after the switch"
+    promote(client, "bikes", v1, params.tracking.uri, reason="test")
+    assert service.post("/admin/reload").json()["model_version"] == v1  # the admin endpoint checks now
+
+
+def test_fuzzing_the_openapi_spec_finds_no_server_error(service, champion_v1, tmp_path):
+    report = tmp_path / "fuzz.json"
+    result = subprocess.run(
+        [venv_bin("st"), "run", f"{service.base_url}/docs.json", "--checks", "not_a_server_error",
+         "--max-examples", "500", "--seed", "1", "--phases", "examples,coverage,fuzzing",
+         "--report", "ndjson", "--report-ndjson-path", str(report), "--no-color"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    cases = int(re.search(r"(\d+) generated", result.stdout).group(1))
+    assert cases >= 1000, result.stdout[-2000:]
+    assert service.get("/readyz").status_code == 200
+
+
+def test_packaged_bento_serves_the_champion_without_the_registry(champion_v1, test_rows, setup):
+    tmp, path, params = setup
+    env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    built = subprocess.run([venv_bin("loopline"), "package", "--params", str(path)], cwd=tmp, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    tag = re.search(r"^bento (\S+?): ", built.stdout, re.M).group(1)
+    assert f"registry version {champion_v1[0]}" in built.stdout
+    port = free_port()
+    proc = start_service(["--params", str(path), "--bento", tag], tmp, port)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/readyz", timeout=120, proc=proc)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            info = client.post("/model").json()
+            answer = client.post("/predict_batch", json={"records": as_request(test_rows, params)}).json()
+    finally:
+        stop(proc)
+    assert info["source"].startswith("bento bikes:") and info["model_version"] == champion_v1[0]
+    np.testing.assert_allclose(answer["predictions"], pyfunc_predictions(params, champion_v1[0], test_rows), rtol=1e-9)
+
+
+def test_batch_scoring_flow_matches_the_service_and_refuses_bad_files(prefect_api, champion_v1, test_rows,
+                                                                       setup, tmp_path, capsys):
+    _, path, params = setup
+    source = tmp_path / "to_score.csv"
+    pd.DataFrame(as_request(test_rows, params)).to_csv(source, index=False)
+    out = tmp_path / "scored.parquet"
+    code, stdout, stderr = run_cli("score", str(source), str(out), "--params", str(path), capsys=capsys)
+    assert code == 0, stderr
+    assert f"scored {len(test_rows)} rows with bikes v{champion_v1[0]}" in stdout
+    scored = pd.read_parquet(out)
+    np.testing.assert_allclose(scored["prediction"], pyfunc_predictions(params, champion_v1[0], test_rows), rtol=1e-9)
+    assert set(scored["model_version"]) == {champion_v1[0]} and list(scored.columns[:2]) == list(test_rows.columns[:2])
+
+    broken = pd.read_csv(source)
+    broken.loc[5, "hum"] = 1.5
+    broken.to_csv(source, index=False)
+    out.unlink()
+    code, _, stderr = run_cli("score", str(source), str(out), "--params", str(path), capsys=capsys)
+    assert code == 2 and "column 'hum': 1 row(s) above the maximum 1.0, e.g. row 6: 1.5" in stderr
+    assert not out.exists()
