@@ -10,8 +10,9 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GIT_PYTHON_REFRESH := quiet
+export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: install run test test-fast lock bench bench-scale bench-flow bench-torch
+.PHONY: install run test test-fast lock bench bench-scale bench-flow bench-torch bench-serve
 
 install: $(STAMP)
 
@@ -22,9 +23,11 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# The training flow on the bundled Bikeshare data (params.yaml), offline: Prefect + MLflow + registry.
+# The training flow on the bundled Bikeshare data (params.yaml), offline: Prefect + MLflow + registry;
+# then the champion packaged as a Bento, served over HTTP, asked for one prediction, stopped.
 run: install
 	$(BIN)/loopline train
+	$(BIN)/python -m serving.smoke
 
 test: install
 	$(BIN)/python -m pytest
@@ -39,7 +42,7 @@ lock: install
 		--find-links $(FIND_LINKS) --no-emit-find-links -o requirements.lock
 
 # Scale benchmark: synthetic Bikeshare-shaped data at 1M and 10M rows.
-bench: bench-scale bench-flow bench-torch
+bench: bench-scale bench-flow bench-torch bench-serve
 
 bench-scale: install
 	$(BIN)/python bench/scale.py --rows 1000000 10000000
@@ -51,3 +54,7 @@ bench-flow: install
 # PyTorch trainer vs a bare loop (and GPU vs CPU where CUDA exists).
 bench-torch: install
 	$(BIN)/python bench/torch_throughput.py --rows 1000000 --epochs 3
+
+# BentoML service vs a bare FastAPI app on the registry champion (run `make run` first).
+bench-serve: install
+	$(BIN)/python bench/serving.py --requests 2000

@@ -44,7 +44,7 @@ def score_file(params_path: str, input_path: str, output_path: str) -> dict[str,
     if frame.empty:
         raise LooplineError("score", f"{input_path} has no rows")
     features = check_records(frame, params, input_path)
-    served: ServedModel | None = load_registry_champion(params, known_version=None)
+    served: ServedModel | None = load_registry_champion(params)
     if served is None:
         raise LooplineError("score", f"model {params.tracking.model_name!r} has no champion; run `loopline train`")
     predictions: list[Any] = []

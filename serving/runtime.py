@@ -86,18 +86,31 @@ def predict_frame(served: ServedModel, frame: pd.DataFrame) -> tuple[list[Any], 
     return labels, [dict(zip(classes, row)) for row in proba.tolist()]
 
 
-def load_registry_champion(params: Params, known_version: str | None) -> ServedModel | None:
-    """The registry's champion if it is not `known_version` (None: no champion, or unchanged)."""
-    from pipelines.registry import CHAMPION, alias_version
-    from pipelines.tracking import client_for, load_model_version
+class RegistrySource:
+    """Loads the registry's champion; one MLflow client for the life of the service (a new
+    client re-opens the SQLite store, too slow to do on every poll)."""
 
-    client, _ = client_for(params)
-    name = params.tracking.model_name
-    version = alias_version(client, name, CHAMPION)
-    if version is None or version == known_version:
-        return None
-    model, meta = load_model_version(client, name, version)
-    return ServedModel.of(model, meta, name, version, client.get_model_version(name, version).run_id)
+    def __init__(self, params: Params):
+        self.params = params
+        self._client = None
+
+    def __call__(self, known_version: str | None) -> ServedModel | None:
+        """The champion if it is not `known_version` (None: no champion, or unchanged)."""
+        from pipelines.registry import CHAMPION, alias_version
+        from pipelines.tracking import client_for, load_model_version
+
+        if self._client is None:
+            self._client, _ = client_for(self.params)
+        client, name = self._client, self.params.tracking.model_name
+        version = alias_version(client, name, CHAMPION)
+        if version is None or version == known_version:
+            return None
+        model, meta = load_model_version(client, name, version)
+        return ServedModel.of(model, meta, name, version, client.get_model_version(name, version).run_id)
+
+
+def load_registry_champion(params: Params) -> ServedModel | None:
+    return RegistrySource(params)(known_version=None)
 
 
 class ChampionHolder:

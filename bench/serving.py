@@ -1,0 +1,162 @@
+"""BentoML service vs a bare FastAPI + uvicorn app on the same champion, side by side.
+
+Both serve the registry champion of the params file (run `make run` first) on loopback,
+one worker each, started fresh. The load generator (aiohttp, this process) sends a fixed
+number of single-record /predict requests at concurrency 1, 8 and 32 and records each
+latency. Then the batch endpoint: rows/s of /predict_batch vs raw model.predict on the
+same rows in this process.
+
+    python bench/serving.py [--params params.yaml] [--requests 2000] [--batch 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(command: list[str], ready: str) -> subprocess.Popen:
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{command[0]} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(ready, timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"{ready} not ready in 120 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+async def load(url: str, bodies: list[bytes], concurrency: int, total: int) -> dict[str, float]:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    next_index = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal errors, next_index
+        while next_index < total:
+            body = bodies[next_index % len(bodies)]
+            next_index += 1
+            started = time.perf_counter()
+            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+                await response.read()
+                if response.status != 200:
+                    errors += 1
+            latencies.append(time.perf_counter() - started)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        for _ in range(min(20, total)):  # warm-up, not counted
+            async with session.post(url, data=bodies[0], headers={"Content-Type": "application/json"}) as r:
+                await r.read()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    ms = np.asarray(latencies) * 1000
+    return {"rps": len(latencies) / elapsed, "p50": float(np.percentile(ms, 50)),
+            "p99": float(np.percentile(ms, 99)), "errors": errors}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per concurrency level")
+    parser.add_argument("--batch", type=int, default=1000, help="records per /predict_batch call")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    args = parser.parse_args()
+
+    from pipelines.config import load_params
+    from pipelines.stages import read_split
+    from serving.runtime import load_registry_champion, predict_frame, records_frame
+    from serving.smoke import sample_record
+
+    params = load_params(args.params)
+    served = load_registry_champion(params)
+    if served is None:
+        raise SystemExit(f"{params.tracking.model_name} has no champion: run `make run` first")
+    rows = read_split(params, "test", "bench")
+    ints = [c for c in params.features.columns if params.table_schema.columns[c].type == "int"]
+    frame = rows[params.features.columns].astype({c: "int64" for c in ints})
+    records = json.loads(frame.to_json(orient="records"))
+    bodies = [json.dumps(r).encode() for r in records]
+    assert records[0] == sample_record(params)
+    print(f"model: {served.name} v{served.version} ({type(served.model[-1]).__name__}); "
+          f"{args.requests} requests per level; {os.cpu_count()} CPUs")
+
+    env_params = str(Path(args.params).resolve())
+    os.environ["LOOPLINE_PARAMS"] = env_params
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    bento_port, bare_port = free_port(), free_port()
+    servers = {
+        "bentoml": ([str(BIN / "loopline"), "serve", "--params", env_params, "--port", str(bento_port)],
+                    f"http://127.0.0.1:{bento_port}"),
+        "fastapi": ([str(BIN / "uvicorn"), "bench.bare_app:app", "--port", str(bare_port), "--log-level", "warning",
+                     "--no-access-log"], f"http://127.0.0.1:{bare_port}"),
+    }
+    batch_rps = None
+    for name, (command, url) in servers.items():
+        proc = start(command, f"{url}/readyz" if name == "bentoml" else f"{url}/docs")
+        try:
+            results[name] = {c: asyncio.run(load(f"{url}/predict", bodies, c, args.requests)) for c in args.concurrency}
+            if name == "bentoml":
+                batch = json.dumps({"records": (records * (args.batch // len(records) + 1))[:args.batch]}).encode()
+                calls = 20
+                started = time.perf_counter()
+                for _ in range(calls):
+                    request = urllib.request.Request(f"{url}/predict_batch", batch, {"Content-Type": "application/json"})
+                    with urllib.request.urlopen(request, timeout=60) as response:
+                        assert response.status == 200
+                batch_rps = calls * args.batch / (time.perf_counter() - started)
+        finally:
+            stop(proc)
+
+    print(f"\n{'server':<9}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    for name, levels in results.items():
+        for c, r in levels.items():
+            print(f"{name:<9}{c:>4}{r['rps']:>10.0f}{r['p50']:>9.1f}{r['p99']:>9.1f}{r['errors']:>8}")
+    for c in args.concurrency:
+        ratio = results["bentoml"][c]["rps"] / results["fastapi"][c]["rps"]
+        print(f"throughput ratio bentoml/fastapi at c={c}: {ratio:.2f}")
+
+    batch_frame = records_frame((records * (args.batch // len(records) + 1))[:args.batch], params)
+    started = time.perf_counter()
+    for _ in range(20):
+        predict_frame(served, batch_frame)
+    raw_rps = 20 * args.batch / (time.perf_counter() - started)
+    print(f"\n/predict_batch ({args.batch} records): {batch_rps:,.0f} rows/s over HTTP; "
+          f"raw model.predict {raw_rps:,.0f} rows/s; HTTP/raw = {batch_rps / raw_rps:.2f}")
+
+
+if __name__ == "__main__":
+    main()
