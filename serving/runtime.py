@@ -251,10 +251,10 @@ class PredictionLog:
                        "inputs TEXT NOT NULL, prediction NOT NULL, probabilities TEXT)")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_request_id ON predictions (request_id)")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
+        self.dropped = 0  # rows lost to a failed write (logged)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="prediction-log", daemon=True)
         self._writer.start()
-        self.dropped = 0
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30)
