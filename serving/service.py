@@ -47,6 +47,7 @@ PARAMS, BENTO_MODEL = _configuration()
 Record = record_model(PARAMS)
 RecordBatch = batch_model(PARAMS, Record)
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+BAD_REQUEST_ID = "header X-Request-ID must be 1-64 characters of A-Z a-z 0-9 . _ : -"
 
 PREDICTIONS = bentoml.metrics.Counter(name="loopline_predictions", documentation="Rows predicted, by model version",
                                       labelnames=["model_version"])
@@ -181,7 +182,7 @@ class Predictor:
         An `X-Request-ID` header (1-64 of A-Z a-z 0-9 . _ : -) names the prediction in the log."""
         request_id = self._request_id(ctx)
         if request_id is None:
-            return _error(400, "header X-Request-ID must be 1-64 characters of A-Z a-z 0-9 . _ : -", ctx)
+            return _error(400, BAD_REQUEST_ID, ctx)
         try:
             return await self.batcher.submit((record, request_id))
         except NoChampion as err:
@@ -194,7 +195,7 @@ class Predictor:
 
         request_id = self._request_id(ctx)
         if request_id is None:
-            return _error(400, "header X-Request-ID must be 1-64 characters of A-Z a-z 0-9 . _ : -", ctx)
+            return _error(400, BAD_REQUEST_ID, ctx)
         request_ids = [f"{request_id}-{i}" for i in range(len(records))]
         try:
             served, predictions, probabilities = await asyncio.to_thread(

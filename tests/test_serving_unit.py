@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from conftest import write_params
 from pipelines.errors import LooplineError
-from serving.runtime import ChampionHolder, MicroBatcher, PredictionLog, ServedModel, read_prediction_log
+from serving.runtime import (ChampionHolder, MicroBatcher, PredictionLog, ServedModel, predict_frame,
+                             read_prediction_log)
 from serving.schema import batch_model, check_records, record_model
 
 GOOD = {"temp": 0.5, "atemp": 0.48, "hum": 0.6, "windspeed": 0.2, "season": 1, "holiday": 0, "workingday": 1,
@@ -156,3 +157,18 @@ def test_champion_holder_keeps_serving_when_the_registry_fails(params):
     assert not holder.refresh() and holder.require().version == "1"  # failure: keep v1
     assert "registry down" in holder.status()["last_error"]
     assert holder.refresh() and holder.require().version == "2" and holder.status()["last_error"] is None
+
+
+def test_predict_frame_gives_labels_and_class_probabilities_for_classifiers():
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    X = pd.DataFrame({"x": np.linspace(-3, 3, 60)})
+    y = np.where(X["x"] > 0, "high", "low")
+    model = LogisticRegression().fit(X, y)
+    clf = ServedModel(model=model, name="m", version="1", run_id="r", task="classification", features=["x"],
+                      classes=["high", "low"], loaded_at="now")
+    labels, probabilities = predict_frame(clf, pd.DataFrame({"x": [-2.0, 2.0]}))
+    assert labels == ["low", "high"]
+    assert [set(p) for p in probabilities] == [{"high", "low"}] * 2
+    assert probabilities[0]["low"] > 0.5 and sum(probabilities[1].values()) == pytest.approx(1.0)
