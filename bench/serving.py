@@ -15,8 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,30 +28,13 @@ sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(command: list[str], ready: str) -> subprocess.Popen:
+    from tests.conftest import wait_for_http
+
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{command[0]} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(ready, timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"{ready} not ready in 120 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    wait_for_http(ready, timeout=120, proc=proc)
+    return proc
 
 
 async def load(url: str, bodies: list[bytes], concurrency: int, total: int) -> dict[str, float]:
@@ -99,16 +80,16 @@ def main() -> None:
     from pipelines.config import load_params
     from pipelines.stages import read_split
     from serving.runtime import load_registry_champion, predict_frame, records_frame
+    from serving.schema import request_records
+    from tests.conftest import free_port, stop
 
     params = load_params(args.params)
     served = load_registry_champion(params)
     if served is None:
         raise SystemExit(f"{params.tracking.model_name} has no champion: run `make run` first")
-    rows = read_split(params, "test", "bench")
-    ints = [c for c in params.features.columns if params.table_schema.columns[c].type == "int"]
-    frame = rows[params.features.columns].astype({c: "int64" for c in ints})
-    records = json.loads(frame.to_json(orient="records"))
+    records = request_records(read_split(params, "test", "bench"), params)
     bodies = [json.dumps(r).encode() for r in records]
+    batch_records = (records * (args.batch // len(records) + 1))[:args.batch]
     print(f"model: {served.name} v{served.version} ({type(served.model[-1]).__name__}); "
           f"{args.requests} requests per level; {os.cpu_count()} CPUs")
 
@@ -128,7 +109,7 @@ def main() -> None:
         try:
             results[name] = {c: asyncio.run(load(f"{url}/predict", bodies, c, args.requests)) for c in args.concurrency}
             if name == "bentoml":
-                batch = json.dumps({"records": (records * (args.batch // len(records) + 1))[:args.batch]}).encode()
+                batch = json.dumps({"records": batch_records}).encode()
                 calls = 20
                 started = time.perf_counter()
                 for _ in range(calls):
@@ -147,7 +128,7 @@ def main() -> None:
         ratio = results["bentoml"][c]["rps"] / results["fastapi"][c]["rps"]
         print(f"throughput ratio bentoml/fastapi at c={c}: {ratio:.2f}")
 
-    batch_frame = records_frame((records * (args.batch // len(records) + 1))[:args.batch], params)
+    batch_frame = records_frame(batch_records, params)
     started = time.perf_counter()
     for _ in range(20):
         predict_frame(served, batch_frame)

@@ -24,12 +24,11 @@ CHUNK_ROWS = 200_000
 def read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise LooplineError("score", f"input {path} does not exist")
+    parquet = path.suffix.lower() == ".parquet"
     try:
-        if path.suffix.lower() == ".parquet":
-            return pd.read_parquet(path)
-        return pd.read_csv(path, engine="pyarrow")
+        return pd.read_parquet(path) if parquet else pd.read_csv(path, engine="pyarrow")
     except Exception as err:  # unreadable, wrong format, not CSV
-        raise LooplineError("score", f"cannot read {path} as {'Parquet' if path.suffix == '.parquet' else 'CSV'}: "
+        raise LooplineError("score", f"cannot read {path} as {'Parquet' if parquet else 'CSV'}: "
                                      f"{type(err).__name__}: {err}") from None
 
 

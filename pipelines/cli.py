@@ -125,16 +125,6 @@ def ui(params: ParamsOption = Path("params.yaml"), port: int = 5000, host: str =
                          "--workers", "1"])
 
 
-def _bentoml_serve(target: str, params: Path, host: str | None, port: int | None, extra_env: dict[str, str]) -> None:
-    import os
-
-    p = _params(params)
-    bentoml = str(Path(sys.executable).with_name("bentoml"))
-    env = {**os.environ, "LOOPLINE_PARAMS": str(params.resolve()), **extra_env}
-    os.execve(bentoml, [bentoml, "serve", target, "--host", host or p.serve.host,
-                        "--port", str(port or p.serve.port)], env)
-
-
 @app.command()
 def serve(params: ParamsOption = Path("params.yaml"),
           port: Annotated[int | None, typer.Option(help="Default: serve.port.")] = None,
@@ -142,13 +132,17 @@ def serve(params: ParamsOption = Path("params.yaml"),
           bento: Annotated[str | None, typer.Option(help="Serve a Bento built by `loopline package` "
                                                          "(e.g. loopline:latest) instead of the registry.")] = None) -> None:
     """Serve the champion over HTTP with BentoML (POST /predict, /predict_batch; /docs)."""
+    import os
+
     from pipelines.stages import Layout
 
-    if bento is None:
-        _bentoml_serve("serving.service:Predictor", params, host, port, {})
-    else:
-        log = Layout.of(_params(params)).prediction_log.resolve()
-        _bentoml_serve(bento, params, host, port, {"LOOPLINE_PREDICTION_LOG": str(log)})
+    p = _params(params)
+    env = {**os.environ, "LOOPLINE_PARAMS": str(params.resolve())}
+    if bento is not None:  # the Bento's own working dir is not ours: log predictions here
+        env["LOOPLINE_PREDICTION_LOG"] = str(Layout.of(p).prediction_log.resolve())
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    os.execve(bentoml, [bentoml, "serve", bento or "serving.service:Predictor", "--host", host or p.serve.host,
+                        "--port", str(port or p.serve.port)], env)
 
 
 @app.command()

@@ -10,6 +10,7 @@ models, so it documents the real fields.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -82,6 +83,14 @@ class ServiceStatus(BaseModel):
     loaded_at: str | None
     last_check: str | None
     last_error: str | None
+
+
+def request_records(frame: pd.DataFrame, params: Params) -> list[dict[str, Any]]:
+    """Rows as the JSON records /predict accepts: the feature columns, integer columns as
+    JSON integers (the service refuses 3.0 for an int), missing values as null."""
+    columns = params.table_schema.columns
+    ints = {c: "Int64" for c in params.features.columns if columns[c].type == "int"}
+    return json.loads(frame[params.features.columns].astype(ints).to_json(orient="records"))
 
 
 def check_records(frame: pd.DataFrame, params: Params, source: str) -> pd.DataFrame:

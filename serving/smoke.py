@@ -19,14 +19,7 @@ from pathlib import Path
 
 from pipelines.config import load_params
 from pipelines.stages import Layout, read_split
-
-
-def sample_record(params) -> dict:
-    """The first test row's features, integers as JSON integers."""
-    row = read_split(params, "test", "smoke")[params.features.columns].head(1)
-    record = json.loads(row.to_json(orient="records"))[0]
-    return {k: int(v) if params.table_schema.columns[k].type == "int" and v is not None else v
-            for k, v in record.items()}
+from serving.schema import request_records
 
 
 def post(url: str, body: dict, timeout: float = 10) -> dict:
@@ -67,7 +60,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)
-        record = sample_record(params)
+        record = request_records(read_split(params, "test", "smoke").head(1), params)[0]
         answer = post(f"{url}/predict", record)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

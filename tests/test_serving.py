@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from serving.schema import request_records
+
 from conftest import (bikeshare_sample, free_port, register_family, run_cli, stop, tracking_section, venv_bin,
                       wait_for_http, write_params)
 
@@ -67,19 +69,6 @@ def test_rows(setup) -> pd.DataFrame:
     return plain_frame(read_split(params, "test")[params.features.columns].head(40))
 
 
-def records(frame: pd.DataFrame) -> list[dict]:
-    """JSON records with integer columns as JSON integers (the service refuses 3.0 for an int)."""
-    return json.loads(frame.to_json(orient="records"))
-
-
-def as_request(frame: pd.DataFrame, params) -> list[dict]:
-    out = frame.copy()
-    for col, spec in params.table_schema.columns.items():
-        if col in out and spec.type == "int":
-            out[col] = out[col].astype("int64")
-    return records(out)
-
-
 def wait_for_version(client: httpx.Client, version: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -101,7 +90,7 @@ def pyfunc_predictions(params, version: str, frame: pd.DataFrame) -> np.ndarray:
 
 def test_without_a_champion_the_service_runs_and_answers_503(service, test_rows, setup):
     _, _, params = setup
-    body = as_request(test_rows.head(1), params)[0]
+    body = request_records(test_rows.head(1), params)[0]
     response = service.post("/predict", json=body)
     assert response.status_code == 503
     assert "no version aliased 'champion'" in response.json()["error"] and "loopline train" in response.json()["error"]
@@ -128,7 +117,7 @@ def test_predictions_equal_mlflow_pyfunc_single_and_batch(service, champion_v1, 
     _, _, params = setup
     v1, _ = champion_v1
     expected = pyfunc_predictions(params, v1, test_rows)
-    bodies = as_request(test_rows, params)
+    bodies = request_records(test_rows, params)
     single = [service.post("/predict", json=b).json() for b in bodies]
     assert {r["model_version"] for r in single} == {v1} and all(r["run_id"] for r in single)
     np.testing.assert_allclose([r["prediction"] for r in single], expected, rtol=1e-9)
@@ -142,7 +131,7 @@ def test_every_prediction_is_logged_with_inputs_version_and_request_id(service, 
     from serving.runtime import read_prediction_log
 
     tmp, _, params = setup
-    body = as_request(test_rows.head(1), params)[0]
+    body = request_records(test_rows.head(1), params)[0]
     answer = service.post("/predict", json=body, headers={"X-Request-ID": "req-42"}).json()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -171,7 +160,7 @@ BAD_BODIES = [
 @pytest.mark.parametrize("name, change, status, field", BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
 def test_bad_fields_get_a_4xx_naming_the_field(service, champion_v1, test_rows, setup, name, change, status, field):
     _, _, params = setup
-    body = {**as_request(test_rows.head(1), params)[0], **change}
+    body = {**request_records(test_rows.head(1), params)[0], **change}
     response = service.post("/predict", json=body)
     assert response.status_code == status
     assert [d["loc"] for d in response.json()["detail"]] == [[field]]
@@ -179,7 +168,7 @@ def test_bad_fields_get_a_4xx_naming_the_field(service, champion_v1, test_rows, 
 
 def test_malformed_requests_get_a_4xx_and_the_server_keeps_serving(service, champion_v1, test_rows, setup):
     _, _, params = setup
-    good = as_request(test_rows.head(1), params)[0]
+    good = request_records(test_rows.head(1), params)[0]
     missing = {k: v for k, v in good.items() if k != "temp"}
     raw_bodies = {
         "missing field": (json.dumps(missing), 400, "temp"),
@@ -215,7 +204,7 @@ def test_concurrent_single_requests_are_predicted_in_batches(service, champion_v
     import asyncio
 
     _, _, params = setup
-    bodies = as_request(test_rows, params)
+    bodies = request_records(test_rows, params)
     before = service.get("/metrics").text
 
     async def burst():
@@ -236,7 +225,7 @@ def test_hot_reload_switches_version_without_dropping_requests(service, champion
 
     _, _, params = setup
     v1, v2 = champion_v1
-    body = as_request(test_rows.head(1), params)[0]
+    body = request_records(test_rows.head(1), params)[0]
     seen: list[tuple[int, str | None]] = []
     done = threading.Event()
 
@@ -294,7 +283,7 @@ def test_packaged_bento_serves_the_champion_without_the_registry(champion_v1, te
         wait_for_http(f"http://127.0.0.1:{port}/readyz", timeout=120, proc=proc)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             info = client.post("/model").json()
-            answer = client.post("/predict_batch", json={"records": as_request(test_rows, params)}).json()
+            answer = client.post("/predict_batch", json={"records": request_records(test_rows, params)}).json()
     finally:
         stop(proc)
     assert info["source"].startswith("bento bikes:") and info["model_version"] == champion_v1[0]
@@ -305,7 +294,7 @@ def test_batch_scoring_flow_matches_the_service_and_refuses_bad_files(prefect_ap
                                                                        setup, tmp_path, capsys):
     _, path, params = setup
     source = tmp_path / "to_score.csv"
-    pd.DataFrame(as_request(test_rows, params)).to_csv(source, index=False)
+    pd.DataFrame(request_records(test_rows, params)).to_csv(source, index=False)
     out = tmp_path / "scored.parquet"
     code, stdout, stderr = run_cli("score", str(source), str(out), "--params", str(path), capsys=capsys)
     assert code == 0, stderr

@@ -15,7 +15,7 @@ from conftest import write_params
 from pipelines.errors import LooplineError
 from serving.runtime import (ChampionHolder, MicroBatcher, PredictionLog, ServedModel, predict_frame,
                              read_prediction_log)
-from serving.schema import batch_model, check_records, record_model
+from serving.schema import batch_model, check_records, record_model, request_records
 
 GOOD = {"temp": 0.5, "atemp": 0.48, "hum": 0.6, "windspeed": 0.2, "season": 1, "holiday": 0, "workingday": 1,
         "weathersit": "clear", "hr": 8, "mnth": "Jan", "weekday": 2}
@@ -172,3 +172,13 @@ def test_predict_frame_gives_labels_and_class_probabilities_for_classifiers():
     assert labels == ["low", "high"]
     assert [set(p) for p in probabilities] == [{"high", "low"}] * 2
     assert probabilities[0]["low"] > 0.5 and sum(probabilities[1].values()) == pytest.approx(1.0)
+
+
+def test_request_records_are_bodies_the_record_model_accepts(params):
+    frame = pd.DataFrame([GOOD, {**GOOD, "temp": None}])
+    frame[["hr", "season", "weekday"]] = frame[["hr", "season", "weekday"]].astype("float64")  # as clean types them
+    bodies = request_records(frame.assign(bikers=3.0), params)
+    assert [list(b) for b in bodies] == [params.features.columns] * 2
+    assert bodies[0]["hr"] == 8 and isinstance(bodies[0]["hr"], int) and bodies[1]["temp"] is None
+    Record = record_model(params)
+    assert [Record(**b).model_dump() for b in bodies] == [Record(**GOOD).model_dump(), Record(**{**GOOD, "temp": None}).model_dump()]
