@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GIT_PYTHON_REFRESH := quiet
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: install run test test-fast lock bench bench-scale bench-flow bench-torch bench-serve
+.PHONY: install run test test-fast lock replay bench bench-scale bench-flow bench-torch bench-serve bench-monitor
 
 install: $(STAMP)
 
@@ -41,9 +41,14 @@ lock: install
 	$(BIN)/uv pip compile pyproject.toml --extra dev -c constraints.txt --python-version 3.11 \
 		--find-links $(FIND_LINKS) --no-emit-find-links -o requirements.lock
 
-# Scale benchmark: synthetic Bikeshare-shaped data at 1M and 10M rows.
-bench: bench-scale bench-flow bench-torch bench-serve
+# The closed loop over 2011: Jan-Mar champion, then monthly batches served, labelled,
+# monitored and retrained; the timeline chart shown in the README.
+replay: install
+	$(BIN)/loopline replay --chart bench/results/replay-2011.png
 
+bench: bench-scale bench-flow bench-torch bench-serve bench-monitor
+
+# Scale benchmark: synthetic Bikeshare-shaped data at 1M and 10M rows.
 bench-scale: install
 	$(BIN)/python bench/scale.py --rows 1000000 10000000
 
@@ -58,3 +63,7 @@ bench-torch: install
 # BentoML service vs a bare FastAPI app on the registry champion (run `make run` first).
 bench-serve: install
 	$(BIN)/python bench/serving.py --requests 2000
+
+# Monitoring flow time: 100k-row reference / 10k window vs 1M-row reference / 100k window.
+bench-monitor: install
+	$(BIN)/python bench/monitoring.py --sizes 100000:10000 1000000:100000

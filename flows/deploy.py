@@ -13,10 +13,12 @@ from pathlib import Path
 from prefect import serve
 from prefect.schedules import Cron
 
+from flows.monitoring import monitoring_flow
 from flows.training import training_flow
 from pipelines.config import load_params
 
 TRAINING_DEPLOYMENT = "scheduled-training"
+MONITORING_DEPLOYMENT = "scheduled-monitoring"
 
 
 def build_deployments(params_path: str | Path = "params.yaml") -> list:
@@ -28,7 +30,13 @@ def build_deployments(params_path: str | Path = "params.yaml") -> list:
         schedule=Cron(schedule.training, timezone=schedule.timezone) if schedule.training else None,
         description="Data stages, candidate search and guarded promotion on the configured data.",
         tags=["loopline", "training"])
-    return [training]
+    monitoring = monitoring_flow.to_deployment(
+        name=MONITORING_DEPLOYMENT, parameters={"params_path": path, "trigger": "deployment"},
+        schedule=Cron(schedule.monitoring, timezone=schedule.timezone) if schedule.monitoring else None,
+        description="Accept landed batches, measure drift and live metrics, retrain through the "
+                    "training deployment when the monitor: policy says so.",
+        tags=["loopline", "monitoring"])
+    return [training, monitoring]
 
 
 def serve_deployments(params_path: str | Path = "params.yaml") -> None:

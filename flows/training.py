@@ -24,6 +24,7 @@ from pipelines.errors import LooplineError
 DATA_STAGES = ("ingest", "clean", "validate", "split")
 SEARCH_CODE = [Path("pipelines") / f for f in ("search.py", "train.py", "features.py", "torch_model.py",
                                                "evaluate.py", "model_io.py", "tracking.py")]
+REFERENCE_ARTIFACT = "reference/reference.parquet"  # the champion's training rows, for drift
 SEARCH_PARAMS = ["data", "features", "train", "search", "promotion", "tracking"]
 
 
@@ -72,6 +73,7 @@ def search_task(params_path: str, flow_run_id: str) -> dict[str, Any]:
     """Train every candidate (a nested MLflow run each), log the best model with its test
     metrics and plots into the parent run. Registration is a separate step."""
     from pipelines.evaluate import score
+    from pipelines.arrivals import arrival_files
     from pipelines.lineage import dvc_lock_md5, git_commit
     from pipelines.search import search_candidates
     from pipelines.storage import file_md5
@@ -84,9 +86,12 @@ def search_task(params_path: str, flow_run_id: str) -> dict[str, Any]:
     client, experiment_id = client_for(params)
     metric, _ = params.metric
     clean_md5 = file_md5(layout.clean)
+    arrivals = arrival_files(layout.arrivals)
     lineage = {
         "git_commit": git_commit(), "data.clean_md5": clean_md5,
         "data.source": str(params.data.source), "data.source_md5": file_md5(params.data.source),
+        "data.ingested_md5": file_md5(layout.ingested),
+        "data.arrival_batches": len(arrivals), "data.last_arrival": arrivals[-1].name if arrivals else "none",
         "data.dvc_lock_md5": dvc_lock_md5(layout.clean) or "none",
         "data.rows_train": len(train), "data.rows_val": len(val), "data.rows_test": len(test),
         "prefect.flow_run_id": flow_run_id, "loopline.params_file": params_path,
@@ -124,6 +129,7 @@ def search_task(params_path: str, flow_run_id: str) -> dict[str, Any]:
         model_uri = log_model(client, best_run, best.model, train[params.features.columns].head(5), metadata)
         if hasattr(best.model[-1], "state_dict"):
             log_torch_weights(client, best_run, best.model)
+        log_reference(client, best_run, train, params)
         log_dict_batch(client, best_run, metrics={f"test_{k}": v for k, v in test_metrics.items()})
         log_dict_batch(client, parent_id,
                        metrics={f"val_{k}": v for k, v in best.val.items()}
@@ -140,6 +146,21 @@ def search_task(params_path: str, flow_run_id: str) -> dict[str, Any]:
             "model_uri": model_uri, "metric": metric, "val": best.val, "test": test_metrics,
             "candidates": candidates, "data_md5": clean_md5, "git_commit": lineage["git_commit"],
             "timings": timings}
+
+
+def log_reference(client, run_id: str, train, params) -> None:
+    """The rows the model was trained on (feature columns and target; a seeded sample above
+    monitor.reference_rows), beside the model: monitoring compares new data with them."""
+    import tempfile
+
+    columns = [*params.features.columns, params.data.target]
+    rows = train[columns]
+    if len(rows) > params.monitor.reference_rows:
+        rows = rows.sample(params.monitor.reference_rows, random_state=params.train.seed).sort_index()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(REFERENCE_ARTIFACT).name
+        rows.to_parquet(path, index=False)
+        client.log_artifact(run_id, str(path), str(Path(REFERENCE_ARTIFACT).parent))
 
 
 @task(name="register-and-promote", retries=2, retry_delay_seconds=[2, 10],
@@ -188,9 +209,20 @@ def summary_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@task(name="record-data-version")
+def record_data_version_task(params_path: str) -> str:
+    from pipelines.lineage import commit_data_version
+
+    layout = stages.Layout.of(load_params(params_path))
+    return commit_data_version(params_path, list(DATA_STAGES), layout.ingested)
+
+
 @flow(name="training")
-def training_flow(params_path: str = "params.yaml", force: bool = False) -> dict[str, Any]:
-    """Data stages → candidate search → register and promote only if better."""
+def training_flow(params_path: str = "params.yaml", force: bool = False,
+                  record_data_version: bool = False) -> dict[str, Any]:
+    """Data stages → candidate search → register and promote only if better.
+    `record_data_version`: pin the data stages' outputs in dvc.lock (`dvc commit`), as a
+    retrain started by monitoring does."""
     from pipelines.lineage import stage_outputs_exist
 
     logger = get_run_logger()
@@ -207,6 +239,9 @@ def training_flow(params_path: str = "params.yaml", force: bool = False) -> dict
         summary["stages"][stage] = state.result()
         if state.name == "Cached":
             summary["cached"].append(stage)
+    if record_data_version and params.monitor.dvc_commit:
+        summary["data_version"] = record_data_version_task(params_path)
+        logger.info("Data version %s", summary["data_version"])
 
     search = search_task.with_options(refresh_cache=force)
     started = time.perf_counter()

@@ -69,7 +69,9 @@ def _type_column(text: pa.ChunkedArray, spec: ColumnSpec) -> tuple[pa.Array, np.
     return pa.array(values, from_pandas=True), bad, reason  # NaN becomes null
 
 
-def clean_rows(rows: pa.Table, schema: SchemaConfig, data: DataConfig, cfg: CleanConfig) -> Cleaned:
+def clean_rows(rows: pa.Table, schema: SchemaConfig, data: DataConfig, cfg: CleanConfig,
+               keep: tuple[str, ...] = ()) -> Cleaned:
+    """`keep`: text columns (a request id) carried along unchanged, not used to find duplicates."""
     n_in = rows.num_rows
     typed: dict[str, pa.Array] = {}
     problems: list[tuple[str, np.ndarray]] = []
@@ -83,6 +85,7 @@ def clean_rows(rows: pa.Table, schema: SchemaConfig, data: DataConfig, cfg: Clea
             if missing.any():
                 problems.append((f"{col}: missing value", missing))
     table = pa.table(typed)
+    carried = {c: rows.column(c) for c in keep if c in rows.column_names}
 
     any_bad = np.zeros(n_in, dtype=bool)
     for _, mask in problems:
@@ -104,12 +107,16 @@ def clean_rows(rows: pa.Table, schema: SchemaConfig, data: DataConfig, cfg: Clea
 
     if quarantined:
         table = table.filter(pa.array(~any_bad))
+        carried = {c: v.filter(pa.array(~any_bad)) for c, v in carried.items()}
     duplicates = 0
     if cfg.drop_duplicates:
         dup = _duplicated(table)
         duplicates = int(dup.sum())
         if duplicates:
             table = table.filter(pa.array(~dup))
+            carried = {c: v.filter(pa.array(~dup)) for c, v in carried.items()}
+    for col, values in carried.items():
+        table = table.append_column(col, values)
     report = {"rows_in": n_in, "rows_quarantined": quarantined,
               "duplicates_dropped": duplicates, "rows_out": table.num_rows}
     return Cleaned(rows=table, quarantine=quarantine, report=report)

@@ -78,8 +78,60 @@ def train(params: ParamsOption = Path("params.yaml"),
 
 
 @app.command()
+def monitor(params: ParamsOption = Path("params.yaml"),
+            retrain: Annotated[bool, typer.Option(help="Start the training flow when the policy says so "
+                                                       "(--no-retrain: decide and record only).")] = True,
+            as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False) -> None:
+    """Run the monitoring flow: accept landed batches, measure drift and live metrics, retrain if needed."""
+    from flows.monitoring import monitoring_flow
+
+    result = monitoring_flow(params_path=str(params), trigger="subflow" if retrain else "none")
+    if as_json:
+        typer.echo(json.dumps(result, default=str))
+        return
+    for b in result["batches"]:
+        typer.echo(f"batch {b['file']}: " + (f"accepted ({b['rows']} rows)" if b["accepted"] else f"REJECTED — {b['reason']}"))
+    measured, verdict = result["measured"], result["verdict"]
+    if measured["status"] != "measured":
+        typer.echo(measured["detail"])
+    else:
+        drift, live = measured["drift"], measured["live"]
+        typer.echo(f"champion v{measured['champion']}; window {', '.join(measured['window'])} "
+                   f"({measured['window_rows']} rows); drift share {drift['share']:.0%} "
+                   f"({', '.join(drift['drifted']) or 'no feature'}); prediction drift {drift['prediction_score']:.3f}")
+        if live is not None:
+            champion = measured["champion_metric"]
+            typer.echo(f"live {live['metric']} {live['value']:.4f} on {live['rows']} labelled predictions "
+                       f"(naive baseline {live['baseline']:.4f}, champion's test {live['metric']} "
+                       + (f"{champion:.4f})" if champion is not None else "unknown)"))
+        typer.echo(f"Evidently report: {measured['report']}")
+    typer.echo(f"decision: {verdict['outcome']} — {verdict['reason']}")
+    if result.get("training"):
+        t = result["training"]
+        typer.echo(f"training: v{t.get('version')} {t['outcome']} — {t.get('reason', '')}")
+
+
+@app.command()
+def replay(params: ParamsOption = Path("params.yaml"),
+           workdir: Annotated[Path, typer.Option(help="Scratch directory for the replay (recreated).")] = Path("data/replay"),
+           period: Annotated[str, typer.Option(help="Batch size: month or week.")] = "month",
+           train_months: Annotated[int, typer.Option(help="Months of data the first champion is trained on.")] = 3,
+           periods: Annotated[int | None, typer.Option(help="Stop after this many batches.")] = None,
+           chart: Annotated[Path | None, typer.Option(help="Also copy the timeline PNG here.")] = None) -> None:
+    """Replay 2011: first champion on Jan-Mar, then each later batch served, labelled, monitored, retrained."""
+    from flows.replay import run_replay
+
+    if period not in ("month", "week"):
+        raise typer.BadParameter(f"--period must be month or week, not {period!r}")
+    frame = run_replay(workdir, params, period, train_months, periods, chart, echo=typer.echo)  # type: ignore[arg-type]
+    retrains = frame[frame["decision"] == "retrain"]
+    typer.echo(f"\n{len(frame)} batches, {len(retrains)} retrains, {int(frame['promoted'].sum())} promotions; "
+               f"timeline: {workdir / 'timeline.png'} and timeline.csv")
+
+
+@app.command()
 def deploy(params: ParamsOption = Path("params.yaml")) -> None:
-    """Serve the scheduled deployments (cron from params.yaml `schedule:`) until stopped."""
+    """Serve the scheduled training and monitoring deployments (cron from `schedule:`) until stopped."""
     from flows.deploy import serve_deployments
 
     serve_deployments(params)

@@ -154,6 +154,31 @@ class TrackingConfig(_Section):
 class ScheduleConfig(_Section):
     timezone: str = "UTC"
     training: str | None = "0 3 * * 1"  # cron
+    monitoring: str | None = "0 * * * *"  # cron
+
+
+class MonitorConfig(_Section):
+    # Where new batches land (CSV or Parquet files); default: <paths.data>/landing.
+    landing: Path | None = None
+    # A column of labelled batches that names the served prediction each row answers
+    # (the X-Request-ID of /predict, "<id>-<i>" for /predict_batch). Not a feature.
+    id_column: str | None = "request_id"
+    # The window compared with the champion's reference: the latest N accepted batches.
+    window_batches: int = Field(1, ge=1)
+    # Retrain when at least this share of the features drift (Evidently's per-column tests)...
+    drift_share: float = Field(0.5, gt=0.0, le=1.0)
+    # ... or when the served predictions' live metric is this much worse (relative) than
+    # the champion's test metric, once ground truth has arrived for them.
+    max_degradation: float = Field(0.25, gt=0.0)
+    # ... and only with at least this many rows the last training did not see, and not
+    # within cooldown_hours of the last retrain the monitor started.
+    min_new_rows: int = Field(100, ge=0)
+    cooldown_hours: float = Field(24.0, ge=0.0)
+    # The champion's training rows kept as the drift reference (a seeded sample above this).
+    reference_rows: int = Field(200_000, ge=100)
+    # After a retrain, record the new data version in dvc.lock and the DVC cache
+    # (`dvc commit`), when loopline runs in the DVC workspace of this params file.
+    dvc_commit: bool = True
 
 
 class ServeConfig(_Section):
@@ -190,6 +215,7 @@ class Params(_Section):
     tracking: TrackingConfig = TrackingConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     serve: ServeConfig = ServeConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
     @property
     def metric(self) -> tuple[str, bool]:
@@ -229,6 +255,9 @@ class Params(_Section):
                 raise ValueError(f"split.order_by names {col!r}, which is not in schema.columns")
         if not self.features.columns:
             raise ValueError("features lists no columns")
+        if self.monitor.id_column is not None and self.monitor.id_column in cols:
+            raise ValueError(f"monitor.id_column {self.monitor.id_column!r} is also in schema.columns; "
+                             "an identifier is not data")
         metric = self.promotion.metric
         valid = {"regression": ["rmse", "mae", "r2"],
                  "classification": ["accuracy", "precision", "recall", "f1", "roc_auc"]}[self.data.task]

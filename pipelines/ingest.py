@@ -25,7 +25,7 @@ SNIFF_BYTES = 1 << 16
 
 @dataclass(frozen=True)
 class Ingested:
-    rows: pa.Table  # schema columns only, every one as text (null where empty)
+    rows: pa.Table  # schema columns (and `keep` ones), every one as text (null where empty)
     quarantine: pd.DataFrame  # columns: line, reason
 
 
@@ -67,7 +67,8 @@ def _read_header(path: Path) -> list[str]:
     return header
 
 
-def _check_columns(path: Path, header: list[str], schema: SchemaConfig, data: DataConfig) -> None:
+def check_columns(path: Path, header: list[str], schema: SchemaConfig, data: DataConfig,
+                  keep: tuple[str, ...] = ()) -> None:
     if data.target not in header:
         raise _fail(path, f"the target column {data.target!r} (data.target) is missing; "
                           f"the file has columns {header}")
@@ -75,18 +76,19 @@ def _check_columns(path: Path, header: list[str], schema: SchemaConfig, data: Da
     if missing:
         raise _fail(path, f"column(s) {missing} required by schema.columns are missing; "
                           f"the file has columns {header}")
-    extra = [c for c in header if c not in schema.columns and c not in data.drop_columns]
+    extra = [c for c in header if c not in schema.columns and c not in data.drop_columns and c not in keep]
     if extra:
         raise _fail(path, f"column(s) {extra} are neither in schema.columns nor in data.drop_columns; "
                           "declare them in one of the two")
 
 
-def read_source(path: str | Path, schema: SchemaConfig, data: DataConfig) -> Ingested:
+def read_source(path: str | Path, schema: SchemaConfig, data: DataConfig, keep: tuple[str, ...] = ()) -> Ingested:
+    """`keep`: further columns (such as a request id) read as text beside the schema's."""
     path = Path(path)
     if not path.is_file():
         raise _fail(path, "no such file (data.source)")
     header = _read_header(path)
-    _check_columns(path, header, schema, data)
+    check_columns(path, header, schema, data, keep)
 
     bad_rows: list[dict[str, object]] = []
 
@@ -103,7 +105,7 @@ def read_source(path: str | Path, schema: SchemaConfig, data: DataConfig) -> Ing
             parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid_row),
             convert_options=pacsv.ConvertOptions(
                 column_types={c: pa.string() for c in header},
-                include_columns=list(schema.columns),
+                include_columns=list(schema.columns) + [c for c in keep if c in header],
                 strings_can_be_null=True,
             ),
         )

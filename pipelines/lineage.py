@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,12 +67,24 @@ def dvc_stage(stage: str, params: Params, dvc_yaml: str | Path = "dvc.yaml") -> 
                      params=list(entry.get("params", [])), outs=outs)
 
 
+def path_md5(path: Path) -> str:
+    """md5 of a file, or of a directory's file names and contents ('missing' if neither)."""
+    if path.is_file():
+        return file_md5(path)
+    if path.is_dir():
+        digest = hashlib.md5()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{f.relative_to(path)}:{file_md5(f)}\n".encode())
+        return digest.hexdigest()
+    return "missing"
+
+
 def fingerprint(deps: list[Path], param_keys: list[str], params: Params, salt: str = "") -> str:
-    """A hash of the input files' bytes and the named params values."""
+    """A hash of the input files' bytes (directories: every file below) and the named params values."""
     tree = _params_tree(params)
     digest = hashlib.sha256(salt.encode())
     for dep in deps:
-        digest.update(f"{dep}:{file_md5(dep) if dep.is_file() else 'missing'}\n".encode())
+        digest.update(f"{dep}:{path_md5(dep)}\n".encode())
     for key in param_keys:
         digest.update(f"{key}={json.dumps(_lookup(tree, key), sort_keys=True)}\n".encode())
     return digest.hexdigest()
@@ -109,3 +122,22 @@ def dvc_lock_md5(path: Path, dvc_lock: str | Path = "dvc.lock") -> str | None:
             if Path(out["path"]) == path:
                 return out.get("md5")
     return None
+
+
+def commit_data_version(params_path: str | Path, stage_names: list[str], dataset: Path,
+                        root: Path | None = None) -> str:
+    """Record the named stages' current outputs in dvc.lock and the DVC cache, so the data
+    version is pinned and `dvc push` keeps it; reports the md5 dvc.lock now has for `dataset`. Only in the DVC workspace whose dvc.yaml reads
+    this params file (params.yaml at the root); elsewhere it says why it did nothing."""
+    root = root or Path.cwd()
+    if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
+        return f"not recorded: {root} is not a DVC workspace"
+    if Path(params_path).resolve() != (root / "params.yaml").resolve():
+        return f"not recorded: dvc.yaml reads {root / 'params.yaml'}, not {params_path}"
+    dvc = Path(sys.executable).with_name("dvc")
+    proc = subprocess.run([str(dvc) if dvc.is_file() else "dvc", "commit", "--force", "--quiet", *stage_names],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise LooplineError("lineage", f"dvc commit {' '.join(stage_names)} failed: "
+                                       f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+    return f"recorded in dvc.lock: {dataset} md5 {dvc_lock_md5(dataset, root / 'dvc.lock')}"

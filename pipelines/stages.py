@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config import Params
@@ -27,10 +28,25 @@ class Layout:
 
     data: Path
     models: Path
+    landing: Path
 
     @classmethod
     def of(cls, params: Params) -> Layout:
-        return cls(data=params.paths.data, models=params.paths.models)
+        return cls(data=params.paths.data, models=params.paths.models,
+                   landing=params.monitor.landing or params.paths.data / "landing")
+
+    @property
+    def arrivals(self) -> Path:
+        """Accepted batches, one Parquet file each (text columns, as ingest reads them)."""
+        return self.data / "arrivals"
+
+    @property
+    def rejected(self) -> Path:
+        return self.landing / "rejected"
+
+    @property
+    def monitoring(self) -> Path:
+        return self.data / "monitoring"
 
     @property
     def ingested(self) -> Path:
@@ -88,13 +104,20 @@ def read_split(params: Params, name: str, stage: str = "train") -> pd.DataFrame:
 
 
 def ingest(params: Params) -> dict[str, Any]:
+    """The source file plus every accepted batch in arrivals/, as one text table."""
+    from pipelines.arrivals import arrival_files, read_arrivals
     from pipelines.ingest import read_source
 
     layout = Layout.of(params)
     result = read_source(params.data.source, params.table_schema, params.data)
-    write_parquet(result.rows, layout.ingested)
+    batches = arrival_files(layout.arrivals)
+    rows = result.rows
+    if batches:
+        rows = pa.concat_tables([rows, read_arrivals(batches, list(params.table_schema.columns))])
+    write_parquet(rows, layout.ingested)
     write_csv(result.quarantine, layout.ingest_quarantine)
-    return {"source": str(params.data.source), "rows": result.rows.num_rows,
+    return {"source": str(params.data.source), "rows": rows.num_rows, "arrival_batches": len(batches),
+            "last_arrival": batches[-1].name if batches else "none",
             "rows_quarantined": len(result.quarantine)}
 
 

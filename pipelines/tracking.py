@@ -28,8 +28,13 @@ def tracking_uri(params: Params) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
 
 
-def client_for(params: Params):
-    """An MlflowClient on the configured store, and the experiment id (created if needed).
+def monitoring_experiment(params: Params) -> str:
+    return f"{params.tracking.experiment}-monitoring"
+
+
+def client_for(params: Params, experiment: str | None = None):
+    """An MlflowClient on the configured store, and the id of `experiment` (default: the
+    training experiment), created if needed.
 
     The first use of a SQLite store creates and migrates its tables; two processes doing
     that at once collide, so it happens under the registry's file lock."""
@@ -40,10 +45,10 @@ def client_for(params: Params):
     uri = tracking_uri(params)
     with registry_lock(uri):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        name = params.tracking.experiment
-        experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            return client, experiment.experiment_id
+        name = experiment or params.tracking.experiment
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            return client, found.experiment_id
         return client, client.create_experiment(
             name, artifact_location=Path(params.tracking.artifact_root).resolve().as_uri())
 

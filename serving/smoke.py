@@ -28,6 +28,12 @@ def post(url: str, body: dict, timeout: float = 10) -> dict:
         return json.loads(response.read())
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -50,9 +56,7 @@ def main() -> None:
     params = load_params(args.params)
     tag, model_tag, version = build_bento(params)
     print(f"packaged {params.tracking.model_name} v{version} as Bento {tag} (model {model_tag})")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     loopline = str(Path(sys.executable).with_name("loopline"))
     proc = subprocess.Popen([loopline, "serve", "--params", args.params, "--bento", tag, "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
+
+from serving.smoke import free_port  # noqa: E402,F401  (re-exported for tests and bench)
 
 
 def raw_params(name: str = "params.yaml") -> dict:
@@ -81,12 +82,6 @@ def params_of():
     from pipelines.config import load_params
 
     return load_params
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:

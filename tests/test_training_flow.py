@@ -298,36 +298,60 @@ def test_two_concurrent_trainings_cannot_both_become_champion(prefect_api, tmp_p
     assert champion(client) in {"1", "2"}
 
 
-def test_deploy_serves_scheduled_training_on_a_real_server(prefect_api, tmp_path):
+def test_deploy_serves_scheduled_training_and_monitoring_on_a_real_server(prefect_api, tmp_path):
+    """Both deployments registered with their crons; a monitoring run on a drifted batch
+    starts the training deployment, which registers a new version."""
     import asyncio
 
+    import pandas as pd
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
+    from conftest import BIKESHARE
+
     params = flow_params(tmp_path, bikeshare_sample(tmp_path),
                          search={"families": ["linear"], "n_trials": 0},
-                         schedule={"training": "15 4 * * 2", "timezone": "UTC"})
+                         schedule={"training": "15 4 * * 2", "monitoring": "30 * * * *", "timezone": "UTC"})
     proc = subprocess.Popen([venv_bin("loopline"), "deploy", "--params", str(params)], cwd=REPO,
                             env=_env(prefect_api), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        async def deployment():
+        async def deployment(name: str):
             async with get_client() as client:
-                return await client.read_deployment_by_name("training/scheduled-training")
+                return await client.read_deployment_by_name(name)
 
         deadline = time.monotonic() + 120
-        dep = None
-        while dep is None and time.monotonic() < deadline:
+        deps: dict = {}
+        while len(deps) < 2 and time.monotonic() < deadline:
             assert proc.poll() is None, "loopline deploy exited"
             try:
-                dep = asyncio.run(deployment())
+                deps = {n: asyncio.run(deployment(n)) for n in ("training/scheduled-training",
+                                                                 "monitoring/scheduled-monitoring")}
             except Exception:
                 time.sleep(1)
-        assert dep is not None, "deployment never appeared"
-        assert [s.schedule.cron for s in dep.schedules] == ["15 4 * * 2"]
-        assert dep.parameters["params_path"] == str(params)
+        assert len(deps) == 2, "deployments never appeared"
+        training, monitoring = deps["training/scheduled-training"], deps["monitoring/scheduled-monitoring"]
+        assert [s.schedule.cron for s in training.schedules] == ["15 4 * * 2"]
+        assert [s.schedule.cron for s in monitoring.schedules] == ["30 * * * *"]
+        assert training.parameters["params_path"] == str(params)
+        assert monitoring.parameters == {"params_path": str(params), "trigger": "deployment"}
         run = run_deployment("training/scheduled-training", timeout=300)
         assert run.state.is_completed(), run.state
         assert champion(client_of(tmp_path)) == "1"
+
+        july = pd.read_csv(BIKESHARE).query("mnth == 'July'").head(400)
+        (tmp_path / "data" / "landing").mkdir(parents=True)
+        july.assign(request_id=[f"july-{i}" for i in range(len(july))]).to_csv(
+            tmp_path / "data" / "landing" / "july.csv", index=False)
+        run = run_deployment("monitoring/scheduled-monitoring", timeout=300)
+        assert run.state.is_completed(), run.state
+        deadline = time.monotonic() + 240  # the training deployment it started runs in `loopline deploy`
+        while len(client_of(tmp_path).search_model_versions("name='bikes'")) < 2:
+            assert time.monotonic() < deadline, "the retrain started by monitoring never registered a version"
+            time.sleep(2)
+        monitoring_runs = client_of(tmp_path).search_runs(
+            [client_of(tmp_path).get_experiment_by_name("test-bikes-monitoring").experiment_id])
+        assert [r.data.tags["loopline.decision"] for r in monitoring_runs] == ["retrain"]
+        assert monitoring_runs[0].data.tags["loopline.training_outcome"] == "started"
     finally:
         stop(proc)

@@ -1,0 +1,233 @@
+"""`loopline replay`: the closed loop replayed over 2011 of the Bikeshare data.
+
+The first champion is trained on the first months; every later period (a month or a week)
+then goes through the loop as it would in production:
+
+1. its rows are sent to a real `loopline serve` process (POST /predict_batch), which logs
+   each prediction under a request id;
+2. the same rows, now with the observed demand and the request ids, land as a batch file;
+3. the monitoring flow accepts the batch, measures drift and the served predictions' live
+   error, and retrains (promoting only a better model) when the policy says so;
+4. a promotion reaches the service through its registry poll (the replay asks it to check
+   at once with POST /admin/reload, so the next period is served by the new champion).
+
+Everything lives in its own work directory (params, data, MLflow store); the timeline ends
+as a CSV and a PNG chart, also logged to the monitoring experiment in MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from datetime import date, datetime, time, timedelta, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import yaml
+
+from pipelines.errors import LooplineError
+
+MARKER = ".loopline-replay"
+Period = Literal["month", "week"]
+YEAR = 2011
+
+
+def _day_of_year(day: int) -> date:
+    return date(YEAR, 1, 1) + timedelta(days=int(day) - 1)
+
+
+def split_periods(frame: pd.DataFrame, train_months: int, period: Period) -> tuple[pd.DataFrame, list[tuple[str, pd.DataFrame]]]:
+    """The first `train_months` months, and the rest cut into months or weeks (in time order)."""
+    months = pd.to_datetime([_day_of_year(d) for d in frame["day"]]).month
+    initial = frame[months <= train_months]
+    rest = frame[months > train_months]
+    if period == "month":
+        keys = months[months > train_months]
+        labels = {k: f"{YEAR}-{k:02d}" for k in keys.unique()}
+    else:
+        keys = (rest["day"].to_numpy() - 1) // 7
+        labels = {k: f"{YEAR}-W{k + 1:02d}" for k in pd.unique(keys)}
+    return initial, [(labels[k], part) for k, part in rest.groupby(keys, sort=True)]
+
+
+def replay_params(base: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """The project's params, pointed at the work directory, with a quick candidate search
+    (a replay trains many times) and a service that checks the registry every second."""
+    raw = json.loads(json.dumps(base))
+    raw["data"]["source"] = str(workdir / "initial.csv")
+    raw["paths"] = {"data": str(workdir / "data"), "models": str(workdir / "models")}
+    raw["tracking"] = {"uri": f"sqlite:///{workdir / 'mlflow.db'}", "artifact_root": str(workdir / "mlruns"),
+                       "experiment": "replay-2011", "model_name": "replay-bikeshare"}
+    raw["search"] = {"families": ["linear", "hist_gradient_boosting"], "n_trials": 0}
+    raw.setdefault("serve", {})["reload_interval_s"] = 1.0
+    return raw
+
+
+def _post(url: str, body: Any, request_id: str, timeout: float = 60) -> dict[str, Any]:
+    request = urllib.request.Request(url, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json", "X-Request-ID": request_id})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def serve_period(url: str, rows: pd.DataFrame, label: str, params, chunk: int) -> list[str]:
+    """Predict the period's rows through the service; returns each row's request id."""
+    from serving.schema import request_records
+
+    records = request_records(rows, params)
+    ids: list[str] = []
+    for start in range(0, len(records), chunk):
+        answer = _post(f"{url}/predict_batch", {"records": records[start:start + chunk]}, f"{label}.{start}")
+        ids += answer["request_ids"]
+    return ids
+
+
+def _fresh_workdir(workdir: Path) -> None:
+    if workdir.exists():
+        if not (workdir / MARKER).is_file():
+            raise LooplineError("replay", f"{workdir} exists and is not a replay work directory; "
+                                          "choose another --workdir")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    (workdir / MARKER).write_text("created by loopline replay; deleted by the next replay\n")
+
+
+def run_replay(workdir: Path, params_path: str | Path = "params.yaml", period: Period = "month",
+               train_months: int = 3, periods: int | None = None, chart: Path | None = None,
+               echo=print) -> pd.DataFrame:
+    """Run the replay; returns the timeline (one row per period)."""
+    from flows.monitoring import monitoring_flow
+    from flows.training import training_flow
+    from pipelines.config import load_params
+    from serving.smoke import free_port, wait_ready
+
+    workdir = Path(workdir).resolve()
+    base = yaml.safe_load(Path(params_path).read_text())
+    data = pd.read_csv(base["data"]["source"])
+    initial, batches = split_periods(data, train_months, period)
+    batches = batches[:periods] if periods else batches
+    _fresh_workdir(workdir)
+    initial.to_csv(workdir / "initial.csv", index=False)
+    replay_path = workdir / "params.yaml"
+    replay_path.write_text(yaml.safe_dump(replay_params(base, workdir), sort_keys=False))
+    params = load_params(replay_path)
+    from pipelines.stages import Layout
+
+    layout = Layout.of(params)
+    metric, _ = params.metric
+
+    echo(f"replay: first champion on {len(initial)} rows (months 1-{train_months}); "
+         f"{len(batches)} {period}ly batches to follow; work directory {workdir}")
+    first = training_flow(params_path=str(replay_path))
+    echo(f"  v{first['decision']['version']} {first['decision']['outcome']}: test {metric} "
+         f"{first['trained']['test'][metric]:.2f}")
+    port = free_port()
+    log = open(workdir / "serve.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("loopline")), "serve", "--params", str(replay_path),
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"})
+    url = f"http://127.0.0.1:{port}"
+    timeline: list[dict[str, Any]] = []
+    try:
+        wait_ready(url, proc)
+        for label, rows in batches:
+            ids = serve_period(url, rows, label, params, params.serve.max_batch_records)
+            layout.landing.mkdir(parents=True, exist_ok=True)
+            rows.assign(**{params.monitor.id_column: ids}).to_csv(layout.landing / f"{label}.csv", index=False)
+            end = datetime.combine(_day_of_year(rows["day"].max()), time(23, 59), timezone.utc)
+            result = monitoring_flow(params_path=str(replay_path), now=end.isoformat())
+            timeline.append(_timeline_row(label, len(rows), result))
+            training = result.get("training") or {}
+            if training.get("promoted"):
+                _post(f"{url}/admin/reload", {}, f"{label}.reload")
+            row = timeline[-1]
+            echo(f"  {label}: served v{row['served_version']}, live {metric} {row['live']:.1f} "
+                 f"(naive {row['baseline']:.1f}), drift {row['drift_share']:.0%} -> {row['decision']}"
+                 + (f"; v{training['version']} {training['outcome']}" if training else ""))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    frame = pd.DataFrame(timeline)
+    frame.to_csv(workdir / "timeline.csv", index=False)
+    figure = timeline_figure(frame, metric, params.monitor.drift_share)
+    png = workdir / "timeline.png"
+    figure.savefig(png, dpi=120, bbox_inches="tight")
+    if chart is not None:  # the PNG and the timeline CSV beside it
+        Path(chart).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, chart)
+        shutil.copyfile(workdir / "timeline.csv", Path(chart).with_suffix(".csv"))
+    _log_replay(params, frame, png)
+    return frame
+
+
+def _timeline_row(label: str, rows: int, result: dict[str, Any]) -> dict[str, Any]:
+    measured, training = result["measured"], result.get("training") or {}
+    live = measured.get("live") or {}
+    served = live.get("served_versions", {})
+    return {"period": label, "rows": rows, "served_version": "/".join(sorted(served, key=int)) or "none",
+            "live": live.get("value", float("nan")), "baseline": live.get("baseline", float("nan")),
+            "champion_test": measured.get("champion_metric"), "drift_share": measured["drift"]["share"],
+            "drifted": " ".join(measured["drift"]["drifted"]),
+            "prediction_drift": measured["drift"]["prediction_score"],
+            "decision": result["verdict"]["outcome"], "reason": result["verdict"]["reason"],
+            "retrained_version": training.get("version") or "", "promoted": bool(training.get("promoted")),
+            "monitoring_seconds": measured.get("seconds")}
+
+
+def timeline_figure(frame: pd.DataFrame, metric: str, drift_threshold: float):
+    """Live error of the serving model and the naive baseline per period above, drift share
+    below; a dotted line after a period marks a retrain (green: promoted, grey: the champion
+    stayed), so the next period is served by the version named there."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = range(len(frame))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, height_ratios=[2.2, 1])
+    top.plot(x, frame["live"], "o-", color="#1f77b4", label=f"live {metric} of the served model")
+    top.plot(x, frame["baseline"], "s--", color="#999999", label=f"naive baseline {metric} (training mean)")
+    top.step(x, frame["champion_test"], where="mid", color="#ff7f0e", alpha=0.8,
+             label=f"serving champion's test {metric}")
+    for i, row in frame.iterrows():
+        top.annotate(f"v{row['served_version']}", (i, row["live"]), textcoords="offset points", xytext=(0, 7),
+                     ha="center", fontsize=8)
+        if row["decision"] == "retrain":
+            for ax in (top, bottom):
+                ax.axvline(i + 0.5, color="#2ca02c" if row["promoted"] else "#7f7f7f", linestyle=":", linewidth=1.5)
+            top.annotate(f"v{row['retrained_version']} " + ("promoted" if row["promoted"] else "not better"),
+                         (i + 0.5, top.get_ylim()[0]), fontsize=7, rotation=90, va="bottom", ha="right",
+                         color="#2ca02c" if row["promoted"] else "#7f7f7f")
+    top.set_ylabel(f"{metric} (bikers per hour)")
+    top.legend(loc="upper right", fontsize=8)
+    top.set_title("loopline replay of 2011: serving, monitoring and retraining")
+    bottom.bar(x, frame["drift_share"], color="#d62728", alpha=0.7, label="share of drifted features (Evidently)")
+    bottom.axhline(drift_threshold, color="black", linewidth=0.8, linestyle="--", label="monitor.drift_share")
+    bottom.set_ylim(0, 1)
+    bottom.set_ylabel("drift share")
+    bottom.legend(loc="upper left", fontsize=8)
+    bottom.set_xticks(list(x), frame["period"], rotation=45 if len(frame) > 12 else 0, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _log_replay(params, frame: pd.DataFrame, png: Path) -> None:
+    from pipelines.tracking import client_for, log_dict_batch, monitoring_experiment
+
+    client, experiment_id = client_for(params, monitoring_experiment(params))
+    run = client.create_run(experiment_id, run_name="replay-timeline", tags={"loopline.replay": "timeline"})
+    log_dict_batch(client, run.info.run_id, metrics={
+        "periods": len(frame), "retrains": int((frame["decision"] == "retrain").sum()),
+        "promotions": int(frame["promoted"].sum())})
+    client.log_artifact(run.info.run_id, str(png), "replay")
+    client.log_artifact(run.info.run_id, str(png.with_name("timeline.csv")), "replay")
+    client.set_terminated(run.info.run_id)

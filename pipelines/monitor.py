@@ -1,0 +1,161 @@
+"""Monitoring measurements and the retraining decision, as plain functions.
+
+Drift is Evidently 0.7's: its DataDriftPreset picks a test per column (by type and size) and
+its per-column tests say which features drifted; a ValueDrift on the model's predictions
+measures prediction drift. The live metric compares the predictions the service actually
+returned (the prediction log) with ground truth that arrived later, joined by request id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipelines.config import MonitorConfig, Params
+from pipelines.errors import LooplineError
+
+STAGE = "monitor"
+PREDICTION = "prediction"
+
+
+@dataclass(frozen=True)
+class Drift:
+    share: float  # share of features Evidently finds drifted
+    drifted: list[str]
+    scores: dict[str, float]  # per feature: the score of the test Evidently chose
+    methods: dict[str, str]
+    prediction_score: float
+    prediction_drifted: bool
+    html: str = field(repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "html"}
+
+
+def _evidently_frame(df: pd.DataFrame, columns: list[str], categorical: list[str]) -> pd.DataFrame:
+    out = df[columns].copy()
+    for col in categorical:  # labels as plain strings; codes such as season=1 are labels too
+        out[col] = out[col].astype("string").astype(object)
+    return out
+
+
+def measure_drift(reference: pd.DataFrame, current: pd.DataFrame, params: Params) -> Drift:
+    """Per-feature drift and prediction drift of `current` against `reference`; both frames
+    hold the feature columns and a `prediction` column."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
+    from evidently.presets import DataDriftPreset
+
+    if current.empty or reference.empty:
+        raise LooplineError(STAGE, f"cannot measure drift: {'current' if current.empty else 'reference'} "
+                                   "window has no rows")
+    features = params.features.columns
+    schema = params.table_schema.columns
+    categorical = [c for c in features if c in params.features.categorical or schema[c].type == "category"]
+    if params.data.task == "classification":
+        categorical.append(PREDICTION)
+    numerical = [c for c in [*features, PREDICTION] if c not in categorical]
+    definition = DataDefinition(numerical_columns=numerical, categorical_columns=categorical)
+    columns = [*features, PREDICTION]
+    report = Report([DataDriftPreset(columns=features, drift_share=params.monitor.drift_share),
+                     ValueDrift(column=PREDICTION)], include_tests=True)
+    snapshot = report.run(
+        reference_data=Dataset.from_pandas(_evidently_frame(reference, columns, categorical), data_definition=definition),
+        current_data=Dataset.from_pandas(_evidently_frame(current, columns, categorical), data_definition=definition))
+    result = snapshot.dict()
+    scores, methods, metric_column = {}, {}, {}
+    share = None
+    for metric in result["metrics"]:
+        config = metric["config"]
+        if config["type"].endswith(":ValueDrift"):
+            scores[config["column"]] = float(metric["value"])
+            methods[config["column"]] = config["method"]
+            metric_column[metric["id"]] = config["column"]
+        elif config["type"].endswith(":DriftedColumnsCount"):
+            share = float(metric["value"]["share"])
+    drifted = {metric_column[t["metric_config"]["metric_id"]] for t in result["tests"]
+               if t["metric_config"]["metric_id"] in metric_column and str(t["status"]).endswith("FAIL")}
+    if share is None:
+        raise LooplineError(STAGE, "Evidently returned no drifted-columns share")
+    return Drift(share=share, drifted=[c for c in features if c in drifted],
+                 scores={c: scores[c] for c in features}, methods={c: methods[c] for c in features},
+                 prediction_score=scores[PREDICTION], prediction_drifted=PREDICTION in drifted,
+                 html=snapshot.get_html_str(as_iframe=False))
+
+
+def live_metrics(window: pd.DataFrame, log: pd.DataFrame, params: Params, baseline: float | str) -> dict[str, Any] | None:
+    """The served predictions' metric on the window's ground truth, and the naive baseline's,
+    for the rows whose request id is in the prediction log (None when none is)."""
+    from pipelines.evaluate import classification_metrics, regression_metrics
+
+    id_column, target = params.monitor.id_column, params.data.target
+    if id_column is None or id_column not in window or log.empty:
+        return None
+    served = log.drop_duplicates("request_id", keep="last")  # a retried request: the answer last given
+    joined = window[[id_column, target]].dropna().merge(served, left_on=id_column, right_on="request_id")
+    if joined.empty:
+        return None
+    metric, _ = params.metric
+    if params.data.task == "regression":
+        y = joined[target].to_numpy(dtype="float64")
+        live = regression_metrics(y, joined[PREDICTION].to_numpy(dtype="float64"))
+        base = regression_metrics(y, np.full_like(y, float(baseline)))
+    else:
+        y = joined[target].astype(str).to_numpy()
+        classes = sorted(set(y) | set(joined[PREDICTION].astype(str)))
+        live = classification_metrics(y, joined[PREDICTION].astype(str).to_numpy(), None, classes)
+        base = classification_metrics(y, np.full(len(y), str(baseline), dtype=object), None, classes)
+    versions = joined["model_version"].astype(str).value_counts()
+    return {"rows": len(joined), "metric": metric, "value": live[metric], "baseline": base[metric],
+            "served_versions": {str(v): int(n) for v, n in versions.items()}}
+
+
+def degradation(live: float, reference: float, higher_is_better: bool) -> float:
+    """How much worse `live` is than `reference`, relative (0.2 = 20% worse; negative: better)."""
+    if reference == 0:
+        return 0.0 if live == reference else float("inf")
+    change = (live - reference) / abs(reference)
+    return -change if higher_is_better else change
+
+
+@dataclass(frozen=True)
+class Verdict:
+    retrain: bool
+    triggers: list[str]  # thresholds crossed
+    held_back: list[str]  # why not now, although a threshold was crossed
+
+    @property
+    def outcome(self) -> str:
+        return "retrain" if self.retrain else ("held back" if self.triggers else "no action")
+
+    def reason(self) -> str:
+        if not self.triggers:
+            return "no threshold crossed"
+        return "; ".join(self.triggers) + ("" if self.retrain else " — but " + "; ".join(self.held_back))
+
+
+def decide(cfg: MonitorConfig, drift: Drift | None, live: dict[str, Any] | None, champion_metric: float | None,
+           higher_is_better: bool, new_rows: int, last_retrain: datetime | None, now: datetime) -> Verdict:
+    """The retraining policy of `monitor:` applied to one monitoring run's measurements."""
+    triggers: list[str] = []
+    if drift is not None and drift.share >= cfg.drift_share:
+        triggers.append(f"{len(drift.drifted)} of {len(drift.scores)} features drifted ({drift.share:.0%} ≥ "
+                        f"monitor.drift_share {cfg.drift_share:.0%}: {', '.join(drift.drifted)})")
+    if live is not None and champion_metric is not None:
+        worse = degradation(live["value"], champion_metric, higher_is_better)
+        if worse >= cfg.max_degradation:
+            triggers.append(f"live {live['metric']} {live['value']:.4g} on {live['rows']} labelled predictions is "
+                            f"{worse:.0%} worse than the champion's test {live['metric']} {champion_metric:.4g} "
+                            f"(monitor.max_degradation {cfg.max_degradation:.0%})")
+    held: list[str] = []
+    if new_rows < cfg.min_new_rows:
+        held.append(f"only {new_rows} rows arrived since the last training (monitor.min_new_rows {cfg.min_new_rows})")
+    if last_retrain is not None and now - last_retrain < timedelta(hours=cfg.cooldown_hours):
+        held.append(f"cooling down: last retrain at {last_retrain.isoformat()}, next allowed after "
+                    f"{(last_retrain + timedelta(hours=cfg.cooldown_hours)).isoformat()} "
+                    f"(monitor.cooldown_hours {cfg.cooldown_hours:g})")
+    return Verdict(retrain=bool(triggers) and not held, triggers=triggers, held_back=held if triggers else [])

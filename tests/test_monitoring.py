@@ -1,0 +1,235 @@
+"""The monitoring flow in a real DVC + git workspace, against a real Prefect server and a
+SQLite-backed MLflow: no drift, injected drift, an invalid batch, cooldown, a worse retrain,
+and a reduced replay through a real `loopline serve` process.
+
+The tests of the workspace run in file order: each lands a batch on what the previous left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import BIKESHARE, REPO, raw_params
+
+pytestmark = pytest.mark.slow
+
+SOURCE_ROWS = 2000  # January to late March
+SEARCH = {"families": ["linear", "hist_gradient_boosting"], "n_trials": 0}
+
+
+def sh(*args: str, cwd: Path) -> str:
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def write_workspace_params(root: Path, **sections) -> None:
+    raw = raw_params()
+    raw["data"]["source"] = "source.csv"
+    raw["paths"] = {"data": "data", "models": "models"}
+    raw["tracking"] = {"uri": "sqlite:///mlflow.db", "artifact_root": "mlruns", "experiment": "ws",
+                       "model_name": "bikes"}
+    raw["search"] = SEARCH
+    raw["train"]["hyperparams"]["hist_gradient_boosting"]["max_iter"] = 100
+    for section, values in sections.items():
+        raw[section] = values
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+class Workspace:
+    def __init__(self, root: Path):
+        self.root = root
+        self.full = pd.read_csv(BIKESHARE)
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        uri = f"sqlite:///{self.root}/mlflow.db"
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def versions(self) -> list[str]:
+        return sorted((str(v.version) for v in self.client().search_model_versions("name='bikes'")), key=int)
+
+    def champion(self) -> str | None:
+        from pipelines.registry import CHAMPION, alias_version
+
+        return alias_version(self.client(), "bikes", CHAMPION)
+
+    def land(self, frame: pd.DataFrame, name: str) -> Path:
+        landing = self.root / "data" / "landing"
+        landing.mkdir(parents=True, exist_ok=True)
+        frame = frame.assign(request_id=[f"{name}-{i}" for i in range(len(frame))])
+        path = landing / f"{name}.csv"
+        frame.to_csv(path, index=False)
+        return path
+
+    def monitor(self, now: datetime | None = None) -> dict:
+        from flows.monitoring import monitoring_flow
+
+        with contextlib.chdir(self.root):
+            return monitoring_flow(params_path="params.yaml", now=(now or datetime.now(timezone.utc)).isoformat())
+
+    def reference_like(self, n: int, seed: int) -> pd.DataFrame:
+        """Rows from the hours the champion was trained on (the first 70% of the source)."""
+        return self.full.iloc[: int(SOURCE_ROWS * 0.7)].sample(n, random_state=seed)
+
+    def drifted(self, n: int, seed: int) -> pd.DataFrame:
+        """Winter hours made to look like July: warmer, drier, windier, summer season and month."""
+        rows = self.reference_like(n, seed).copy()
+        rows["temp"] = (rows["temp"] + 0.45).clip(upper=1.0).round(2)
+        rows["atemp"] = (rows["atemp"] + 0.4).clip(upper=1.0).round(4)
+        rows["hum"] = (rows["hum"] - 0.3).clip(lower=0.0).round(2)
+        rows["windspeed"] = (rows["windspeed"] + 0.3).clip(upper=1.0).round(4)
+        rows["season"], rows["mnth"] = 3, "July"
+        rows["bikers"] = rows["bikers"] * 3
+        return rows
+
+
+@pytest.fixture(scope="module")
+def ws(prefect_api, tmp_path_factory) -> Workspace:
+    """A git + DVC workspace with the project's dvc.yaml, a 2,000-hour source and a champion."""
+    from flows.training import training_flow
+
+    root = tmp_path_factory.mktemp("monitoring") / "ws"
+    root.mkdir()
+    shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(REPO / "pipelines", root / "pipelines", ignore=shutil.ignore_patterns("__pycache__", "datasets"))
+    (root / "data" / "arrivals").mkdir(parents=True)
+    shutil.copy2(REPO / "data" / "arrivals" / "README.md", root / "data" / "arrivals" / "README.md")
+    (root / "source.csv").write_text("".join(BIKESHARE.read_text().splitlines(keepends=True)[: SOURCE_ROWS + 1]))
+    write_workspace_params(root)
+    (root / ".gitignore").write_text("/mlflow.db*\n/mlruns/\n/data/landing/\n/data/monitoring/\n")
+    sh("git", "init", "-q", cwd=root)
+    sh(shutil.which("dvc") or str(Path(REPO / ".venv/bin/dvc")), "init", "-q", cwd=root)
+    with contextlib.chdir(root):
+        first = training_flow(params_path="params.yaml", record_data_version=True)
+    assert first["decision"]["promoted"]
+    assert first["data_version"].startswith("recorded in dvc.lock")
+    return Workspace(root)
+
+
+def _lock_md5(root: Path, stage: str, out: str) -> str:
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == out)
+
+
+def test_batch_like_the_reference_does_not_retrain(ws):
+    ws.land(ws.reference_like(400, seed=1), "calm")
+    result = ws.monitor()
+    assert [b["accepted"] for b in result["batches"]] == [True]
+    measured = result["measured"]
+    assert measured["status"] == "measured" and measured["window_rows"] == 400
+    assert measured["drift"]["share"] < 0.5, measured["drift"]
+    assert result["verdict"]["outcome"] == "no action" and "training" not in result
+    assert ws.versions() == ["1"]
+    run = ws.client().get_run(result["mlflow_run_id"])
+    assert run.data.tags["loopline.decision"] == "no action"
+    assert run.data.metrics["drift_share"] == pytest.approx(measured["drift"]["share"])
+    assert {a.path for a in ws.client().list_artifacts(run.info.run_id, "drift")} == {
+        f"drift/{Path(measured['report']).name}"}
+    html = Path(measured["report"]).read_text()
+    assert "Drifted" in html and all(f in html for f in ("temp", "weathersit", "mnth"))
+
+
+def test_invalid_batch_is_rejected_and_reaches_nothing(ws):
+    arrivals = sorted((ws.root / "data" / "arrivals").glob("*.parquet"))
+    bad = ws.drifted(300, seed=2)
+    bad["temp"] = 7.5  # outside the schema's 0..1: the expectation on temp fails
+    ws.land(bad, "broken")
+    result = ws.monitor()
+    [batch] = result["batches"]
+    assert not batch["accepted"] and "temp" in batch["reason"] and "7.5" in batch["reason"]
+    rejected = ws.root / "data" / "landing" / "rejected"
+    assert (rejected / "broken.csv").is_file() and "temp" in (rejected / "broken.csv.reason.txt").read_text()
+    assert not (ws.root / "data" / "landing" / "broken.csv").exists()
+    assert sorted((ws.root / "data" / "arrivals").glob("*.parquet")) == arrivals
+    assert result["measured"]["window"] == [arrivals[-1].name]  # still the calm batch
+    assert result["verdict"]["outcome"] == "no action" and ws.versions() == ["1"]
+
+
+def test_injected_drift_retrains_on_a_new_data_version(ws):
+    before_lock = _lock_md5(ws.root, "ingest", "data/interim/ingested.parquet")
+    champion_run = ws.client().get_run(ws.client().get_model_version("bikes", "1").run_id)
+    ws.land(ws.drifted(400, seed=3), "hot")
+    result = ws.monitor()
+    verdict = result["verdict"]
+    assert verdict["outcome"] == "retrain" and "features drifted" in verdict["reason"], str(result["measured"])
+    training = result["training"]
+    assert {"temp", "atemp", "windspeed", "season", "mnth"} <= set(result["measured"]["drift"]["drifted"])
+    assert training["version"] == "2" and ws.versions() == ["1", "2"]
+    assert training["data_version"].startswith("recorded in dvc.lock")
+    assert _lock_md5(ws.root, "ingest", "data/interim/ingested.parquet") != before_lock
+    new_run = ws.client().get_run(ws.client().get_model_version("bikes", "2").run_id)
+    assert new_run.data.tags["data.ingested_md5"] != champion_run.data.tags["data.ingested_md5"]
+    assert new_run.data.tags["data.last_arrival"] == result["measured"]["window"][0]
+    assert new_run.data.tags["data.arrival_batches"] == "2"
+    tags = ws.client().get_run(result["mlflow_run_id"]).data.tags
+    assert tags["loopline.decision"] == "retrain" and tags["loopline.training_version"] == "2"
+
+
+def test_cooldown_holds_back_the_next_retrain(ws):
+    versions = ws.versions()
+    ws.land(ws.drifted(400, seed=4), "hot-again")
+    result = ws.monitor(now=datetime.now(timezone.utc) + timedelta(hours=1))
+    verdict = result["verdict"]
+    assert verdict["outcome"] == "held back" and verdict["triggers"]
+    assert any("cooling down" in h for h in verdict["held_back"])
+    assert "training" not in result and ws.versions() == versions
+
+
+def test_worse_retrain_leaves_the_champion(ws):
+    champion = ws.champion()
+    write_workspace_params(ws.root, search={"families": ["linear"], "n_trials": 0})
+    ws.land(ws.drifted(400, seed=5), "hot-third")
+    result = ws.monitor(now=datetime.now(timezone.utc) + timedelta(days=2))  # past the cooldown
+    training = result["training"]
+    assert result["verdict"]["outcome"] == "retrain"
+    assert training["outcome"] == "kept the champion" and not training["promoted"]
+    assert "does not beat" in training["reason"], training["reason"]
+    assert ws.champion() == champion and training["version"] not in (champion, None)
+    tags = ws.client().get_run(result["mlflow_run_id"]).data.tags
+    assert tags["loopline.training_outcome"] == "kept the champion"
+
+
+def test_monitor_command_reports_batches_drift_and_decision(ws, capsys):
+    from conftest import run_cli
+
+    ws.land(ws.reference_like(300, seed=6), "calm-again")
+    with contextlib.chdir(ws.root):
+        code, out, err = run_cli("monitor", "--params", "params.yaml", "--no-retrain", capsys=capsys)
+    assert code == 0, err
+    assert "batch calm-again.csv: accepted (300 rows)" in out
+    assert "drift share" in out and "Evidently report:" in out and "decision: " in out
+    assert "training:" not in out
+
+
+def test_reduced_replay_switches_the_served_model(prefect_api, tmp_path, monkeypatch):
+    """Jan-Mar champion, then April and May through a real service, monitoring and retraining."""
+    from flows.replay import run_replay
+    from pipelines.config import load_params
+    from pipelines.stages import Layout
+    from serving.runtime import read_prediction_log
+
+    monkeypatch.chdir(REPO)  # `loopline serve` imports serving.service from here
+    workdir = tmp_path / "replay"
+    chart = tmp_path / "chart.png"
+    timeline = run_replay(workdir, REPO / "params.yaml", "month", train_months=3, periods=2, chart=chart,
+                          echo=lambda s: None)
+    assert list(timeline["period"]) == ["2011-04", "2011-05"]
+    april, may = timeline.iloc[0], timeline.iloc[1]
+    assert april["served_version"] == "1" and april["live"] > 0 and april["baseline"] > april["live"]
+    assert april["decision"] == "retrain" and april["promoted"]  # spring: drifted and worse than in March
+    assert may["served_version"] == april["retrained_version"]  # the service switched without a restart
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (workdir / "timeline.csv").is_file()
+    params = load_params(workdir / "params.yaml")
+    log = read_prediction_log(Layout.of(params).prediction_log, [])
+    assert set(log["model_version"].astype(str)) == {"1", april["retrained_version"]}
+    assert len(log) == int(timeline["rows"].sum())

@@ -1,0 +1,134 @@
+"""Arrivals, drift, live metrics and the retraining policy, without servers."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import BIKESHARE, bikeshare_sample, write_params
+from pipelines.config import MonitorConfig, load_params
+from pipelines.monitor import Drift, decide, degradation, live_metrics, measure_drift
+
+NOW = datetime(2011, 6, 1, tzinfo=timezone.utc)
+
+
+def _drift(share: float, n: int = 10) -> Drift:
+    drifted = [f"f{i}" for i in range(round(share * n))]
+    return Drift(share=share, drifted=drifted, scores={f"f{i}": 0.0 for i in range(n)}, methods={},
+                 prediction_score=0.0, prediction_drifted=False, html="")
+
+
+def test_policy_triggers_and_holds_back():
+    cfg = MonitorConfig(drift_share=0.5, max_degradation=0.25, min_new_rows=100, cooldown_hours=24)
+    calm = decide(cfg, _drift(0.2), None, 50.0, False, 500, None, NOW)
+    assert not calm.retrain and calm.outcome == "no action"
+    drifted = decide(cfg, _drift(0.6), None, 50.0, False, 500, None, NOW)
+    assert drifted.retrain and "6 of 10 features drifted" in drifted.reason()
+    live = {"metric": "rmse", "value": 70.0, "rows": 300, "baseline": 120.0}
+    worse = decide(cfg, _drift(0.1), live, 50.0, False, 500, None, NOW)
+    assert worse.retrain and "40% worse" in worse.reason()
+    assert not decide(cfg, _drift(0.1), {**live, "value": 60.0}, 50.0, False, 500, None, NOW).retrain
+    few = decide(cfg, _drift(0.6), None, 50.0, False, 99, None, NOW)
+    assert few.outcome == "held back" and "only 99 rows" in few.reason()
+    cooling = decide(cfg, _drift(0.6), None, 50.0, False, 500, NOW - timedelta(hours=23), NOW)
+    assert cooling.outcome == "held back" and "cooling down" in cooling.reason()
+    assert decide(cfg, _drift(0.6), None, 50.0, False, 500, NOW - timedelta(hours=25), NOW).retrain
+
+
+def test_degradation_respects_metric_direction():
+    assert degradation(60.0, 50.0, higher_is_better=False) == pytest.approx(0.2)
+    assert degradation(0.6, 0.8, higher_is_better=True) == pytest.approx(0.25)
+    assert degradation(0.9, 0.8, higher_is_better=True) < 0
+
+
+@pytest.fixture(scope="module")
+def bikes(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bikes")
+    params = load_params(write_params(tmp, bikeshare_sample(tmp)))
+    frame = pd.read_csv(BIKESHARE)
+    return tmp, params, frame
+
+
+def _typed(frame: pd.DataFrame, params) -> pd.DataFrame:
+    out = frame[params.features.columns].copy()
+    out["mnth"] = pd.Categorical(out["mnth"], categories=params.table_schema.columns["mnth"].values)
+    out["prediction"] = frame["bikers"].to_numpy(dtype=float)
+    return out
+
+
+def test_evidently_finds_seasonal_drift_and_not_resampling(bikes):
+    _, params, frame = bikes
+    winter = _typed(frame.iloc[:1500], params)
+    same = winter.sample(400, random_state=0)
+    summer = _typed(frame[frame["mnth"] == "July"], params)
+    calm = measure_drift(winter, same, params)
+    hot = measure_drift(winter, summer, params)
+    assert calm.share < params.monitor.drift_share and not calm.drifted
+    assert hot.share >= params.monitor.drift_share and {"temp", "atemp", "season", "mnth"} <= set(hot.drifted)
+    assert hot.prediction_drifted and hot.prediction_score > calm.prediction_score
+    assert set(hot.scores) == set(params.features.columns) and "<html" in hot.html.lower()
+
+
+def test_live_metrics_join_served_predictions_by_request_id(bikes):
+    _, params, _ = bikes
+    window = pd.DataFrame({"request_id": ["a-0", "a-1", "a-2", "b-0"], "bikers": [10.0, 20.0, 30.0, 40.0]})
+    log = pd.DataFrame({"request_id": ["a-0", "a-1", "a-1", "a-2", "zz"], "prediction": [12.0, 99.0, 18.0, 30.0, 5.0],
+                        "model_version": ["1", "1", "2", "2", "2"]})
+    live = live_metrics(window, log, params, baseline=25.0)
+    # a-1 was answered twice: the last answer (18) counts; b-0 was never served; zz is not labelled
+    assert live["rows"] == 3 and live["served_versions"] == {"2": 2, "1": 1}
+    assert live["value"] == pytest.approx(np.sqrt((4 + 4 + 0) / 3))
+    assert live["baseline"] == pytest.approx(np.sqrt((225 + 25 + 25) / 3))
+    assert live_metrics(window, log.iloc[4:], params, 25.0) is None
+
+
+def test_landed_batches_accepted_or_rejected_with_reason(bikes, tmp_path):
+    from pipelines.arrivals import accept_landed, arrival_files
+    from pipelines.stages import Layout, ingest
+
+    _, _, frame = bikes
+    params = load_params(write_params(tmp_path, bikeshare_sample(tmp_path, 500)))
+    layout = Layout.of(params)
+    layout.landing.mkdir(parents=True)
+    good = frame.iloc[500:700].assign(request_id=[f"g-{i}" for i in range(200)])
+    good.to_parquet(layout.landing / "a-good.parquet", index=False)
+    broken = frame.iloc[700:800].copy()
+    broken["weathersit"] = "sunny"  # not an allowed label
+    broken.to_csv(layout.landing / "b-broken.csv", index=False)
+    extra = frame.iloc[800:900].assign(station="x")
+    extra.to_csv(layout.landing / "c-extra.csv", index=False)
+    outcomes = {o["file"]: o for o in accept_landed(params)}
+    assert outcomes["a-good.parquet"]["accepted"] and outcomes["a-good.parquet"]["rows"] == 200
+    assert "weathersit" in outcomes["b-broken.csv"]["reason"] and "sunny" in outcomes["b-broken.csv"]["reason"]
+    assert "station" in outcomes["c-extra.csv"]["reason"]
+    assert [f.name for f in arrival_files(layout.arrivals)] == ["000001-a-good.parquet"]
+    assert sorted(p.name for p in layout.rejected.iterdir()) == [
+        "b-broken.csv", "b-broken.csv.reason.txt", "c-extra.csv", "c-extra.csv.reason.txt"]
+    assert not any(layout.landing.glob("*.csv")) and not any(layout.landing.glob("*.parquet"))
+    summary = ingest(params)  # the accepted batch is appended to the source, text as read
+    assert summary["rows"] == 700 and summary["arrival_batches"] == 1
+    ingested = pd.read_parquet(layout.ingested)
+    assert list(ingested.columns) == list(params.table_schema.columns)
+    assert ingested["temp"].iloc[500:].tolist() == [str(v) for v in good["temp"]]
+
+
+def test_directory_dependency_fingerprint_changes_with_a_new_batch(tmp_path):
+    from pipelines.lineage import path_md5
+
+    folder = tmp_path / "arrivals"
+    folder.mkdir()
+    (folder / "README.md").write_text("x")
+    empty = path_md5(folder)
+    (folder / "000001-a.parquet").write_bytes(b"1")
+    assert path_md5(folder) != empty and path_md5(tmp_path / "nope") == "missing"
+
+
+def test_monitor_id_column_must_not_be_a_schema_column(tmp_path):
+    from pipelines.errors import LooplineError
+
+    with pytest.raises(LooplineError, match="monitor.id_column 'temp'"):
+        load_params(write_params(tmp_path, Path("x.csv"), monitor={"id_column": "temp"}))
