@@ -43,6 +43,13 @@ def arrival_files(arrivals: Path) -> list[Path]:
     return sorted(arrivals.glob("*.parquet")) if arrivals.is_dir() else []
 
 
+def _next_sequence(arrivals: Path) -> int:
+    """One past the highest sequence number: names sort in acceptance order even if a
+    batch was removed by hand."""
+    numbers = [int(f.name[:6]) for f in arrival_files(arrivals) if f.name[:6].isdigit()]
+    return max(numbers, default=0) + 1
+
+
 def arrival_rows(files: Sequence[Path]) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
@@ -136,7 +143,7 @@ def accept_landed(params: Params) -> list[dict[str, Any]]:
                 os.replace(path, layout.rejected / path.name)
                 outcomes.append({"file": path.name, "accepted": False, "reason": str(err)})
                 continue
-            stored = layout.arrivals / f"{len(arrival_files(layout.arrivals)) + 1:06d}-{path.stem}.parquet"
+            stored = layout.arrivals / f"{_next_sequence(layout.arrivals):06d}-{path.stem}.parquet"
             write_parquet(rows, stored)
             path.unlink()
             outcomes.append({"file": path.name, "accepted": True, "rows": rows.num_rows,

@@ -109,6 +109,11 @@ def test_landed_batches_accepted_or_rejected_with_reason(bikes, tmp_path):
     assert sorted(p.name for p in layout.rejected.iterdir()) == [
         "b-broken.csv", "b-broken.csv.reason.txt", "c-extra.csv", "c-extra.csv.reason.txt"]
     assert not any(layout.landing.glob("*.csv")) and not any(layout.landing.glob("*.parquet"))
+    (layout.arrivals / "000007-by-hand.parquet").write_bytes((layout.arrivals / "000001-a-good.parquet").read_bytes())
+    good.iloc[:10].to_csv(layout.landing / "d-later.csv", index=False)
+    assert accept_landed(params)[0]["stored"] == "000008-d-later.parquet"  # after the highest, not the count
+    for f in ("000007-by-hand.parquet", "000008-d-later.parquet"):
+        (layout.arrivals / f).unlink()
     summary = ingest(params)  # the accepted batch is appended to the source, text as read
     assert summary["rows"] == 700 and summary["arrival_batches"] == 1
     ingested = pd.read_parquet(layout.ingested)
