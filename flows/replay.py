@@ -104,6 +104,7 @@ def run_replay(workdir: Path, params_path: str | Path = "params.yaml", period: P
     from flows.monitoring import monitoring_flow
     from flows.training import training_flow
     from pipelines.config import load_params
+    from pipelines.stages import Layout
     from serving.smoke import free_port, wait_ready
 
     workdir = Path(workdir).resolve()
@@ -116,8 +117,6 @@ def run_replay(workdir: Path, params_path: str | Path = "params.yaml", period: P
     replay_path = workdir / "params.yaml"
     replay_path.write_text(yaml.safe_dump(replay_params(base, workdir), sort_keys=False))
     params = load_params(replay_path)
-    from pipelines.stages import Layout
-
     layout = Layout.of(params)
     metric, _ = params.metric
 
