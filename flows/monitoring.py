@@ -85,7 +85,8 @@ def measure_task(params_path: str) -> dict[str, Any]:
     id_column = [params.monitor.id_column] if params.monitor.id_column else []
     window = typed_rows(read_arrivals(window_files, [*params.table_schema.columns, *id_column]), params)
     model, meta = load_model_version(client, name, version)
-    champion_run = client.get_model_version(name, version).run_id
+    champion = client.get_model_version(name, version)
+    champion_run = champion.run_id
     reference = _reference(client, champion_run, params)
     features = params.features.columns
     reference[PREDICTION] = model.predict(reference[features])
@@ -98,7 +99,7 @@ def measure_task(params_path: str) -> dict[str, Any]:
     if layout.prediction_log.is_file() and id_column:
         live = live_metrics(window, read_prediction_log(layout.prediction_log, []), params, meta["baseline"])
     metric, _ = params.metric
-    tags = client.get_model_version(name, version).tags
+    tags = champion.tags
     champion_metric = float(tags[f"loopline.test_{metric}"]) if f"loopline.test_{metric}" in tags else None
     seen = _last_training_arrival(client, training_id)
     unseen = [f for f in files if seen is None or seen == "none" or f.name > seen]

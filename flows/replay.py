@@ -18,11 +18,7 @@ as a CSV and a PNG chart, also logged to the monitoring experiment in MLflow.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import urllib.request
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -68,21 +64,16 @@ def replay_params(base: dict[str, Any], workdir: Path) -> dict[str, Any]:
     return raw
 
 
-def _post(url: str, body: Any, request_id: str, timeout: float = 60) -> dict[str, Any]:
-    request = urllib.request.Request(url, json.dumps(body).encode(),
-                                     {"Content-Type": "application/json", "X-Request-ID": request_id})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
 def serve_period(url: str, rows: pd.DataFrame, label: str, params, chunk: int) -> list[str]:
     """Predict the period's rows through the service; returns each row's request id."""
     from serving.schema import request_records
+    from serving.smoke import post
 
     records = request_records(rows, params)
     ids: list[str] = []
     for start in range(0, len(records), chunk):
-        answer = _post(f"{url}/predict_batch", {"records": records[start:start + chunk]}, f"{label}.{start}")
+        answer = post(f"{url}/predict_batch", {"records": records[start:start + chunk]}, timeout=60,
+                      request_id=f"{label}.{start}")
         ids += answer["request_ids"]
     return ids
 
@@ -105,7 +96,7 @@ def run_replay(workdir: Path, params_path: str | Path = "params.yaml", period: P
     from flows.training import training_flow
     from pipelines.config import load_params
     from pipelines.stages import Layout
-    from serving.smoke import free_port, wait_ready
+    from serving.smoke import post, serving
 
     workdir = Path(workdir).resolve()
     base = yaml.safe_load(Path(params_path).read_text())
@@ -125,15 +116,8 @@ def run_replay(workdir: Path, params_path: str | Path = "params.yaml", period: P
     first = training_flow(params_path=str(replay_path))
     echo(f"  v{first['decision']['version']} {first['decision']['outcome']}: test {metric} "
          f"{first['trained']['test'][metric]:.2f}")
-    port = free_port()
-    log = open(workdir / "serve.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("loopline")), "serve", "--params", str(replay_path),
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"})
-    url = f"http://127.0.0.1:{port}"
     timeline: list[dict[str, Any]] = []
-    try:
-        wait_ready(url, proc)
+    with open(workdir / "serve.log", "w") as log, serving(replay_path, log=log) as url:
         for label, rows in batches:
             ids = serve_period(url, rows, label, params, params.serve.max_batch_records)
             layout.landing.mkdir(parents=True, exist_ok=True)
@@ -143,18 +127,11 @@ def run_replay(workdir: Path, params_path: str | Path = "params.yaml", period: P
             timeline.append(_timeline_row(label, len(rows), result))
             training = result.get("training") or {}
             if training.get("promoted"):
-                _post(f"{url}/admin/reload", {}, f"{label}.reload")
+                post(f"{url}/admin/reload", {}, request_id=f"{label}.reload")
             row = timeline[-1]
             echo(f"  {label}: served v{row['served_version']}, live {metric} {row['live']:.1f} "
                  f"(naive {row['baseline']:.1f}), drift {row['drift_share']:.0%} -> {row['decision']}"
                  + (f"; v{training['version']} {training['outcome']}" if training else ""))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
     frame = pd.DataFrame(timeline)
     frame.to_csv(workdir / "timeline.csv", index=False)
     figure = timeline_figure(frame, metric, params.monitor.drift_share)

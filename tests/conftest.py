@@ -155,3 +155,32 @@ def register_family(params, family: str) -> str:
     uri = log_model(client, run_id, model, example, meta)
     client.set_terminated(run_id)
     return register(client, params.tracking.model_name, uri, run_id, {})
+
+
+def git_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["GIT_PYTHON_REFRESH"] = "quiet"
+    env.setdefault("GIT_AUTHOR_NAME", "loopline test")
+    env.setdefault("GIT_AUTHOR_EMAIL", "test@loopline.invalid")
+    env["GIT_COMMITTER_NAME"], env["GIT_COMMITTER_EMAIL"] = env["GIT_AUTHOR_NAME"], env["GIT_AUTHOR_EMAIL"]
+    return env
+
+
+def sh(*args: str, cwd: Path) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=git_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def client_of(store: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{store}/mlflow.db"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def champion(client, name="bikes") -> str | None:
+    from pipelines.registry import CHAMPION, alias_version
+
+    return alias_version(client, name, CHAMPION)

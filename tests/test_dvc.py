@@ -4,37 +4,19 @@ experiments, metrics and plots, and a push/pull round trip through a local remot
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, sh
 from pipelines.storage import file_md5
 
 pytestmark = pytest.mark.slow
 
 OUTPUTS = ["data/interim/clean.parquet", "data/processed/train.parquet", "models/model.skops", "models/model.json"]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["GIT_PYTHON_REFRESH"] = "quiet"
-    env.setdefault("GIT_AUTHOR_NAME", "loopline test")
-    env.setdefault("GIT_AUTHOR_EMAIL", "test@loopline.invalid")
-    env["GIT_COMMITTER_NAME"], env["GIT_COMMITTER_EMAIL"] = env["GIT_AUTHOR_NAME"], env["GIT_AUTHOR_EMAIL"]
-    return env
-
-
-def sh(*args: str, cwd: Path) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
 
 
 @pytest.fixture(scope="module")

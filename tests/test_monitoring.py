@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -17,18 +16,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import BIKESHARE, REPO, raw_params
+from conftest import BIKESHARE, REPO, champion, client_of, raw_params, sh
 
 pytestmark = pytest.mark.slow
 
 SOURCE_ROWS = 2000  # January to late March
 SEARCH = {"families": ["linear", "hist_gradient_boosting"], "n_trials": 0}
-
-
-def sh(*args: str, cwd: Path) -> str:
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
 
 
 def write_workspace_params(root: Path, **sections) -> None:
@@ -50,18 +43,13 @@ class Workspace:
         self.full = pd.read_csv(BIKESHARE)
 
     def client(self):
-        from mlflow.tracking import MlflowClient
-
-        uri = f"sqlite:///{self.root}/mlflow.db"
-        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+        return client_of(self.root)
 
     def versions(self) -> list[str]:
         return sorted((str(v.version) for v in self.client().search_model_versions("name='bikes'")), key=int)
 
     def champion(self) -> str | None:
-        from pipelines.registry import CHAMPION, alias_version
-
-        return alias_version(self.client(), "bikes", CHAMPION)
+        return champion(self.client())
 
     def land(self, frame: pd.DataFrame, name: str) -> Path:
         landing = self.root / "data" / "landing"
@@ -108,7 +96,7 @@ def ws(prefect_api, tmp_path_factory) -> Workspace:
     write_workspace_params(root)
     (root / ".gitignore").write_text("/mlflow.db*\n/mlruns/\n/data/landing/\n/data/monitoring/\n")
     sh("git", "init", "-q", cwd=root)
-    sh(shutil.which("dvc") or str(Path(REPO / ".venv/bin/dvc")), "init", "-q", cwd=root)
+    sh("dvc", "init", "-q", cwd=root)
     with contextlib.chdir(root):
         first = training_flow(params_path="params.yaml", record_data_version=True)
     assert first["decision"]["promoted"]

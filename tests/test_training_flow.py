@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, bikeshare_sample, free_port, stop, tracking_section, venv_bin, wait_for_http, write_params
+from conftest import (REPO, bikeshare_sample, champion, client_of, free_port, stop, tracking_section, venv_bin,
+                      wait_for_http, write_params)
 
 pytestmark = pytest.mark.slow
 
@@ -26,19 +27,6 @@ def flow_params(tmp: Path, source: Path, store: Path | None = None, **sections) 
     sections.setdefault("search", SMALL_SEARCH)
     sections.setdefault("tracking", tracking_section(store or tmp))
     return write_params(tmp, source, **sections)
-
-
-def client_of(store: Path):
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{store}/mlflow.db"
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def champion(client, name="bikes") -> str | None:
-    from pipelines.registry import CHAMPION, alias_version
-
-    return alias_version(client, name, CHAMPION)
 
 
 @pytest.fixture(autouse=True)
