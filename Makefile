@@ -8,11 +8,8 @@ UV_VERSION := 0.13.9
 FIND_LINKS ?= /opt/wheels
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export GIT_PYTHON_REFRESH := quiet
-export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: install run test test-fast lock replay bench bench-scale bench-flow bench-torch bench-serve bench-monitor
+.PHONY: install run test test-fast lock replay bench bench-scale bench-flow bench-torch bench-serve bench-soak bench-monitor bench-concurrent
 
 install: $(STAMP)
 
@@ -46,7 +43,7 @@ lock: install
 replay: install
 	$(BIN)/loopline replay --chart bench/results/replay-2011.png
 
-bench: bench-scale bench-flow bench-torch bench-serve bench-monitor
+bench: bench-scale bench-flow bench-torch bench-serve bench-soak bench-monitor bench-concurrent
 
 # Scale benchmark: synthetic Bikeshare-shaped data at 1M and 10M rows.
 bench-scale: install
@@ -63,6 +60,14 @@ bench-torch: install
 # BentoML service vs a bare FastAPI app on the registry champion (run `make run` first).
 bench-serve: install
 	$(BIN)/python bench/serving.py --requests 2000
+
+# Sustained load: 7 rounds of 10k requests at c=64 on one service; p99 and RSS per round.
+bench-soak: install
+	$(BIN)/python bench/serving.py --soak 7
+
+# Two trainings on one machine: in series vs at once.
+bench-concurrent: install
+	$(BIN)/python bench/concurrent_training.py --rows 300000
 
 # Monitoring flow time: 100k-row reference / 10k window vs 1M-row reference / 100k window.
 bench-monitor: install

@@ -7,6 +7,11 @@ latency. Then the batch endpoint: rows/s of /predict_batch vs raw model.predict 
 same rows in this process.
 
     python bench/serving.py [--params params.yaml] [--requests 2000] [--batch 1000]
+    python bench/serving.py --soak 7              # 7 rounds of 10k requests at c=64, BentoML only
+
+The soak mode keeps one service under sustained load and prints each round's p99, throughput
+and the service's resident memory: p99 creeping up round after round, or RSS growing, is a
+leak (the goal: last round's p99 within 1.2x the first's, RSS flat).
 """
 
 from __future__ import annotations
@@ -69,24 +74,56 @@ async def load(url: str, bodies: list[bytes], concurrency: int, total: int) -> d
             "p99": float(np.percentile(ms, 99)), "errors": errors}
 
 
+def service_rss_mib(proc: subprocess.Popen) -> float:
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+
+
+def soak(args, bodies: list[bytes], params_path: str) -> None:
+    from tests.conftest import free_port, stop
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start([str(BIN / "loopline"), "serve", "--params", params_path, "--port", str(port)], f"{url}/readyz")
+    rounds = []
+    try:
+        print(f"\n{'round':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'service RSS MiB':>17}")
+        for i in range(1, args.soak + 1):
+            r = asyncio.run(load(f"{url}/predict", bodies, args.soak_concurrency, args.soak_requests))
+            r["rss"] = service_rss_mib(proc)
+            rounds.append(r)
+            print(f"{i:>5}{r['rps']:>9.0f}{r['p50']:>9.1f}{r['p99']:>9.1f}{r['errors']:>8}{r['rss']:>17.0f}", flush=True)
+    finally:
+        stop(proc)
+    first, last = rounds[0], rounds[-1]
+    print(f"last/first: p99 {last['p99'] / first['p99']:.2f} (goal <= 1.2), req/s {last['rps'] / first['rps']:.2f}, "
+          f"RSS {last['rss'] / first['rss']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--requests", type=int, default=2000, help="requests per concurrency level")
     parser.add_argument("--batch", type=int, default=1000, help="records per /predict_batch call")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--soak", type=int, default=0, help="rounds of sustained load instead of the comparison")
+    parser.add_argument("--soak-requests", type=int, default=10_000)
+    parser.add_argument("--soak-concurrency", type=int, default=64)
     args = parser.parse_args()
 
     from pipelines.config import load_params
     from pipelines.stages import read_split
-    from serving.runtime import load_registry_champion, predict_frame, records_frame
+    from serving.runtime import Unavailable, load_registry_champion, predict_frame, records_frame
     from serving.schema import request_records
     from tests.conftest import free_port, stop
 
     params = load_params(args.params)
-    served = load_registry_champion(params)
-    if served is None:
-        raise SystemExit(f"{params.tracking.model_name} has no champion: run `make run` first")
+    try:
+        served = load_registry_champion(params)
+    except Unavailable as err:
+        raise SystemExit(f"{err.message} (run `make run` first)") from None
     records = request_records(read_split(params, "test", "bench"), params)
     bodies = [json.dumps(r).encode() for r in records]
     batch_records = (records * (args.batch // len(records) + 1))[:args.batch]
@@ -95,6 +132,8 @@ def main() -> None:
 
     env_params = str(Path(args.params).resolve())
     os.environ["LOOPLINE_PARAMS"] = env_params
+    if args.soak:
+        return soak(args, bodies, env_params)
     results: dict[str, dict[int, dict[str, float]]] = {}
     bento_port, bare_port = free_port(), free_port()
     servers = {

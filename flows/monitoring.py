@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from pipelines import stages
+from pipelines.arrivals import describe_batch
 from pipelines.config import Params, load_params
 
 Trigger = Literal["subflow", "deployment", "none"]
@@ -129,9 +130,9 @@ def record_task(params_path: str, result: dict[str, Any]) -> str:
     tags = {"loopline.decision": verdict["outcome"], "loopline.reason": verdict["reason"][:5000],
             "loopline.at": result["at"], "loopline.status": measured["status"],
             "loopline.batches": ", ".join(b["file"] for b in result["batches"]) or "none",
-            "loopline.rejected": ", ".join(b["file"] for b in result["batches"] if not b["accepted"]) or "none"}
-    metrics: dict[str, float] = {"batches_accepted": sum(b["accepted"] for b in result["batches"]),
-                                 "batches_rejected": sum(not b["accepted"] for b in result["batches"])}
+            "loopline.rejected": ", ".join(b["file"] for b in result["batches"] if b["status"] == "rejected") or "none"}
+    metrics: dict[str, float] = {"batches_accepted": sum(b["status"] == "accepted" for b in result["batches"]),
+                                 "batches_rejected": sum(b["status"] == "rejected" for b in result["batches"])}
     if measured["status"] == "measured":
         drift, live = measured["drift"], measured["live"]
         metric = measured["metric"]
@@ -175,8 +176,7 @@ def decision_markdown(result: dict[str, Any]) -> str:
     measured, verdict = result["measured"], result["verdict"]
     lines = [f"# Monitoring at {result['at']}: **{verdict['outcome']}**", "", verdict["reason"], ""]
     for b in result["batches"]:
-        lines.append(f"- batch `{b['file']}`: " + (f"accepted, {b['rows']} rows" if b["accepted"]
-                                                    else f"**rejected** — {b['reason']}"))
+        lines.append(f"- batch `{b['file']}`: {describe_batch(b)}")
     if measured["status"] != "measured":
         return "\n".join([*lines, "", measured["detail"]])
     drift, live, metric = measured["drift"], measured["live"], measured["metric"]
@@ -213,8 +213,7 @@ def monitoring_flow(params_path: str = "params.yaml", trigger: Trigger = "subflo
     at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
     batches = accept_task(params_path)
     for b in batches:
-        (logger.info if b["accepted"] else logger.warning)("batch %s: %s", b["file"],
-                                                            "accepted" if b["accepted"] else b["reason"])
+        (logger.warning if b["status"] == "rejected" else logger.info)("batch %s: %s", b["file"], describe_batch(b))
     measured = measure_task(params_path)
     client, monitoring_id = client_for(params, monitoring_experiment(params))
     if measured["status"] == "measured":

@@ -61,6 +61,7 @@ def replay_params(base: dict[str, Any], workdir: Path) -> dict[str, Any]:
                        "experiment": "replay-2011", "model_name": "replay-bikeshare"}
     raw["search"] = {"families": ["linear", "hist_gradient_boosting"], "n_trials": 0}
     raw.setdefault("serve", {})["reload_interval_s"] = 1.0
+    raw.setdefault("monitor", {})["settle_seconds"] = 0  # batches land by write-then-rename
     return raw
 
 
@@ -96,6 +97,7 @@ def run_replay(workdir: Path, params_path: str | Path = "params.yaml", period: P
     from flows.training import training_flow
     from pipelines.config import load_params
     from pipelines.stages import Layout
+    from pipelines.storage import write_csv
     from serving.smoke import post, serving
 
     workdir = Path(workdir).resolve()
@@ -120,8 +122,7 @@ def run_replay(workdir: Path, params_path: str | Path = "params.yaml", period: P
     with open(workdir / "serve.log", "w") as log, serving(replay_path, log=log) as url:
         for label, rows in batches:
             ids = serve_period(url, rows, label, params, params.serve.max_batch_records)
-            layout.landing.mkdir(parents=True, exist_ok=True)
-            rows.assign(**{params.monitor.id_column: ids}).to_csv(layout.landing / f"{label}.csv", index=False)
+            write_csv(rows.assign(**{params.monitor.id_column: ids}), layout.landing / f"{label}.csv")
             end = datetime.combine(_day_of_year(rows["day"].max()), time(23, 59), timezone.utc)
             result = monitoring_flow(params_path=str(replay_path), now=end.isoformat())
             timeline.append(_timeline_row(label, len(rows), result))

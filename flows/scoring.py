@@ -35,7 +35,7 @@ def read_table(path: Path) -> pd.DataFrame:
 @task(name="score-file")
 def score_file(params_path: str, input_path: str, output_path: str) -> dict[str, Any]:
     from pipelines.storage import write_parquet
-    from serving.runtime import ServedModel, load_registry_champion, predict_frame
+    from serving.runtime import Unavailable, load_registry_champion, predict_frame
     from serving.schema import check_records
 
     params = load_params(params_path)
@@ -43,9 +43,10 @@ def score_file(params_path: str, input_path: str, output_path: str) -> dict[str,
     if frame.empty:
         raise LooplineError("score", f"{input_path} has no rows")
     features = check_records(frame, params, input_path)
-    served: ServedModel | None = load_registry_champion(params)
-    if served is None:
-        raise LooplineError("score", f"model {params.tracking.model_name!r} has no champion; run `loopline train`")
+    try:
+        served = load_registry_champion(params)
+    except Unavailable as err:
+        raise LooplineError("score", err.message) from None
     predictions: list[Any] = []
     probabilities: list[dict[str, float]] = []
     for start in range(0, len(features), CHUNK_ROWS):

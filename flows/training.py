@@ -22,7 +22,7 @@ from pipelines.config import load_params
 from pipelines.errors import LooplineError
 
 DATA_STAGES = ("ingest", "clean", "validate", "split")
-SEARCH_CODE = [Path("pipelines") / f for f in ("search.py", "train.py", "features.py", "torch_model.py",
+SEARCH_CODE = [Path("pipelines") / f for f in ("search.py", "train.py", "threads.py", "features.py", "torch_model.py",
                                                "evaluate.py", "model_io.py", "tracking.py")]
 REFERENCE_ARTIFACT = "reference/reference.parquet"  # the champion's training rows, for drift
 SEARCH_PARAMS = ["data", "features", "train", "search", "promotion", "tracking"]
@@ -60,12 +60,16 @@ STAGE_TASKS = {stage: _stage_task(stage) for stage in DATA_STAGES}
 
 
 def _search_key(context, parameters: dict[str, Any]) -> str:
+    """The splits, the code and params the search reads, and the tracking store its runs
+    and model go to: a result logged to another store must not stand in for this one."""
     from pipelines.lineage import fingerprint
+    from pipelines.tracking import store_identity
 
     params = load_params(parameters["params_path"])
     layout = stages.Layout.of(params)
     splits = [layout.split_file(name) for name in ("train", "val", "test")]
-    return fingerprint([*splits, *SEARCH_CODE], SEARCH_PARAMS, params, salt="search")
+    return fingerprint([*splits, *SEARCH_CODE], SEARCH_PARAMS, params,
+                       salt=f"search|{store_identity(params)}")
 
 
 @task(name="search-candidates", cache_key_fn=_search_key, persist_result=True)
@@ -77,13 +81,16 @@ def search_task(params_path: str, flow_run_id: str) -> dict[str, Any]:
     from pipelines.lineage import dvc_lock_md5, git_commit
     from pipelines.search import search_candidates
     from pipelines.storage import file_md5
-    from pipelines.tracking import (client_for, diagnostic_figures, flatten, log_dict_batch, log_figures,
-                                    log_history, log_model, log_torch_weights)
+    from pipelines.tracking import (OWNER_TAG, client_for, close_orphaned_runs, diagnostic_figures, flatten,
+                                    log_dict_batch, log_figures, log_history, log_model, log_torch_weights,
+                                    run_owner)
 
     params = load_params(params_path)
     layout = stages.Layout.of(params)
     train, val, test = (stages.read_split(params, n, "search") for n in ("train", "val", "test"))
     client, experiment_id = client_for(params)
+    for run_id in close_orphaned_runs(client, experiment_id):
+        get_run_logger().warning("MLflow run %s was left running by a training that was killed; marked KILLED", run_id)
     metric, _ = params.metric
     clean_md5 = file_md5(layout.clean)
     arrivals = arrival_files(layout.arrivals)
@@ -94,7 +101,7 @@ def search_task(params_path: str, flow_run_id: str) -> dict[str, Any]:
         "data.arrival_batches": len(arrivals), "data.last_arrival": arrivals[-1].name if arrivals else "none",
         "data.dvc_lock_md5": dvc_lock_md5(layout.clean) or "none",
         "data.rows_train": len(train), "data.rows_val": len(val), "data.rows_test": len(test),
-        "prefect.flow_run_id": flow_run_id, "loopline.params_file": params_path,
+        "prefect.flow_run_id": flow_run_id, "loopline.params_file": params_path, OWNER_TAG: run_owner(),
     }
     parent = client.create_run(experiment_id, run_name=f"training-{flow_run_id[:8]}", tags=lineage)
     parent_id = parent.info.run_id
@@ -224,15 +231,18 @@ def training_flow(params_path: str = "params.yaml", force: bool = False,
     `record_data_version`: pin the data stages' outputs in dvc.lock (`dvc commit`), as a
     retrain started by monitoring does."""
     from pipelines.lineage import stage_outputs_exist
+    from pipelines.tracking import client_for, logged_run_state
 
     logger = get_run_logger()
     params = load_params(params_path)  # a malformed params file fails here, naming the key
+    storage = stages.Layout.of(params).flow_cache.resolve()  # a Path: a local store needing no saved block
     summary: dict[str, Any] = {"stages": {}, "cached": []}
     timings: dict[str, float] = {}
     for stage in DATA_STAGES:
         rerun = force or not stage_outputs_exist(stage, params)
         started = time.perf_counter()
-        state = STAGE_TASKS[stage].with_options(refresh_cache=rerun)(params_path, return_state=True)
+        state = STAGE_TASKS[stage].with_options(refresh_cache=rerun, result_storage=storage)(
+            params_path, return_state=True)
         timings[stage] = time.perf_counter() - started
         if stage == "validate" and state.is_failed():
             _link_validation_report(params_path, state)
@@ -243,26 +253,34 @@ def training_flow(params_path: str = "params.yaml", force: bool = False,
         summary["data_version"] = record_data_version_task(params_path)
         logger.info("Data version %s", summary["data_version"])
 
-    search = search_task.with_options(refresh_cache=force)
     started = time.perf_counter()
-    state = search(params_path, str(flow_run.id), return_state=True)
+    state = search_task.with_options(refresh_cache=force, result_storage=storage)(
+        params_path, str(flow_run.id), return_state=True)
     trained = state.result()
     cached = state.name == "Cached"
+    logged = logged_run_state(client_for(params)[0], trained["best_run_id"]) if cached else "registered"
+    if logged == "missing":  # the cache outlived the store it was logged to
+        logger.warning("Cached search result names MLflow run %s, which this store (%s) does not hold; "
+                       "training again", trained["best_run_id"], params.tracking.uri)
+        state = search_task.with_options(refresh_cache=True, result_storage=storage)(
+            params_path, str(flow_run.id), return_state=True)
+        trained, cached = state.result(), False
     if cached:
         timings["search (cached)"] = time.perf_counter() - started
     else:
         timings.update(trained["timings"])
-    if cached:
+    skipped = cached and logged == "registered"
+    if skipped:
         decision = {"outcome": "skipped", "reason": "data and params unchanged since MLflow run "
                                                     f"{trained['parent_run_id']}: nothing new to register"}
         logger.info("Training skipped: %s", decision["reason"])
-    else:
+    else:  # new, or searched before but never registered (killed before registration)
         started = time.perf_counter()
         decision = register_task(params_path, trained)
         timings["register and promote"] = time.perf_counter() - started
         decision["outcome"] = "promoted to champion" if decision["promoted"] else "kept the champion"
         logger.info("Registered %s v%s: %s", decision["model_name"], decision["version"], decision["reason"])
-    result = {**summary, "trained": trained, "training_cached": cached, "decision": decision,
+    result = {**summary, "trained": trained, "training_cached": skipped, "decision": decision,
               "timings": {k: round(v, 3) for k, v in timings.items()}}
     create_markdown_artifact(summary_markdown(result), key="training-summary",
                              description="Data hash, candidates and the promotion decision")

@@ -7,12 +7,21 @@ accepted batch makes a new data version.
 A batch that fails is moved to `landing/rejected/` with a `.reason.txt` beside it: it reaches
 neither training nor the monitoring window. Accepted batches are stored as they arrived (as
 text), so cleaning them later is the same code path as cleaning the source.
+
+Hand-off and crash safety: hidden and temporary names (`.x.csv`, `~x.csv`, `x.csv.tmp`,
+`x.csv.part`) are passed over, so a writer that writes under such a name and renames when
+done is never read half-written; a file modified in the last `monitor.settle_seconds` is
+looked at again after that long and left for the next run if it changed. Acceptance is keyed
+by the landed file's content hash (kept in the stored Parquet's metadata): the stored copy is
+on disk before the landed file is removed, and a run after a crash in between finds the hash
+already stored and only removes the landed file.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,17 +34,50 @@ import pyarrow.parquet as pq
 
 from pipelines.config import Params
 from pipelines.errors import LooplineError
-from pipelines.storage import write_parquet, write_text
+from pipelines.storage import file_digest, write_parquet, write_text
 
 STAGE = "arrivals"
 LANDING_SUFFIXES = (".csv", ".parquet")
+HASH_KEY = b"loopline.landed_sha256"  # Parquet metadata of a stored batch: the landed file's hash
 
 
 def landed_files(landing: Path) -> list[Path]:
-    """Files waiting in the landing folder, oldest name first."""
+    """Files waiting in the landing folder, oldest name first; hidden and temporary names
+    (a writer's file before its final rename) are not batches yet."""
     if not landing.is_dir():
         return []
-    return sorted(p for p in landing.iterdir() if p.is_file() and p.suffix.lower() in LANDING_SUFFIXES)
+    return sorted(p for p in landing.iterdir()
+                  if p.is_file() and not p.name.startswith((".", "~")) and p.suffix.lower() in LANDING_SUFFIXES)
+
+
+def _signature(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def settled(files: list[Path], settle_seconds: float) -> tuple[list[Path], list[Path]]:
+    """(files unchanged for `settle_seconds`, files still being written). A file modified
+    more recently is looked at again once that long has passed since its last change."""
+    if settle_seconds <= 0 or not files:
+        return files, []
+    before = {f: _signature(f) for f in files}
+    youngest = max(mtime for _, mtime in before.values()) / 1e9
+    wait = settle_seconds - (time.time() - youngest)
+    if wait <= 0:
+        return files, []
+    time.sleep(min(wait, settle_seconds))
+    moving = [f for f in files if not f.exists() or _signature(f) != before[f]]
+    return [f for f in files if f not in moving], moving
+
+
+def _stored_hashes(arrivals: Path) -> dict[str, str]:
+    """Landed-file hash -> the stored batch holding it."""
+    hashes = {}
+    for f in arrival_files(arrivals):
+        metadata = pq.ParquetFile(f).schema_arrow.metadata or {}
+        if HASH_KEY in metadata:
+            hashes[metadata[HASH_KEY].decode()] = f.name
+    return hashes
 
 
 def arrival_files(arrivals: Path) -> list[Path]:
@@ -126,14 +168,39 @@ def _landing_lock(landing: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def describe_batch(outcome: dict[str, Any]) -> str:
+    """One line per landed file, for the CLI, logs and the decision artifact."""
+    status = outcome["status"]
+    if status == "accepted":
+        return f"accepted ({outcome['rows']} rows) as {outcome['stored']}"
+    if status == "already accepted":
+        return f"already accepted as {outcome['stored']} (by a run that stopped before removing it); removed"
+    if status == "waiting":
+        return f"waiting: {outcome['reason']}"
+    return f"REJECTED — {outcome['reason']}"
+
+
 def accept_landed(params: Params) -> list[dict[str, Any]]:
-    """Check every landed file; move each to arrivals/ (accepted) or landing/rejected/."""
+    """Check every settled landed file; store it in arrivals/ (accepted) or move it to
+    landing/rejected/. Outcome `status`: accepted, rejected, already accepted (stored by a
+    run that died before removing it), or waiting (still being written)."""
     from pipelines.stages import Layout
 
     layout = Layout.of(params)
     outcomes: list[dict[str, Any]] = []
     with _landing_lock(layout.landing):
-        for path in landed_files(layout.landing):
+        ready, moving = settled(landed_files(layout.landing), params.monitor.settle_seconds)
+        outcomes += [{"file": p.name, "status": "waiting", "accepted": False,
+                      "reason": f"still being written (changed within monitor.settle_seconds="
+                                f"{params.monitor.settle_seconds:g}); left for the next run"} for p in moving]
+        stored_hashes = _stored_hashes(layout.arrivals)
+        for path in ready:
+            signature, digest = _signature(path), file_digest(path)
+            if digest in stored_hashes:
+                path.unlink()
+                outcomes.append({"file": path.name, "status": "already accepted", "accepted": False,
+                                 "stored": stored_hashes[digest]})
+                continue
             try:
                 rows = read_batch(path, params)
                 report = check_batch(rows, params, str(path))
@@ -141,11 +208,16 @@ def accept_landed(params: Params) -> list[dict[str, Any]]:
                 layout.rejected.mkdir(parents=True, exist_ok=True)
                 write_text(str(err) + "\n", layout.rejected / f"{path.name}.reason.txt")
                 os.replace(path, layout.rejected / path.name)
-                outcomes.append({"file": path.name, "accepted": False, "reason": str(err)})
+                outcomes.append({"file": path.name, "status": "rejected", "accepted": False, "reason": str(err)})
+                continue
+            if _signature(path) != signature:  # the writer came back while the file was read
+                outcomes.append({"file": path.name, "status": "waiting", "accepted": False,
+                                 "reason": "changed while it was being read; left for the next run"})
                 continue
             stored = layout.arrivals / f"{_next_sequence(layout.arrivals):06d}-{path.stem}.parquet"
-            write_parquet(rows, stored)
-            path.unlink()
-            outcomes.append({"file": path.name, "accepted": True, "rows": rows.num_rows,
+            write_parquet(rows.replace_schema_metadata({HASH_KEY: digest.encode()}), stored)  # durable first,
+            path.unlink()                                                                        # then removed
+            stored_hashes[digest] = stored.name
+            outcomes.append({"file": path.name, "status": "accepted", "accepted": True, "rows": rows.num_rows,
                              "rows_quarantined": report["rows_quarantined"], "stored": stored.name})
     return outcomes

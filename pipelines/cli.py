@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 app = typer.Typer(help="loopline: data → validated features → tracked models → served predictions.",
+                  rich_markup_mode=None,  # typer 0.29's Rich help prints "<bool>" beside --help with click 8.5
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
@@ -57,6 +58,7 @@ def train(params: ParamsOption = Path("params.yaml"),
           force: Annotated[bool, typer.Option(help="Ignore cached stage results and retrain.")] = False,
           as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False) -> None:
     """Run the training flow (Prefect): data stages, candidate search, guarded promotion."""
+    _params(params)  # a malformed file fails here, before any Prefect start-up
     from flows.training import training_flow
 
     result = training_flow(params_path=str(params), force=force)
@@ -83,14 +85,16 @@ def monitor(params: ParamsOption = Path("params.yaml"),
                                                        "(--no-retrain: decide and record only).")] = True,
             as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False) -> None:
     """Run the monitoring flow: accept landed batches, measure drift and live metrics, retrain if needed."""
+    _params(params)
     from flows.monitoring import monitoring_flow
+    from pipelines.arrivals import describe_batch
 
     result = monitoring_flow(params_path=str(params), trigger="subflow" if retrain else "none")
     if as_json:
         typer.echo(json.dumps(result, default=str))
         return
     for b in result["batches"]:
-        typer.echo(f"batch {b['file']}: " + (f"accepted ({b['rows']} rows)" if b["accepted"] else f"REJECTED — {b['reason']}"))
+        typer.echo(f"batch {b['file']}: {describe_batch(b)}")
     measured, verdict = result["measured"], result["verdict"]
     if measured["status"] != "measured":
         typer.echo(measured["detail"])
@@ -119,10 +123,11 @@ def replay(params: ParamsOption = Path("params.yaml"),
            periods: Annotated[int | None, typer.Option(help="Stop after this many batches.")] = None,
            chart: Annotated[Path | None, typer.Option(help="Also copy the timeline PNG here.")] = None) -> None:
     """Replay 2011: first champion on Jan-Mar, then each later batch served, labelled, monitored, retrained."""
-    from flows.replay import run_replay
-
     if period not in ("month", "week"):
         raise typer.BadParameter(f"--period must be month or week, not {period!r}")
+    _params(params)
+    from flows.replay import run_replay
+
     frame = run_replay(workdir, params, period, train_months, periods, chart, echo=typer.echo)  # type: ignore[arg-type]
     retrains = frame[frame["decision"] == "retrain"]
     typer.echo(f"\n{len(frame)} batches, {len(retrains)} retrains, {int(frame['promoted'].sum())} promotions; "
@@ -132,6 +137,7 @@ def replay(params: ParamsOption = Path("params.yaml"),
 @app.command()
 def deploy(params: ParamsOption = Path("params.yaml")) -> None:
     """Serve the scheduled training and monitoring deployments (cron from `schedule:`) until stopped."""
+    _params(params)
     from flows.deploy import serve_deployments
 
     serve_deployments(params)
@@ -142,10 +148,10 @@ def promote(version: Annotated[str, typer.Argument(help="The model version to ma
             params: ParamsOption = Path("params.yaml")) -> None:
     """Make a registered model version the champion by hand (audited)."""
     from pipelines.registry import promote as promote_version
-    from pipelines.tracking import client_for, tracking_uri
+    from pipelines.tracking import registry_client, tracking_uri
 
     p = _params(params)
-    client, _ = client_for(p)
+    client = registry_client(p)
     replaced = promote_version(client, p.tracking.model_name, version, tracking_uri(p))
     typer.echo(f"{p.tracking.model_name}: champion is v{version} (was {'v' + replaced if replaced else 'none'})")
 
@@ -154,10 +160,10 @@ def promote(version: Annotated[str, typer.Argument(help="The model version to ma
 def rollback(params: ParamsOption = Path("params.yaml")) -> None:
     """Move the champion back to the version it replaced (audited)."""
     from pipelines.registry import rollback as rollback_champion
-    from pipelines.tracking import client_for, tracking_uri
+    from pipelines.tracking import registry_client, tracking_uri
 
     p = _params(params)
-    client, _ = client_for(p)
+    client = registry_client(p)
     old, new = rollback_champion(client, p.tracking.model_name, tracking_uri(p))
     typer.echo(f"{p.tracking.model_name}: champion rolled back from v{old} to v{new}")
 
@@ -212,6 +218,7 @@ def score(input_path: Annotated[Path, typer.Argument(metavar="INPUT.csv", help="
           output_path: Annotated[Path, typer.Argument(metavar="OUTPUT.parquet", help="Where to write predictions.")],
           params: ParamsOption = Path("params.yaml")) -> None:
     """Batch predictions with the champion (a Prefect flow): same checks and preprocessing as serving."""
+    _params(params)
     from flows.scoring import scoring_flow
 
     result = scoring_flow(params_path=str(params), input_path=str(input_path), output_path=str(output_path))
@@ -226,9 +233,17 @@ def check_params(params: ParamsOption = Path("params.yaml")) -> None:
 
 
 def main() -> None:
+    import os
+
     import click
 
     from pipelines.errors import LooplineError
+
+    # Set here, not only by the Makefile: a user running `loopline` from a shell gets no
+    # usage reporting and no telemetry errors from the temporary Prefect API either.
+    for var, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("BENTOML_DO_NOT_TRACK", "true"),
+                       ("GIT_PYTHON_REFRESH", "quiet")):
+        os.environ.setdefault(var, value)
 
     try:
         app(standalone_mode=False)

@@ -85,6 +85,9 @@ class SplitConfig(_Section):
 class TrainConfig(_Section):
     model: str = "hist_gradient_boosting"
     seed: int = 42
+    # Native threads per model fit (OpenMP, BLAS, torch); 0: the cores divided among the
+    # trainings running on this machine at the time (pipelines/threads.py).
+    threads: int = Field(0, ge=0)
     # Per model family: keyword arguments of the scikit-learn estimator.
     hyperparams: dict[str, dict[str, Any]] = {}
 
@@ -160,6 +163,10 @@ class ScheduleConfig(_Section):
 class MonitorConfig(_Section):
     # Where new batches land (CSV or Parquet files); default: <paths.data>/landing.
     landing: Path | None = None
+    # A landed file modified less than this long ago is checked again after the rest of
+    # this many seconds; if it changed meanwhile it is still being written and waits for the
+    # next run (0: no check; writers that write-then-rename need none).
+    settle_seconds: float = Field(2.0, ge=0.0)
     # A column of labelled batches that names the served prediction each row answers
     # (the X-Request-ID of /predict, "<id>-<i>" for /predict_batch). Not a feature.
     id_column: str | None = "request_id"
@@ -195,6 +202,8 @@ class ServeConfig(_Section):
     # How often the service asks the registry whether `champion` moved (0: never; the
     # POST /admin/reload endpoint still works).
     reload_interval_s: float = Field(10.0, ge=0.0)
+    # A request whose answer has not started within this many seconds gets 504.
+    request_timeout_s: float = Field(30.0, gt=0.0)
 
 
 class PathsConfig(_Section):
@@ -295,8 +304,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LooplineError("params", f"{path} does not exist") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise LooplineError("params", f"{path} is not valid YAML: {err.problem}{where}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise LooplineError("params", f"{path} is not valid YAML: {err}") from None
+        raise LooplineError("params", f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(raw, dict):
         raise LooplineError("params", f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     return parse_params(raw, str(path))

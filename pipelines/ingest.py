@@ -21,6 +21,9 @@ from pipelines.errors import LooplineError
 
 STAGE = "ingest"
 SNIFF_BYTES = 1 << 16
+# Longest first: the UTF-32 little-endian mark begins with the UTF-16 one.
+UNICODE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ def _read_header(path: Path) -> list[str]:
         head = fh.read(SNIFF_BYTES)
     if not head:
         raise _fail(path, "the file is empty (0 bytes); expected a CSV file with a header row")
+    for bom, encoding in UNICODE_BOMS:
+        if head.startswith(bom):
+            raise _fail(path, f"the file is {encoding} text (byte-order mark {bom.hex(' ').upper()}), as Excel's "
+                              "\"Unicode text\" saves it; re-export it as CSV UTF-8")
     nul = head.find(b"\x00")
     if nul >= 0:
         raise _fail(path, f"this is not a CSV text file (NUL byte at offset {nul}); "

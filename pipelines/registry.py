@@ -51,12 +51,16 @@ def registry_lock(tracking_uri: str) -> Iterator[None]:
 
 
 def alias_version(client, name: str, alias: str) -> str | None:
+    """The version `alias` points at; None when the model or the alias does not exist. Any
+    other failure (an unreachable or damaged store) is raised, not read as "no alias"."""
     from mlflow.exceptions import MlflowException
 
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def register(client, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:

@@ -67,6 +67,16 @@ def search_candidates(params: Params, train: pd.DataFrame, val: pd.DataFrame,
             candidate.model = None
         return candidate
 
+    from pipelines.threads import training_slot
+
+    with training_slot():  # counted as one training for the whole search, not per fit
+        _search(params, run)
+    assert best is not None  # SearchConfig guarantees at least one candidate
+    return best, candidates
+
+
+def _search(params: Params, run: Callable[[str, str, dict[str, Any]], Candidate]) -> None:
+    metric, higher = params.metric
     for family in params.search.families:
         run(family, family, dict(params.train.hyperparams.get(family, {})))
 
@@ -86,6 +96,3 @@ def search_candidates(params: Params, train: pd.DataFrame, val: pd.DataFrame,
             return run(f"trial-{trial.number}", family, hyperparams).val[metric]
 
         study.optimize(objective, n_trials=params.search.n_trials)
-
-    assert best is not None  # SearchConfig guarantees at least one candidate
-    return best, candidates

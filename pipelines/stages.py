@@ -76,6 +76,12 @@ class Layout:
         return self.data / "processed" / f"{name}.parquet"
 
     @property
+    def flow_cache(self) -> Path:
+        """Prefect's task results and cache records: per workspace, never the user's home,
+        so two clones (or a deleted MLflow store) cannot answer for each other."""
+        return self.data / "cache" / "prefect"
+
+    @property
     def prediction_log(self) -> Path:
         return self.data / "serving" / "predictions.db"
 

@@ -1,7 +1,9 @@
 """Atomic file outputs and content hashes.
 
 Every stage writes through these helpers: the new file appears under its final name only
-once it is complete, so a failed or killed stage leaves the previous good output in place.
+once it is complete and on disk (fsync before the rename, and of the folder after it), so a
+failed, killed or crashed stage leaves the previous good output in place. Files are created
+with the user's umask, as any other tool's outputs.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,17 +22,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success move it over `path` in one step."""
+    """Yield a temporary path beside `path`; on success move it over `path` in one step,
+    durably. The temporary name is a dotfile ending in .tmp, which readers of a folder
+    (the landing folder, DVC) pass over."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode 0666 less the umask
     try:
         yield tmp_path
+        _fsync(tmp_path)
         os.replace(tmp_path, path)
+        _fsync(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -66,7 +79,11 @@ def read_json(path: str | Path) -> Any:
 
 
 def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.md5()
+    return file_digest(path, "md5")
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)

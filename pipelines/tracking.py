@@ -25,7 +25,58 @@ MODEL_ARTIFACT = "model"
 
 
 def tracking_uri(params: Params) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
+    """The configured store (MLFLOW_TRACKING_URI wins); a relative SQLite path is made
+    absolute, so the URI names one store whatever the working directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def sqlite_store(uri: str) -> Path | None:
+    """The database file of a SQLite tracking URI (None for other stores)."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+class StoreMissing(LooplineError):
+    def __init__(self, path: Path):
+        super().__init__("registry", f"tracking store {path} does not exist (tracking.uri); train a model "
+                                     "first (`loopline train`) or point tracking.uri at the store")
+
+
+def registry_client(params: Params):
+    """An MlflowClient for readers of the registry (serving, packaging, scoring): unlike
+    `client_for` it creates nothing, and a SQLite store that is not there is an error
+    (MLflow would silently create an empty one)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(params)
+    store = sqlite_store(uri)
+    if store is not None and not store.is_file():
+        raise StoreMissing(store)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def store_identity(params: Params) -> str:
+    """Which tracking store results were logged to: its URI and the training experiment's
+    id and creation time (a store deleted and created again gets a new one)."""
+    client, experiment_id = client_for(params)
+    created = client.get_experiment(experiment_id).creation_time
+    return f"{tracking_uri(params)}#experiment={experiment_id}@{created}"
+
+
+def logged_run_state(client, run_id: str) -> str:
+    """'registered', 'logged' (the run and its model exist, no model version yet) or
+    'missing' (not in this store, or its model artifact is gone)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+        if not client.list_artifacts(run_id, MODEL_ARTIFACT):
+            return "missing"
+    except MlflowException:
+        return "missing"
+    return "registered" if client.search_model_versions(f"run_id = '{run_id}'") else "logged"
 
 
 def monitoring_experiment(params: Params) -> str:
@@ -51,6 +102,49 @@ def client_for(params: Params, experiment: str | None = None):
             return client, found.experiment_id
         return client, client.create_experiment(
             name, artifact_location=Path(params.tracking.artifact_root).resolve().as_uri())
+
+
+OWNER_TAG = "loopline.owner"
+
+
+def run_owner() -> str:
+    """This process, as a run's owner: host, pid and the process's start time (a pid alone
+    can be reused)."""
+    import socket
+
+    import psutil
+
+    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.3f}"
+
+
+def _owner_alive(owner: str) -> bool:
+    import socket
+
+    import psutil
+
+    host, pid, started = owner.rsplit(":", 2)
+    if host != socket.gethostname():
+        return True  # another machine's process: it cannot be checked from here
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.3f}" == started
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+
+
+def close_orphaned_runs(client, experiment_id: str) -> list[str]:
+    """Mark KILLED the runs left RUNNING by a process of this host that no longer exists
+    (a training killed with SIGKILL cannot close its own runs); returns their ids."""
+    closed = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        owner = run.data.tags.get(OWNER_TAG)
+        if owner is None or _owner_alive(owner):
+            continue
+        client.set_tag(run.info.run_id, "loopline.end_reason",
+                       f"its process ({owner}) ended without closing the run; marked KILLED at "
+                       f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} by the next training ({run_owner()})")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    return closed
 
 
 def flatten(prefix: str, value: Any) -> dict[str, str]:

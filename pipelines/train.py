@@ -68,6 +68,15 @@ def build_model(params: Params, family: str | None = None,
 
 
 def fit_model(model: Pipeline, train: pd.DataFrame, params: Params) -> Pipeline:
+    """Fit on the training rows within this training's share of the cores (pipelines.threads)."""
+    from pipelines.threads import fit_threads, thread_budget, training_slot
+
+    torch_model = isinstance(model[-1], (TorchMLPClassifier, TorchMLPRegressor))
+    with training_slot(), thread_budget(fit_threads(params.train.threads), torch_model):
+        return _fit(model, train, params)
+
+
+def _fit(model: Pipeline, train: pd.DataFrame, params: Params) -> Pipeline:
     X = train[params.features.columns]
     y = train[params.data.target]
     if params.data.task == "classification":

@@ -30,9 +30,9 @@ def build_bento(params: Params) -> tuple[str, str, str]:
 
     from pipelines.model_io import save_model
     from pipelines.registry import CHAMPION, alias_version
-    from pipelines.tracking import client_for, load_model_version
+    from pipelines.tracking import load_model_version, registry_client
 
-    client, _ = client_for(params)
+    client = registry_client(params)
     name = params.tracking.model_name
     version = alias_version(client, name, CHAMPION)
     if version is None:

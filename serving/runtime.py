@@ -38,10 +38,25 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-class NoChampion(LooplineError):
+class Unavailable(LooplineError):
+    """Why the service has no model to serve: the body of its 503 answers."""
+
+    def __init__(self, message: str):
+        super().__init__("serve", message)
+
+
+class NoChampion(Unavailable):
     def __init__(self, model_name: str):
-        super().__init__("serve", f"model {model_name!r} has no version aliased 'champion' yet; "
-                                  "train one (`loopline train`) or promote one (`loopline promote V`)")
+        super().__init__(f"model {model_name!r} has no version aliased 'champion' yet; "
+                         "train one (`loopline train`) or promote one (`loopline promote V`)")
+
+
+class RegistryUnreachable(Unavailable):
+    pass
+
+
+class ChampionLoadFailed(Unavailable):
+    pass
 
 
 @dataclass(frozen=True)
@@ -87,42 +102,90 @@ def predict_frame(served: ServedModel, frame: pd.DataFrame) -> tuple[list[Any], 
 
 
 class RegistrySource:
-    """Loads the registry's champion; one MLflow client for the life of the service (a new
-    client re-opens the SQLite store, too slow to do on every poll)."""
+    """Loads the registry's champion. One MLflow client for the life of the service (a new
+    client re-opens the store, too slow for every poll), reopened when the SQLite file is
+    replaced: a store restored from a backup or renamed over the old one is seen, not the
+    deleted file the pooled connections still hold. A store that is not there is an error:
+    serving never creates one."""
 
     def __init__(self, params: Params):
         self.params = params
         self._client = None
+        self._inode: tuple[int, int] | None = None
 
-    def __call__(self, known_version: str | None) -> ServedModel | None:
-        """The champion if it is not `known_version` (None: no champion, or unchanged)."""
-        from pipelines.registry import CHAMPION, alias_version
-        from pipelines.tracking import client_for, load_model_version
+    def _registry(self):
+        from pipelines.tracking import StoreMissing, registry_client, sqlite_store, tracking_uri
 
+        store = sqlite_store(tracking_uri(self.params))
+        if store is not None:
+            try:
+                stat = store.stat()
+            except FileNotFoundError:
+                self.close()
+                raise RegistryUnreachable(StoreMissing(store).message) from None
+            if (stat.st_dev, stat.st_ino) != self._inode:
+                self.close()
+                self._inode = (stat.st_dev, stat.st_ino)
         if self._client is None:
-            self._client, _ = client_for(self.params)
-        client, name = self._client, self.params.tracking.model_name
-        version = alias_version(client, name, CHAMPION)
-        if version is None or version == known_version:
+            self._client = registry_client(self.params)
+        return self._client
+
+    def close(self) -> None:
+        """Forget the client and close its pooled connections (MLflow keeps one store object
+        per URI in the process, so its engines are disposed, not just dropped)."""
+        if self._client is None:
+            return
+        for store in (self._client._tracking_client.store, self._client._get_registry_client().store):
+            engine = getattr(store, "engine", None)
+            if engine is not None:
+                engine.dispose()
+        self._client = None
+
+    def __call__(self, current: ServedModel | None) -> ServedModel | None:
+        """The champion if it is not the model in service (None: unchanged)."""
+        from pipelines.registry import CHAMPION, alias_version
+        from pipelines.tracking import load_model_version, tracking_uri
+
+        name = self.params.tracking.model_name
+        try:
+            client = self._registry()
+            version = alias_version(client, name, CHAMPION)
+            run_id = client.get_model_version(name, version).run_id if version is not None else None
+        except RegistryUnreachable:
+            raise
+        except Exception as err:  # a damaged or unreachable store: MLflow and SQLAlchemy raise many types
+            self.close()
+            raise RegistryUnreachable(f"tracking store {tracking_uri(self.params)} cannot be read: "
+                                      f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
+        if version is None:
+            raise NoChampion(name)
+        if current is not None and (current.version, current.run_id) == (version, run_id):
             return None
-        model, meta = load_model_version(client, name, version)
-        return ServedModel.of(model, meta, name, version, client.get_model_version(name, version).run_id)
+        try:
+            model, meta = load_model_version(client, name, version)
+        except Exception as err:  # a missing or damaged artifact
+            raise ChampionLoadFailed(f"champion v{version} of {name!r} (run {run_id}) failed to load: "
+                                     f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+        return ServedModel.of(model, meta, name, version, run_id)
 
 
-def load_registry_champion(params: Params) -> ServedModel | None:
-    return RegistrySource(params)(known_version=None)
+def load_registry_champion(params: Params) -> ServedModel:
+    """The champion now, for one-off users (batch scoring, benches); raises Unavailable."""
+    served = RegistrySource(params)(current=None)
+    assert served is not None
+    return served
 
 
 class ChampionHolder:
     """The model in service, swapped atomically when the registry's champion moves."""
 
-    def __init__(self, params: Params, load: Callable[[str | None], ServedModel | None], source: str):
+    def __init__(self, params: Params, load: Callable[[ServedModel | None], ServedModel | None], source: str):
         self.params = params
         self._load = load
         self.source = source
         self.current: ServedModel | None = None
         self.last_check: str | None = None
-        self.last_error: str | None = None
+        self.problem: Unavailable | None = None  # what the last check found wrong, if anything
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -133,11 +196,13 @@ class ChampionHolder:
         with self._refresh_lock:
             known = self.current.version if self.current else None
             try:
-                loaded = self._load(known)
-                self.last_error = None
-            except Exception as err:  # the registry is down or the artifact is bad: keep serving
-                self.last_error = f"{type(err).__name__}: {err}"
-                log.warning("champion refresh failed, still serving v%s: %s", known, self.last_error)
+                loaded = self._load(self.current)
+                self.problem = None
+            except Exception as err:
+                self.problem = err if isinstance(err, Unavailable) else Unavailable(
+                    f"checking for a champion failed: {type(err).__name__}: {err}")
+                log.warning("champion check failed (serving %s): %s",
+                            f"v{known}" if known else "nothing", self.problem.message)
                 return False
             finally:
                 self.last_check = utc_now()
@@ -164,7 +229,7 @@ class ChampionHolder:
     def require(self) -> ServedModel:
         served = self.current
         if served is None:
-            raise NoChampion(self.params.tracking.model_name)
+            raise self.problem or NoChampion(self.params.tracking.model_name)
         return served
 
     def status(self) -> dict[str, Any]:
@@ -173,7 +238,7 @@ class ChampionHolder:
                 "model_version": served.version if served else None,
                 "run_id": served.run_id if served else None,
                 "loaded_at": served.loaded_at if served else None,
-                "last_check": self.last_check, "last_error": self.last_error}
+                "last_check": self.last_check, "last_error": self.problem.message if self.problem else None}
 
 
 class MicroBatcher:

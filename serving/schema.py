@@ -1,8 +1,9 @@
 """The service's request and response models, derived from `schema:` in params.yaml.
 
 A record has exactly the model's feature columns, typed and bounded as the schema says:
-integers must be JSON integers, numbers must be finite, category values must be one of the
-schema's labels, ranges are enforced, unknown fields are refused. A column whose schema
+integers must be whole numbers (8 or 8.0, as JSON Schema's "integer" means, never 8.5, "8"
+or true), numbers must be finite, category values must be one of the schema's labels,
+ranges are enforced, unknown fields are refused. A column whose schema
 allows missing values (`max_null_fraction` > 0) accepts `null` (the model imputes it), but
 every field must be present. The OpenAPI spec BentoML publishes is generated from these
 models, so it documents the real fields.
@@ -15,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from pipelines.config import ColumnSpec, Params
 from pipelines.errors import LooplineError
@@ -28,14 +29,27 @@ def nullable(spec: ColumnSpec) -> bool:
     return spec.max_null_fraction > 0 and spec.missing == "keep"
 
 
+def _whole_number(value: Any) -> Any:
+    """What JSON Schema calls an integer: a number without a fractional part (8.0 is 8);
+    not a string, not a boolean."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("Input should be a whole number")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("Input should be a whole number")
+        return int(value)
+    return value
+
+
 def _field_type(spec: ColumnSpec) -> Any:
-    if spec.values:
-        values = tuple(str(v) for v in spec.values) if spec.type == "category" else tuple(int(v) for v in spec.values)
-        kind: Any = Literal[values]  # type: ignore[valid-type]
+    bounds = {k: v for k, v in (("ge", spec.min), ("le", spec.max)) if v is not None}
+    if spec.type == "category":
+        kind: Any = Literal[tuple(str(v) for v in spec.values or [])]  # type: ignore[misc]
+    elif spec.type == "int":
+        base = Literal[tuple(int(v) for v in spec.values)] if spec.values else int  # type: ignore[misc]
+        kind = Annotated[base, Field(**bounds), BeforeValidator(_whole_number)]
     else:
-        python_type = int if spec.type == "int" else float
-        bounds = {k: v for k, v in (("ge", spec.min), ("le", spec.max)) if v is not None}
-        kind = Annotated[python_type, Field(strict=True, **bounds)]
+        kind = Annotated[float, Field(strict=True, **bounds)]
     if nullable(spec):
         kind = kind | None
     return kind

@@ -15,10 +15,13 @@ message saying how to make one; it picks the champion up as soon as one is regis
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
 import re
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +29,78 @@ import bentoml
 from starlette.responses import JSONResponse
 
 from pipelines.config import load_params, parse_params
-from serving.runtime import (ChampionHolder, MicroBatcher, NoChampion, PredictionLog, ServedModel,
-                             RegistrySource, predict_frame, records_frame)
+from serving.runtime import (ChampionHolder, ChampionLoadFailed, MicroBatcher, PredictionLog, RegistrySource,
+                             ServedModel, Unavailable, predict_frame, records_frame)
 from serving.schema import BatchPrediction, Prediction, ServiceStatus, batch_model, record_model
 
 BENTO_PARAMS_FILE = "params.json"
+
+
+def die_with_parent() -> None:
+    """BentoML starts each worker in a session of its own, so a SIGKILL of the server's
+    process group misses the workers, and an orphan keeps answering on the port. Ask Linux to
+    send a worker SIGTERM (it then shuts down cleanly, flushing the prediction log) when its
+    parent, the `bentoml serve` arbiter, dies."""
+    if not sys.platform.startswith("linux") or "--worker-id" not in sys.argv:
+        return  # not a BentoML worker (the arbiter, a test, a Bento build import this module too)
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    orphaned = os.getppid() == 1 and b"bentoml" not in Path("/proc/1/cmdline").read_bytes()
+    if orphaned:  # the arbiter died before the request above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+die_with_parent()
+
+
+class RequestTimeout:
+    """Answers 504 when a request has not started its response within `timeout` seconds,
+    as BentoML's `TimeoutMiddleware` does, but with a deadline that is cancelled when the
+    request ends. BentoML's keeps a timer (and what it holds) alive for the whole timeout
+    after every request: under sustained load that piled up hundreds of thousands of objects
+    and made each full garbage collection stall requests for 200+ ms. BentoML's config
+    cannot switch it off (traffic.timeout must be positive), so it is replaced here, in the
+    worker, before BentoML builds the app."""
+
+    def __init__(self, app: Any, timeout: float) -> None:
+        self.app, self.timeout = app, timeout
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        import asyncio
+
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        started = False
+        try:
+            async with asyncio.timeout(self.timeout) as deadline:
+                async def send_started(message: dict) -> None:
+                    nonlocal started
+                    if not started:
+                        started = True
+                        deadline.reschedule(None)  # the response has begun: no deadline for the rest
+                    await send(message)
+
+                await self.app(scope, receive, send_started)
+        except TimeoutError:
+            if started:
+                raise
+            body = json.dumps({"error": f"the request was not answered within {self.timeout:g} s "
+                                        "(serve.request_timeout_s)"}).encode()
+            await send({"type": "http.response.start", "status": 504,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+
+def _use_request_timeout() -> None:
+    import bentoml._internal.server.http.traffic as traffic
+
+    traffic.TimeoutMiddleware = RequestTimeout  # looked up by BentoML when it builds the app
+
+
+_use_request_timeout()
 
 
 def _configuration():
@@ -46,6 +116,7 @@ def _configuration():
 PARAMS, BENTO_MODEL = _configuration()
 Record = record_model(PARAMS)
 RecordBatch = batch_model(PARAMS, Record)
+GC_GEN0_THRESHOLD = 20_000
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 BAD_REQUEST_ID = "header X-Request-ID must be 1-64 characters of A-Z a-z 0-9 . _ : -"
 
@@ -60,20 +131,49 @@ def _error(status: int, message: str, ctx: bentoml.Context) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+_HOLDER: list[ChampionHolder] = []  # the worker's holder, for the readiness probe
+
+
+def not_ready_reason() -> str | None:
+    """Why /readyz is 503 (None when a model is in service)."""
+    if not _HOLDER:
+        return "starting"
+    holder = _HOLDER[0]
+    if holder.current is not None:
+        return None
+    try:
+        holder.require()
+    except Unavailable as err:
+        return err.message
+    return None
+
+
 class RequestGuard:
     """ASGI middleware for every POST (the API routes): JSON bodies only (415), and no body
-    larger than `serve.max_body_bytes` (413), checked before anything parses it."""
+    larger than `serve.max_body_bytes` (413), checked before anything parses it. It also
+    answers GET /readyz with the reason when there is no model to serve (BentoML's own
+    probe only says that `__is_ready__` returned False)."""
 
     def __init__(self, app: Any, max_body_bytes: int):
         self.app, self.max = app, max_body_bytes
 
     async def _reject(self, send: Any, status: int, message: str) -> None:
-        body = json.dumps({"error": message}).encode()
+        await self._send_json(send, status, json.dumps({"error": message}).encode())
+
+    async def _send_json(self, send: Any, status: int, body: bytes, headers: list | None = None) -> None:
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                *(headers or [])]})
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            if scope["path"] == "/readyz" and (reason := not_ready_reason()) is not None:
+                return await self._reject(send, 503, reason)
+            if scope["path"] == "/docs.json":
+                return await self._send_json(send, 200, openapi_document())
+            if scope["path"] == "/docs":  # where the README and --help say the UI is; BentoML serves it at /
+                return await self._send_json(send, 307, b"{}", [(b"location", b"/")])
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
@@ -111,15 +211,18 @@ class RequestGuard:
 def _load_bento_model(path: Path):
     from pipelines.model_io import load_model
 
-    def load(known_version: str | None) -> ServedModel | None:
-        if known_version is not None:
+    def load(current: ServedModel | None) -> ServedModel | None:
+        if current is not None:
             return None  # a Bento holds one model
-        model, meta = load_model(path)
+        try:
+            model, meta = load_model(path)
+        except Exception as err:
+            raise ChampionLoadFailed(f"the Bento's model {path} failed to load: {type(err).__name__}: {err}") from None
         return ServedModel.of(model, meta, meta["model_name"], meta["model_version"], meta["run_id"])
     return load
 
 
-@bentoml.service(name="loopline", http={"port": PARAMS.serve.port}, traffic={"timeout": 60},
+@bentoml.service(name="loopline", http={"port": PARAMS.serve.port}, traffic={"timeout": PARAMS.serve.request_timeout_s},
                  logging={"access": {"enabled": False}})
 class Predictor:
     if BENTO_MODEL:
@@ -132,6 +235,7 @@ class Predictor:
             self.holder = ChampionHolder(PARAMS, _load_bento_model(Path(self.bento_model.path)), f"bento {BENTO_MODEL}")
         else:
             self.holder = ChampionHolder(PARAMS, RegistrySource(PARAMS), "registry")
+        _HOLDER[:] = [self.holder]
         self.holder.refresh()
         if not BENTO_MODEL:
             self.holder.start_polling(PARAMS.serve.reload_interval_s)
@@ -141,8 +245,11 @@ class Predictor:
                                     PARAMS.serve.batch_wait_ms / 1000)
         # Everything loaded so far (libraries, the model) lives as long as the process: keep it
         # out of the cyclic GC, whose full collections over it stalled requests for ~0.4 s.
+        # A request allocates a few thousand short-lived container objects; a larger first
+        # generation lets most die before a collection has to look at them.
         gc.collect()
         gc.freeze()
+        gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
 
     def __is_ready__(self) -> bool:
         return self.holder.current is not None
@@ -185,7 +292,7 @@ class Predictor:
             return _error(400, BAD_REQUEST_ID, ctx)
         try:
             return await self.batcher.submit((record, request_id))
-        except NoChampion as err:
+        except Unavailable as err:
             return _error(503, err.message, ctx)
 
     @bentoml.api(route="/predict_batch", input_spec=RecordBatch)
@@ -200,7 +307,7 @@ class Predictor:
         try:
             served, predictions, probabilities = await asyncio.to_thread(
                 self._predict, [r.model_dump() for r in records], request_ids)
-        except NoChampion as err:
+        except Unavailable as err:
             return _error(503, err.message, ctx)
         return BatchPrediction(predictions=predictions, probabilities=probabilities, model_name=served.name,
                                model_version=served.version, run_id=served.run_id, request_ids=request_ids)
@@ -217,6 +324,16 @@ class Predictor:
     def model_info(self) -> ServiceStatus:
         """The model in service, where it came from, and the last registry check."""
         return ServiceStatus(**self.holder.status())
+
+
+@functools.cache
+def openapi_document() -> bytes:
+    from serving.openapi import corrected_spec
+
+    routes = {"/predict": (Record, Prediction), "/predict_batch": (RecordBatch, BatchPrediction),
+              "/model": (None, ServiceStatus), "/admin/reload": (None, ServiceStatus)}
+    spec = corrected_spec(Predictor.openapi_spec.asdict(), routes, {"/predict", "/predict_batch"})
+    return json.dumps(spec).encode()
 
 
 Predictor.add_asgi_middleware(RequestGuard, max_body_bytes=PARAMS.serve.max_body_bytes)

@@ -75,6 +75,18 @@ def serving(params_path: str | Path, extra_args: list[str] = (), log: IO | None 
 
 
 def main() -> None:
+    from pipelines.errors import LooplineError
+
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")  # `make run` sets nothing for us
+
+    try:
+        smoke()
+    except LooplineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def smoke() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()

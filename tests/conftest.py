@@ -173,6 +173,24 @@ def sh(*args: str, cwd: Path) -> str:
     return proc.stdout
 
 
+def copy_of_repo(root: Path, edit=lambda root: None) -> Path:
+    """The repository's files as a fresh clone has them (mtimes kept), `edit`ed, committed
+    in a new git repo at `root`."""
+    import shutil
+
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        if (REPO / rel).is_file():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, root / rel)
+    edit(root)
+    sh("git", "init", "-q", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "clone", cwd=root)
+    return root
+
+
 def client_of(store: Path):
     from mlflow.tracking import MlflowClient
 

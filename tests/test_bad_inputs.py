@@ -63,6 +63,8 @@ FAILING = {
                         ["column 'bikers'", "expect_column_values_to_be_between", "-4.0"]),
     "non_utf8": (_bytes(_non_utf8), "ingest", ["not valid UTF-8", "line 8"]),
     "random_binary": (_bytes(lambda d: os.urandom(4096)), "ingest", ["not a CSV text file"]),
+    "utf16_excel_unicode_text": (_bytes(lambda d: d.decode("utf-8").encode("utf-16")), "ingest",
+                                 ["UTF-16", "re-export it as CSV UTF-8"]),
 }
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, sh
+from conftest import REPO, copy_of_repo, sh
 from pipelines.storage import file_md5
 
 pytestmark = pytest.mark.slow
@@ -22,16 +22,7 @@ OUTPUTS = ["data/interim/clean.parquet", "data/processed/train.parquet", "models
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory) -> Path:
     """The repository's files (as a fresh clone has them) in a new git repo, after `dvc repro`."""
-    root = tmp_path_factory.mktemp("clone") / "loopline"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        if (REPO / rel).is_file():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, root / rel)
-    sh("git", "init", "-q", cwd=root)
-    sh("git", "add", "-A", cwd=root)
-    sh("git", "commit", "-qm", "clone", cwd=root)
+    root = copy_of_repo(tmp_path_factory.mktemp("clone") / "loopline")
     sh("dvc", "repro", cwd=root)
     return root
 

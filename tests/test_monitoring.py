@@ -31,6 +31,7 @@ def write_workspace_params(root: Path, **sections) -> None:
     raw["tracking"] = {"uri": "sqlite:///mlflow.db", "artifact_root": "mlruns", "experiment": "ws",
                        "model_name": "bikes"}
     raw["search"] = SEARCH
+    raw["monitor"] = {"settle_seconds": 0}  # each batch is written whole before monitoring runs
     raw["train"]["hyperparams"]["hist_gradient_boosting"]["max_iter"] = 100
     for section, values in sections.items():
         raw[section] = values
@@ -134,7 +135,7 @@ def test_invalid_batch_is_rejected_and_reaches_nothing(ws):
     ws.land(bad, "broken")
     result = ws.monitor()
     [batch] = result["batches"]
-    assert not batch["accepted"] and "temp" in batch["reason"] and "7.5" in batch["reason"]
+    assert batch["status"] == "rejected" and "temp" in batch["reason"] and "7.5" in batch["reason"]
     rejected = ws.root / "data" / "landing" / "rejected"
     assert (rejected / "broken.csv").is_file() and "temp" in (rejected / "broken.csv.reason.txt").read_text()
     assert not (ws.root / "data" / "landing" / "broken.csv").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -88,14 +89,26 @@ def pyfunc_predictions(params, version: str, frame: pd.DataFrame) -> np.ndarray:
     return np.asarray(mlflow.pyfunc.load_model(local).predict(frame), dtype="float64")
 
 
-def test_without_a_champion_the_service_runs_and_answers_503(service, test_rows, setup):
-    _, _, params = setup
+def test_without_a_store_or_champion_the_service_runs_and_says_why(service, test_rows, setup):
+    from pipelines.tracking import client_for
+
+    tmp, _, params = setup
     body = request_records(test_rows.head(1), params)[0]
-    response = service.post("/predict", json=body)
-    assert response.status_code == 503
-    assert "no version aliased 'champion'" in response.json()["error"] and "loopline train" in response.json()["error"]
-    assert service.post("/predict_batch", json={"records": [body]}).status_code == 503
-    assert service.get("/readyz").status_code == 503 and service.get("/livez").status_code == 200
+    missing = f"tracking store {tmp / 'mlflow.db'} does not exist"
+    for response in (service.post("/predict", json=body), service.get("/readyz"),
+                     service.post("/predict_batch", json={"records": [body]})):
+        assert response.status_code == 503 and missing in response.json()["error"], response.text
+    assert missing in service.post("/model").json()["last_error"]
+    assert service.get("/livez").status_code == 200
+    assert not (tmp / "mlflow.db").exists(), "the service created a tracking store"
+
+    client_for(params)  # the store appears (as a first training makes it), still without a champion
+    deadline = time.monotonic() + 30
+    while "no version aliased 'champion'" not in (answer := service.post("/predict", json=body)).text:
+        assert time.monotonic() < deadline, answer.text
+        time.sleep(0.3)
+    assert answer.status_code == 503 and "loopline train" in answer.json()["error"]
+    assert "no version aliased" in service.get("/readyz").json()["error"]
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +162,8 @@ def test_every_prediction_is_logged_with_inputs_version_and_request_id(service, 
 
 BAD_BODIES = [
     ("wrong type", {"hr": "eight"}, 400, "hr"),
-    ("float for int", {"hr": 8.0}, 400, "hr"),
+    ("fraction for int", {"hr": 8.5}, 400, "hr"),
+    ("boolean for int", {"holiday": False}, 400, "holiday"),
     ("out of range", {"hum": 1.5}, 400, "hum"),
     ("unknown category", {"weathersit": "sunny"}, 400, "weathersit"),
     ("null where not allowed", {"season": None}, 400, "season"),
@@ -255,16 +269,39 @@ def test_hot_reload_switches_version_without_dropping_requests(service, champion
     assert service.post("/admin/reload").json()["model_version"] == v1  # the admin endpoint checks now
 
 
-def test_fuzzing_the_openapi_spec_finds_no_server_error(service, champion_v1, tmp_path):
+def test_sigkill_of_the_server_group_leaves_no_worker_holding_the_port(setup, tmp_path):
+    """`setsid loopline serve & kill -9 -- -$PID`: BentoML's workers run in their own session,
+    so they must die with their parent, not keep the port."""
+    import socket
+
+    import psutil
+
+    _, path, _ = setup
+    port = free_port()
+    proc = start_service(["--params", str(path)], tmp_path, port)
+    wait_for_http(f"http://127.0.0.1:{port}/livez", timeout=120, proc=proc)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert workers, "no worker process to check"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, f"workers outlived the killed server: {[(p.pid, p.cmdline()[-6:]) for p in alive]}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # the port is free for the next `loopline serve`
+
+
+def test_fuzzing_the_openapi_spec_finds_no_failure_of_any_check(service, champion_v1, tmp_path):
+    """Every schemathesis check: no 5xx, responses that match the published spec, schema-valid
+    requests accepted and schema-violating ones refused."""
     report = tmp_path / "fuzz.json"
     result = subprocess.run(
-        [venv_bin("st"), "run", f"{service.base_url}/docs.json", "--checks", "not_a_server_error",
+        [venv_bin("st"), "run", f"{service.base_url}/docs.json", "--checks", "all",
          "--max-examples", "500", "--seed", "1", "--phases", "examples,coverage,fuzzing",
          "--report", "ndjson", "--report-ndjson-path", str(report), "--no-color"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache goes to tmp_path
     assert result.returncode == 0, result.stdout[-4000:]
     cases = int(re.search(r"(\d+) generated", result.stdout).group(1))
-    print(f"schemathesis: {cases} generated requests, no server error")
+    print(f"schemathesis: {cases} generated requests, every check passed")
     assert cases >= 1000, result.stdout[-2000:]
     assert service.get("/readyz").status_code == 200
 

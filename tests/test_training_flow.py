@@ -252,6 +252,9 @@ def test_sigkill_during_training_leaves_registry_and_next_run_completes(prefect_
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not client.search_model_versions("name='bikes'")
+    experiment = client.get_experiment_by_name("test-bikes").experiment_id
+    killed = [r.info.run_id for r in client.search_runs([experiment]) if r.info.status == "RUNNING"]
+    assert killed, "the killed training left no open run to clean up"
 
     fast = flow_params(tmp_path, tmp_path / "bikeshare_sample.csv", search={**slow, "n_trials": 2})
     done = subprocess.run([venv_bin("loopline"), "train", "--params", str(fast)], cwd=REPO, env=_env(prefect_api),
@@ -259,6 +262,11 @@ def test_sigkill_during_training_leaves_registry_and_next_run_completes(prefect_
     assert done.returncode == 0, done.stderr[-3000:]
     assert "v1: promoted to champion" in done.stdout
     assert champion(client) == "1"
+    for run_id in killed:  # the next training closed what the killed one left open, saying why
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED", run.info
+        assert "ended without closing the run" in run.data.tags["loopline.end_reason"]
+    assert not [r for r in client.search_runs([experiment]) if r.info.status == "RUNNING"]
 
 
 def test_two_concurrent_trainings_cannot_both_become_champion(prefect_api, tmp_path):

@@ -1,0 +1,86 @@
+"""`make run`, the README's first command, as a new user meets it: in two clones of the
+project on one machine (one Prefect home, as `~/.prefect` is), twice in a row, and after the
+MLflow store is deleted. Each run must train into its own store, register a champion there,
+and end with a prediction from the packaged Bento."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, copy_of_repo
+
+pytestmark = pytest.mark.slow
+
+VENV = Path(sys.executable).parents[1]
+
+
+def small_search(root: Path) -> None:
+    """A one-family search, so the test is quick."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["search"] = {"families": ["linear"], "n_trials": 0}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_run(root: Path, bentoml_home: Path, api_url: str | None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
+    # A new user's shell: nothing set that loopline should set for itself.
+    for var in ("PREFECT_SERVER_ANALYTICS_ENABLED", "BENTOML_DO_NOT_TRACK", "PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+        env.pop(var, None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return subprocess.run(["make", "--no-print-directory", "run", f"VENV={VENV}", "-o", f"{VENV}/.installed"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+
+
+def champion_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, f"make run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-5000:]
+    assert re.search(r"^-> \{\"prediction\": [0-9.]+", proc.stdout, re.M), proc.stdout[-3000:]
+    return proc.stdout
+
+
+def test_make_run_twice_in_two_clones_and_after_the_store_is_removed(prefect_api, tmp_path):
+    a = copy_of_repo(tmp_path / "a", small_search)  # mtimes kept: make finds the shared venv up to date
+    b = copy_of_repo(tmp_path / "b", small_search)
+    bentoml_home = tmp_path / "bentoml"
+
+    started = make_run(a, bentoml_home, api_url=None)  # the temporary API, as a new user has it
+    first = champion_line(started)
+    assert "bikeshare-demand v1: promoted to champion" in first
+    assert "telemetry" not in started.stderr.lower(), started.stderr[-3000:]
+    again = champion_line(make_run(a, bentoml_home, prefect_api))
+    assert "training skipped" in again and "model_version\": \"1\"" in again
+
+    other = champion_line(make_run(b, bentoml_home, prefect_api))
+    assert "bikeshare-demand v1: promoted to champion" in other, other[-3000:]
+    assert (b / "data" / "cache").is_dir() and (a / "data" / "cache").is_dir()
+
+    shutil.rmtree(b / "mlruns")
+    (b / "mlflow.db").unlink()
+    rebuilt = champion_line(make_run(b, bentoml_home, prefect_api))
+    assert "bikeshare-demand v1: promoted to champion" in rebuilt, rebuilt[-3000:]
+
+
+def test_smoke_step_without_a_champion_prints_one_line(tmp_path):
+    """The end of `make run` when there is nothing to package: one line, exit 2."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["tracking"] = {**params["tracking"], "uri": f"sqlite:///{tmp_path}/mlflow.db",
+                          "artifact_root": str(tmp_path / "mlruns")}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = subprocess.run([sys.executable, "-m", "serving.smoke", "--params", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: registry: tracking store {tmp_path / 'mlflow.db'} does not exist (tracking.uri); train a model "
+        "first (`loopline train`) or point tracking.uri at the store"]
+    assert not (tmp_path / "mlflow.db").exists()
