@@ -26,12 +26,15 @@ run: install
 	$(BIN)/loopline train
 	$(BIN)/python -m serving.smoke
 
+# Test modules are spread over $(TEST_WORKERS) worker processes (pytest-xdist), a module per
+# worker at a time: the suite waits on servers and subprocesses as much as it computes.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Unit tests only (no DVC repro in a temp clone, no servers).
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # Re-resolve requirements.lock from pyproject.toml (needs the package index).
 lock: install

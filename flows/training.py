@@ -21,7 +21,7 @@ from pipelines import stages
 from pipelines.config import load_params
 from pipelines.errors import LooplineError
 
-DATA_STAGES = ("ingest", "clean", "validate", "split")
+DATA_STAGES = ("params", "ingest", "clean", "validate", "split")
 SEARCH_CODE = [Path("pipelines") / f for f in ("search.py", "train.py", "threads.py", "features.py", "torch_model.py",
                                                "evaluate.py", "model_io.py", "tracking.py")]
 REFERENCE_ARTIFACT = "reference/reference.parquet"  # the champion's training rows, for drift
@@ -59,17 +59,23 @@ def _stage_task(stage: str):
 STAGE_TASKS = {stage: _stage_task(stage) for stage in DATA_STAGES}
 
 
-def _search_key(context, parameters: dict[str, Any]) -> str:
-    """The splits, the code and params the search reads, and the tracking store its runs
-    and model go to: a result logged to another store must not stand in for this one."""
+def training_fingerprint(params) -> str:
+    """What a search's result depends on: the splits' bytes, its code and the params it reads.
+    Tagged on every registered version: the same fingerprint is the same model."""
     from pipelines.lineage import fingerprint
+
+    layout = stages.Layout.of(params)
+    splits = [layout.split_file(name) for name in ("train", "val", "test")]
+    return fingerprint([*splits, *SEARCH_CODE], SEARCH_PARAMS, params, salt="search")
+
+
+def _search_key(context, parameters: dict[str, Any]) -> str:
+    """The training fingerprint and the tracking store its runs and model go to: a result
+    logged to another store must not stand in for this one."""
     from pipelines.tracking import store_identity
 
     params = load_params(parameters["params_path"])
-    layout = stages.Layout.of(params)
-    splits = [layout.split_file(name) for name in ("train", "val", "test")]
-    return fingerprint([*splits, *SEARCH_CODE], SEARCH_PARAMS, params,
-                       salt=f"search|{store_identity(params)}")
+    return f"{training_fingerprint(params)}|{store_identity(params)}"
 
 
 @task(name="search-candidates", cache_key_fn=_search_key, persist_result=True)
@@ -150,6 +156,7 @@ def search_task(params_path: str, flow_run_id: str) -> dict[str, Any]:
         client.set_terminated(parent_id, status="FAILED")
         raise
     return {"parent_run_id": parent_id, "best_run_id": best_run, "best": best.name, "family": best.family,
+            "fingerprint": training_fingerprint(params),
             "model_uri": model_uri, "metric": metric, "val": best.val, "test": test_metrics,
             "candidates": candidates, "data_md5": clean_md5, "git_commit": lineage["git_commit"],
             "timings": timings}
@@ -176,15 +183,27 @@ def register_task(params_path: str, trained: dict[str, Any]) -> dict[str, Any]:
     """Register the best model as `challenger`; promote it to `champion` only if it beats the
     champion re-scored on the same test rows."""
     from pipelines.evaluate import score
-    from pipelines.registry import promote_if_better, register
+    from pipelines.registry import CHAMPION, alias_version, promote_if_better, register
     from pipelines.tracking import client_for, load_model_version, tracking_uri
 
     params = load_params(params_path)
     client, _ = client_for(params)
     name = params.tracking.model_name
     metric, higher = params.metric
+    champion = alias_version(client, name, CHAMPION)
+    if champion is not None:
+        champion_tags = client.get_model_version(name, champion).tags
+        if champion_tags.get("loopline.training_fingerprint") == trained["fingerprint"]:
+            reason = (f"identical to champion v{champion}: same data, params and code (training fingerprint "
+                      f"{trained['fingerprint'][:12]}); nothing new to register")
+            client.set_tag(trained["parent_run_id"], "loopline.decision", "nothing new")
+            client.set_tag(trained["parent_run_id"], "loopline.decision_reason", reason)
+            return {"promoted": False, "version": champion, "champion_before": champion, "metric": metric,
+                    "challenger_value": trained["test"][metric], "champion_value": trained["test"][metric],
+                    "reason": reason, "model_name": name, "registered": False}
     tags = {"loopline.data_md5": trained["data_md5"], "loopline.git_commit": trained["git_commit"],
-            f"loopline.test_{metric}": str(trained["test"][metric]), "loopline.candidate": trained["best"]}
+            f"loopline.test_{metric}": str(trained["test"][metric]), "loopline.candidate": trained["best"],
+            "loopline.training_fingerprint": trained["fingerprint"]}
     version = register(client, name, trained["model_uri"], trained["best_run_id"], tags)
     test = stages.read_split(params, "test", "register")
 
@@ -198,7 +217,7 @@ def register_task(params_path: str, trained: dict[str, Any]) -> dict[str, Any]:
     client.set_tag(trained["parent_run_id"], "loopline.decision", "promoted" if decision.promoted else "rejected")
     client.set_tag(trained["parent_run_id"], "loopline.decision_reason", decision.reason)
     client.set_tag(trained["parent_run_id"], "loopline.model_version", version)
-    return decision.as_dict() | {"model_name": name}
+    return decision.as_dict() | {"model_name": name, "registered": True}
 
 
 def summary_markdown(result: dict[str, Any]) -> str:
@@ -278,8 +297,10 @@ def training_flow(params_path: str = "params.yaml", force: bool = False,
         started = time.perf_counter()
         decision = register_task(params_path, trained)
         timings["register and promote"] = time.perf_counter() - started
-        decision["outcome"] = "promoted to champion" if decision["promoted"] else "kept the champion"
-        logger.info("Registered %s v%s: %s", decision["model_name"], decision["version"], decision["reason"])
+        decision["outcome"] = ("promoted to champion" if decision["promoted"] else
+                               "kept the champion" if decision["registered"] else "nothing new")
+        logger.info("%s v%s: %s — %s", decision["model_name"], decision["version"], decision["outcome"],
+                    decision["reason"])
     result = {**summary, "trained": trained, "training_cached": skipped, "decision": decision,
               "timings": {k: round(v, 3) for k, v in timings.items()}}
     create_markdown_artifact(summary_markdown(result), key="training-summary",

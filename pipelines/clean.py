@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.config import CleanConfig, ColumnSpec, DataConfig, SchemaConfig
+from pipelines.config import LABEL_SPACE, CleanConfig, ColumnSpec, DataConfig, SchemaConfig, label_key
 from pipelines.errors import LooplineError
 
 STAGE = "clean"
@@ -44,13 +44,13 @@ def _to_number(text: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return values, bad | infinite
 
 
-def _to_category(text: pa.ChunkedArray, allowed: list) -> pa.DictionaryArray:
-    """Trim and match labels case-insensitively to the allowed spelling; keep unknown labels
-    as they are (validate reports them). Works on the distinct labels only."""
-    encoded = pc.dictionary_encode(pc.utf8_trim_whitespace(text)).combine_chunks()
-    spelling = {str(v).lower(): str(v) for v in allowed}
-    labels = [spelling.get(v.lower(), v) for v in encoded.dictionary.to_pylist()]
-    categories = [str(v) for v in allowed] + sorted(set(labels) - set(spelling.values()))
+def _to_category(text: pa.ChunkedArray, spec: ColumnSpec) -> pa.DictionaryArray:
+    """Match labels to the schema's spelling by the one label rule (config.label_key); keep
+    unknown labels, trimmed, as they are (validate reports them). Works on the distinct labels only."""
+    encoded = pc.dictionary_encode(pc.utf8_trim(text, characters=LABEL_SPACE)).combine_chunks()
+    spelling = spec.labels()
+    labels = [spelling.get(label_key(v), v) for v in encoded.dictionary.to_pylist()]
+    categories = list(spelling.values()) + sorted(set(labels) - set(spelling.values()))
     position = {c: i for i, c in enumerate(categories)}
     remap = np.array([position[label] for label in labels] + [-1], dtype=np.int32)
     codes = remap[encoded.indices.fill_null(len(labels)).to_numpy(zero_copy_only=False)]
@@ -59,7 +59,7 @@ def _to_category(text: pa.ChunkedArray, allowed: list) -> pa.DictionaryArray:
 
 def _type_column(text: pa.ChunkedArray, spec: ColumnSpec) -> tuple[pa.Array, np.ndarray, str]:
     if spec.type == "category":
-        return _to_category(text, spec.values or []), np.zeros(len(text), dtype=bool), ""
+        return _to_category(text, spec), np.zeros(len(text), dtype=bool), ""
     values, bad = _to_number(text)
     reason = "not a number"
     if spec.type == "int":

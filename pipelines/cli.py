@@ -14,13 +14,42 @@ app = typer.Typer(help="loopline: data → validated features → tracked models
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
-STAGE_NAMES = ("ingest", "clean", "validate", "split", "train", "evaluate")
+STAGE_NAMES = ("params", "ingest", "clean", "validate", "split", "train", "evaluate")
 
 
 def _params(path: Path):
     from pipelines.config import load_params
 
     return load_params(path)
+
+
+def _console_without_expected_errors() -> None:
+    """Prefect logs a failed task or flow run with its traceback. For an expected failure
+    (bad data, bad params, no champion: a LooplineError) the CLI prints the one line that
+    matters and exits with 2, so the console skips those records; Prefect's API still stores
+    them for its UI. The temporary API's start-up message loses its second line, a pointer
+    to Prefect's docs. Called once Prefect is imported, whose logging set-up adds the handler."""
+    import logging
+
+    from pipelines.errors import LooplineError
+
+    class SkipExpected(logging.Filter):
+        seen: set[str] = set()  # texts of the expected errors, quoted again by the "Failed" state lines
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            error = record.exc_info[1] if record.exc_info else None
+            if isinstance(error, LooplineError):
+                self.seen.add(str(error))
+                return False
+            message = record.getMessage()
+            if message.startswith("Starting temporary server on"):
+                record.msg, record.args = message.split("\n", 1)[0], None
+            return not any(text in message for text in self.seen)
+
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler" and not any(
+                isinstance(f, SkipExpected) for f in handler.filters):
+            handler.addFilter(SkipExpected())
 
 
 def _metrics_table(metrics: dict) -> str:
@@ -61,6 +90,7 @@ def train(params: ParamsOption = Path("params.yaml"),
     _params(params)  # a malformed file fails here, before any Prefect start-up
     from flows.training import training_flow
 
+    _console_without_expected_errors()
     result = training_flow(params_path=str(params), force=force)
     if as_json:
         typer.echo(json.dumps(result, default=str))
@@ -89,6 +119,7 @@ def monitor(params: ParamsOption = Path("params.yaml"),
     from flows.monitoring import monitoring_flow
     from pipelines.arrivals import describe_batch
 
+    _console_without_expected_errors()
     result = monitoring_flow(params_path=str(params), trigger="subflow" if retrain else "none")
     if as_json:
         typer.echo(json.dumps(result, default=str))
@@ -128,6 +159,8 @@ def replay(params: ParamsOption = Path("params.yaml"),
     _params(params)
     from flows.replay import run_replay
 
+    _console_without_expected_errors()
+
     frame = run_replay(workdir, params, period, train_months, periods, chart, echo=typer.echo)  # type: ignore[arg-type]
     retrains = frame[frame["decision"] == "retrain"]
     typer.echo(f"\n{len(frame)} batches, {len(retrains)} retrains, {int(frame['promoted'].sum())} promotions; "
@@ -140,7 +173,7 @@ def deploy(params: ParamsOption = Path("params.yaml")) -> None:
     _params(params)
     from flows.deploy import serve_deployments
 
-    serve_deployments(params)
+    serve_deployments(params, echo=typer.echo)
 
 
 @app.command()
@@ -153,7 +186,10 @@ def promote(version: Annotated[str, typer.Argument(help="The model version to ma
     p = _params(params)
     client = registry_client(p)
     replaced = promote_version(client, p.tracking.model_name, version, tracking_uri(p))
-    typer.echo(f"{p.tracking.model_name}: champion is v{version} (was {'v' + replaced if replaced else 'none'})")
+    if replaced == version:
+        typer.echo(f"{p.tracking.model_name}: v{version} is already the champion; nothing changed")
+    else:
+        typer.echo(f"{p.tracking.model_name}: champion is v{version} (was {'v' + replaced if replaced else 'none'})")
 
 
 @app.command()
@@ -208,9 +244,9 @@ def package(params: ParamsOption = Path("params.yaml")) -> None:
     """Build a Bento holding the current champion (serving/bentofile.yaml); prints its tag."""
     from serving.package import build_bento
 
-    tag, model_tag, version = build_bento(_params(params))
-    typer.echo(f"bento {tag}: {model_tag} (registry version {version}); serve it with "
-               f"`loopline serve --bento {tag}`, containerize it with `bentoml containerize {tag}`")
+    tag, model_tag, version, built = build_bento(_params(params))
+    typer.echo(f"bento {tag}: {model_tag} (registry version {version}; {'built' if built else 'unchanged, reused'}); "
+               f"serve it with `loopline serve --bento {tag}`, containerize it with `bentoml containerize {tag}`")
 
 
 @app.command()
@@ -221,6 +257,7 @@ def score(input_path: Annotated[Path, typer.Argument(metavar="INPUT.csv", help="
     _params(params)
     from flows.scoring import scoring_flow
 
+    _console_without_expected_errors()
     result = scoring_flow(params_path=str(params), input_path=str(input_path), output_path=str(output_path))
     typer.echo(f"scored {result['rows']} rows with {result['model_name']} v{result['model_version']} "
                f"-> {result['output']}")
@@ -228,8 +265,10 @@ def score(input_path: Annotated[Path, typer.Argument(metavar="INPUT.csv", help="
 
 @app.command("check-params")
 def check_params(params: ParamsOption = Path("params.yaml")) -> None:
-    """Validate a params file and print it with defaults filled in."""
-    typer.echo(json.dumps(_params(params).model_dump(mode="json", by_alias=True), indent=2))
+    """Validate a params file and print it, as YAML, with defaults filled in."""
+    import yaml
+
+    typer.echo(yaml.safe_dump(_params(params).model_dump(mode="json", by_alias=True), sort_keys=False), nl=False)
 
 
 def main() -> None:

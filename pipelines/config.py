@@ -17,6 +17,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+LABEL_SPACE = " \t\n\r\f\v"  # what a category label may be padded with
+
+
+def label_key(text: str) -> str:
+    """The one rule for category labels everywhere (clean, serving, batch scoring): surrounding
+    white space and letter case do not matter."""
+    return text.strip(LABEL_SPACE).lower()
+
+
 class ColumnSpec(_Section):
     type: Literal["int", "float", "category"]
     min: float | None = None
@@ -27,6 +36,10 @@ class ColumnSpec(_Section):
     # What clean does with a missing value: keep it (imputed inside the model) or
     # quarantine the row. The target's missing values are always quarantined.
     missing: Literal["keep", "quarantine"] = "keep"
+
+    def labels(self) -> dict[str, str]:
+        """label_key -> the schema's spelling, for a category column."""
+        return {label_key(str(v)): str(v) for v in self.values or []}
 
     @model_validator(mode="after")
     def _check(self) -> ColumnSpec:

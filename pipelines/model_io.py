@@ -4,8 +4,10 @@ skops refuses to instantiate types that are not trusted. We never trust everythi
 allowlist below names exactly what loopline's pipelines contain, and a file that asks for
 anything else is refused with the offending types named (a tampered or foreign file).
 skops names objects by their memory address and stamps the zip with the time; we renumber
-the addresses in order of appearance and fix the timestamps, so the same model always gives
-the same bytes, which keeps `dvc repro` outputs and their hashes reproducible.
+the addresses in order of appearance and fix the timestamps, and leave out the one fact of
+the fitting machine a model keeps (HistGradientBoosting's bin mapper records how many OpenMP
+threads it was fitted with), so the same model always gives the same bytes, whatever the
+machine's load: `dvc repro` outputs and their hashes stay reproducible.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import io
 import re
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +26,51 @@ from pipelines.storage import read_json, write_bytes, write_json
 MODEL_FILE = "model.skops"
 META_FILE = "model.json"
 
+# Every type loopline's pipelines contain, for every family and task. skops is imported
+# without its default list of all scikit-learn estimators (see `skops_io`), so these are
+# the only classes a model file may instantiate.
 TRUSTED_TYPES = frozenset({
     "numpy.dtype",
     "pipelines.features.CyclicalEncoder",
     "pipelines.torch_model.TorchMLPClassifier",
     "pipelines.torch_model.TorchMLPRegressor",
+    "sklearn.compose._column_transformer.ColumnTransformer",
+    "sklearn.ensemble._forest.RandomForestClassifier",
+    "sklearn.ensemble._forest.RandomForestRegressor",
+    "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingClassifier",
+    "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingRegressor",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.impute._base.SimpleImputer",
+    "sklearn.linear_model._logistic.LogisticRegression",
+    "sklearn.linear_model._ridge.Ridge",
+    "sklearn.pipeline.Pipeline",
+    "sklearn.preprocessing._data.StandardScaler",
+    "sklearn.preprocessing._encoders.OneHotEncoder",
+    "sklearn.preprocessing._label.LabelEncoder",
+    "sklearn.tree._classes.DecisionTreeClassifier",
+    "sklearn.tree._classes.DecisionTreeRegressor",
     "sklearn.tree._tree.Tree",
 })
+
+
+def skops_io():
+    """`skops.io`, imported without building its default trust list: at import it walks every
+    scikit-learn module (importing torch on the way) to list all estimators, 2-4 s in every
+    process that loads a model, for a list loopline never relies on: every load passes
+    TRUSTED_TYPES instead."""
+    import sys
+
+    if "skops.io" in sys.modules:
+        return sys.modules["skops.io"]
+    import sklearn.utils
+
+    every_estimator = sklearn.utils.all_estimators
+    sklearn.utils.all_estimators = lambda *args, **kwargs: []
+    try:
+        import skops.io
+    finally:
+        sklearn.utils.all_estimators = every_estimator
+    return skops.io
 
 
 _ID = re.compile(r'(?<="__id__": )\d+|\b\d+(?=\.npy\b)')
@@ -55,15 +96,30 @@ def _canonical_zip(data: bytes) -> bytes:
     return out.getvalue()
 
 
-def dumps_model(model: Any) -> bytes:
-    import skops.io as sio
+@contextmanager
+def _without_fit_environment(model: Any) -> Iterator[None]:
+    """Set aside, for the dump, what the fit's environment left in the model: the thread
+    count of a HistGradientBoosting bin mapper (used while fitting only; None is its default)."""
+    steps = model.steps if hasattr(model, "steps") else [(None, model)]
+    mappers = [step._bin_mapper for _, step in steps if hasattr(step, "_bin_mapper")]
+    kept = [m.n_threads for m in mappers]
+    for mapper in mappers:
+        mapper.n_threads = None
+    try:
+        yield
+    finally:
+        for mapper, threads in zip(mappers, kept):
+            mapper.n_threads = threads
 
-    return _canonical_zip(sio.dumps(model))
+
+def dumps_model(model: Any) -> bytes:
+    sio = skops_io()
+    with _without_fit_environment(model):
+        return _canonical_zip(sio.dumps(model))
 
 
 def loads_model(data: bytes, source: str = "model") -> Any:
-    import skops.io as sio
-
+    sio = skops_io()
     try:
         needed = set(sio.get_untrusted_types(data=data))
     except (zipfile.BadZipFile, KeyError, ValueError) as err:

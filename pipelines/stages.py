@@ -76,6 +76,13 @@ class Layout:
         return self.data / "processed" / f"{name}.parquet"
 
     @property
+    def params_checked(self) -> Path:
+        """Written by the first DVC stage once the params file passes its checks; every other
+        stage depends on it, so a malformed file stops `dvc repro` before any stage's outputs
+        are removed. Its content never changes, so it invalidates nothing downstream."""
+        return self.data / "params.ok"
+
+    @property
     def flow_cache(self) -> Path:
         """Prefect's task results and cache records: per workspace, never the user's home,
         so two clones (or a deleted MLflow store) cannot answer for each other."""
@@ -107,6 +114,12 @@ def _read(path: Path, stage: str) -> pd.DataFrame:
 def read_split(params: Params, name: str, stage: str = "train") -> pd.DataFrame:
     """One of the train / val / test splits as a DataFrame."""
     return _read(Layout.of(params).split_file(name), stage)
+
+
+def check_params(params: Params) -> dict[str, Any]:
+    """The params file loaded and passed every check (it was, to get here): record that."""
+    write_text("the params file passed loopline's checks\n", Layout.of(params).params_checked)
+    return {"valid": True}
 
 
 def ingest(params: Params) -> dict[str, Any]:
@@ -222,7 +235,7 @@ def evaluate(params: Params) -> dict[str, Any]:
 
 
 STAGES: dict[str, Callable[[Params], dict[str, Any]]] = {
-    "ingest": ingest, "clean": clean, "validate": validate,
+    "params": check_params, "ingest": ingest, "clean": clean, "validate": validate,
     "split": split, "train": train, "evaluate": evaluate,
 }
 

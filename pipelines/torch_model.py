@@ -118,6 +118,18 @@ class _TorchMLP(BaseEstimator):
         return digest.hexdigest()[:20]
 
     def fit(self, X, y):
+        """On the CPU, with PyTorch's deterministic algorithms: the same data, parameters and
+        seed give the same weights in any process and at any thread count (tested)."""
+        import torch
+
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(before or pick_device(self.device).type == "cpu")
+        try:
+            return self._fit(X, y)
+        finally:
+            torch.use_deterministic_algorithms(before)
+
+    def _fit(self, X, y):
         import torch
         from torch.nn.parallel import DistributedDataParallel
 
@@ -195,7 +207,7 @@ class _TorchMLP(BaseEstimator):
                 val_out = module(X_val).float()
             val_metric = self._val_metric(val_out, y_val)
             seconds = time.perf_counter() - started
-            history.append({"epoch": epoch, "train/loss": float(loss_sum) / len(order), self._metric_name: val_metric,
+            history.append({"epoch": epoch, "train_loss": float(loss_sum) / len(order), self._metric_name: val_metric,
                             "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
                             "samples_per_s": len(order) / seconds})
             if val_metric < best_metric:
@@ -251,7 +263,7 @@ class _TorchMLP(BaseEstimator):
 
 
 class TorchMLPRegressor(RegressorMixin, _TorchMLP):
-    _metric_name = "val/rmse"
+    _metric_name = "early_stopping_rmse"
 
     def _encode_targets(self, y: np.ndarray) -> tuple[np.ndarray, int]:
         y = y.astype(np.float64)
@@ -271,7 +283,7 @@ class TorchMLPRegressor(RegressorMixin, _TorchMLP):
 
 
 class TorchMLPClassifier(ClassifierMixin, _TorchMLP):
-    _metric_name = "val/log_loss"
+    _metric_name = "early_stopping_log_loss"
 
     def _encode_targets(self, y: np.ndarray) -> tuple[np.ndarray, int]:
         labels = y.astype(str)

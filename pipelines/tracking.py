@@ -172,7 +172,7 @@ def log_dict_batch(client, run_id: str, params: dict[str, str] | None = None,
 
 
 def log_history(client, run_id: str, history: list[dict[str, float]]) -> None:
-    """Per-epoch curves (train/loss, val/<metric>, lr, epoch_seconds, samples_per_s), step = epoch."""
+    """Per-epoch curves (train_loss, early_stopping_<metric>, lr, epoch_seconds, samples_per_s), step = epoch."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -195,12 +195,12 @@ def log_model(client, run_id: str, model: Any, example: pd.DataFrame, metadata: 
     """Save the fitted pipeline as an MLflow model into `run_id`; returns its runs:/ URI."""
     import mlflow.sklearn
     import skops
-    import skops.io as sio
     import sklearn
     from mlflow.models import infer_signature
 
-    from pipelines.model_io import dumps_model
+    from pipelines.model_io import dumps_model, skops_io
 
+    sio = skops_io()  # before mlflow.sklearn imports it the slow way
     needed = sorted(sio.get_untrusted_types(data=dumps_model(model)))
     example = plain_frame(example)
     signature = infer_signature(example, model.predict(example))

@@ -107,6 +107,8 @@ def validate_frame(df: pd.DataFrame, schema: SchemaConfig, source: str = "data")
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    # This one sets INFO on itself ("Created temporary directory ... for ephemeral docs site").
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch_def = (context.data_sources.add_pandas("loopline")

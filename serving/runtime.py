@@ -197,12 +197,16 @@ class ChampionHolder:
             known = self.current.version if self.current else None
             try:
                 loaded = self._load(self.current)
+                if self.problem is not None:
+                    log.info("champion check works again: %s", self.problem.message)
                 self.problem = None
             except Exception as err:
+                before = self.problem.message if self.problem else None
                 self.problem = err if isinstance(err, Unavailable) else Unavailable(
                     f"checking for a champion failed: {type(err).__name__}: {err}")
-                log.warning("champion check failed (serving %s): %s",
-                            f"v{known}" if known else "nothing", self.problem.message)
+                if self.problem.message != before:  # once per change, not once per poll
+                    log.warning("champion check failed (serving %s): %s",
+                                f"v{known}" if known else "nothing", self.problem.message)
                 return False
             finally:
                 self.last_check = utc_now()

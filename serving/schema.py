@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
 
-from pipelines.config import ColumnSpec, Params
+from pipelines.config import LABEL_SPACE, ColumnSpec, Params, label_key
 from pipelines.errors import LooplineError
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
@@ -41,10 +41,35 @@ def _whole_number(value: Any) -> Any:
     return value
 
 
+def _label_pattern(labels: list[str]) -> str:
+    """A JSON Schema (ECMA-262) pattern for the label rule: any letter case, surrounding
+    white space allowed."""
+    def letter(c: str) -> str:
+        if c.lower() != c.upper():
+            return f"[{c.lower()}{c.upper()}]"
+        return "\\" + c if c in "\\^$.|?*+()[]{}" else c
+    space = "[ \\t\\n\\r\\f\\v]*"
+    return f"^{space}(" + "|".join("".join(letter(c) for c in label) for label in labels) + f"){space}$"
+
+
+def _category(spec: ColumnSpec) -> Any:
+    """The schema's labels, matched by the one label rule (config.label_key) and returned in
+    the schema's spelling; the JSON schema says exactly what is accepted."""
+    spelling = spec.labels()
+
+    def canonical(value: Any) -> Any:
+        return spelling.get(label_key(value), value) if isinstance(value, str) else value
+
+    labels = list(spelling.values())
+    shown = {"type": "string", "pattern": _label_pattern(labels), "examples": labels[:1],
+             "description": f"one of {labels} (letter case and surrounding white space do not matter)"}
+    return Annotated[Literal[tuple(labels)], BeforeValidator(canonical), WithJsonSchema(shown)]  # type: ignore[misc]
+
+
 def _field_type(spec: ColumnSpec) -> Any:
     bounds = {k: v for k, v in (("ge", spec.min), ("le", spec.max)) if v is not None}
     if spec.type == "category":
-        kind: Any = Literal[tuple(str(v) for v in spec.values or [])]  # type: ignore[misc]
+        kind: Any = _category(spec)
     elif spec.type == "int":
         base = Literal[tuple(int(v) for v in spec.values)] if spec.values else int  # type: ignore[misc]
         kind = Annotated[base, Field(**bounds), BeforeValidator(_whole_number)]
@@ -128,12 +153,12 @@ def check_records(frame: pd.DataFrame, params: Params, source: str) -> pd.DataFr
                                              f"e.g. row {row + 1}: {value!r}")
 
         if spec.type == "category":
-            values = raw.astype("string").str.strip()
+            text = raw.astype("string")
+            labels = text.str.strip(LABEL_SPACE).str.lower().map(spec.labels())  # the one label rule
             if not nullable(spec):
-                fail(values.isna().to_numpy(), "missing (null is not allowed here)")
-            fail((values.notna() & ~values.isin([str(v) for v in spec.values or []])).to_numpy(),
-                 f"not one of {spec.values}")
-            out[name] = values.astype(object).where(values.notna(), None)
+                fail(text.isna().to_numpy(), "missing (null is not allowed here)")
+            fail((text.notna() & labels.isna()).to_numpy(), f"not one of {spec.values}")
+            out[name] = labels.astype(object).where(labels.notna(), None)
             continue
         values = pd.to_numeric(raw, errors="coerce").astype("float64")
         fail((raw.notna() & values.isna()).to_numpy(), "not a number")

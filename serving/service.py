@@ -15,9 +15,11 @@ message saying how to make one; it picks the champion up as soon as one is regis
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import gc
 import json
+import logging
 import os
 import re
 import signal
@@ -132,6 +134,34 @@ def _error(status: int, message: str, ctx: bentoml.Context) -> JSONResponse:
 
 
 _HOLDER: list[ChampionHolder] = []  # the worker's holder, for the readiness probe
+REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("loopline_request", default="-")
+log = logging.getLogger("loopline.serving")
+logging.getLogger("loopline").setLevel(logging.INFO)  # model switches belong in the service log
+
+
+def rejected(path: str, status: int, why: str) -> None:
+    """One WARNING line per refused request: the client's mistake, not the server's."""
+    log.warning("rejected %s (%d, request id %s): %s", path, status, REQUEST.get(), why)
+
+
+class ClientErrorsAsWarnings(logging.Filter):
+    """BentoML logs a request that fails validation as ERROR "Exception on /predict" with the
+    pydantic traceback; a bad request is the client's mistake, worth one WARNING line naming
+    the request id, the fields and their rules."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pydantic import ValidationError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, ValidationError):
+            return True
+        fields = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['type']} ({e['msg']})"
+                           for e in error.errors(include_url=False)[:5])
+        rejected(str(record.args[0]) if record.args else "?", 400, fields)
+        return False
+
+
+logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorsAsWarnings())
 
 
 def not_ready_reason() -> str | None:
@@ -157,7 +187,9 @@ class RequestGuard:
     def __init__(self, app: Any, max_body_bytes: int):
         self.app, self.max = app, max_body_bytes
 
-    async def _reject(self, send: Any, status: int, message: str) -> None:
+    async def _reject(self, send: Any, status: int, message: str, path: str | None = None) -> None:
+        if path is not None:
+            rejected(path, status, message)
         await self._send_json(send, status, json.dumps({"error": message}).encode())
 
     async def _send_json(self, send: Any, status: int, body: bytes, headers: list | None = None) -> None:
@@ -177,13 +209,16 @@ class RequestGuard:
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        REQUEST.set(headers.get(b"x-request-id", b"-").decode("latin-1")[:64])
+        path = scope["path"]
         media = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
         if media != b"application/json":
-            return await self._reject(send, 415, f"send JSON (Content-Type: application/json), not {media.decode('latin-1')!r}")
+            return await self._reject(send, 415, f"send JSON (Content-Type: application/json), not "
+                                                 f"{media.decode('latin-1')!r}", path)
         too_big = f"request body is larger than serve.max_body_bytes ({self.max} bytes)"
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max:
-            return await self._reject(send, 413, too_big)
+            return await self._reject(send, 413, too_big, path)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -192,7 +227,7 @@ class RequestGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max:
-                return await self._reject(send, 413, too_big)
+                return await self._reject(send, 413, too_big, path)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -289,6 +324,7 @@ class Predictor:
         An `X-Request-ID` header (1-64 of A-Z a-z 0-9 . _ : -) names the prediction in the log."""
         request_id = self._request_id(ctx)
         if request_id is None:
+            rejected("/predict", 400, BAD_REQUEST_ID)
             return _error(400, BAD_REQUEST_ID, ctx)
         try:
             return await self.batcher.submit((record, request_id))
@@ -302,6 +338,7 @@ class Predictor:
 
         request_id = self._request_id(ctx)
         if request_id is None:
+            rejected("/predict_batch", 400, BAD_REQUEST_ID)
             return _error(400, BAD_REQUEST_ID, ctx)
         request_ids = [f"{request_id}-{i}" for i in range(len(records))]
         try:

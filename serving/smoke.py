@@ -93,8 +93,8 @@ def smoke() -> None:
     from serving.package import build_bento
 
     params = load_params(args.params)
-    tag, model_tag, version = build_bento(params)
-    print(f"packaged {params.tracking.model_name} v{version} as Bento {tag} (model {model_tag})")
+    tag, _, version, built = build_bento(params)
+    print(f"packaged {params.tracking.model_name} v{version} as Bento {tag}" + ("" if built else " (unchanged: reused)"))
     with serving(args.params, ["--bento", tag]) as url:
         record = request_records(read_split(params, "test", "smoke").head(1), params)[0]
         answer = post(f"{url}/predict", record)

@@ -25,6 +25,8 @@ os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
+# Prefect servers the tests start create scheduled runs within seconds, not once a minute.
+os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "5"
 
 from serving.smoke import free_port  # noqa: E402,F401  (re-exported for tests and bench)
 

@@ -53,7 +53,7 @@ def test_a_batch_still_being_written_waits_until_it_settles(landing_params):
     from pipelines.arrivals import accept_landed
     from pipelines.stages import Layout
 
-    params = landing_params(settle_seconds=1.0)
+    params = landing_params(settle_seconds=2.0)  # well above the writer's 0.25 s pauses, even on a busy machine
     landing = Layout.of(params).landing
     landing.mkdir(parents=True)
     target = landing / "live.csv"

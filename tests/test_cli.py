@@ -66,3 +66,32 @@ def test_help_is_quick_and_shows_no_type_placeholders():
     proc, seconds = run(["--help"])
     assert proc.returncode == 0 and "train" in proc.stdout and "<bool>" not in proc.stdout
     assert seconds < 5
+
+
+@pytest.mark.slow
+def test_expected_errors_inside_flows_print_one_line(prefect_api, tmp_path):
+    """Bad data met inside a flow (a validation failure in training, a missing column in
+    batch scoring): the error line and exit 2, no Prefect traceback or ERROR records."""
+    import os
+
+    import pandas as pd
+
+    from conftest import bikeshare_sample, tracking_section, write_params
+
+    source = bikeshare_sample(tmp_path, 600)
+    frame = pd.read_csv(source)
+    frame.loc[7, "hum"] = 5.5
+    frame.to_csv(source, index=False)
+    params = write_params(tmp_path, source, tracking=tracking_section(tmp_path),
+                          search={"families": ["linear"], "n_trials": 0})
+    frame.drop(columns=["hum"]).to_csv(tmp_path / "no_hum.csv", index=False)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    cases = {("train",): "error: validate: 1 of ", ("score", str(tmp_path / "no_hum.csv"), str(tmp_path / "out.parquet")):
+             "error: score: " + f"{tmp_path / 'no_hum.csv'}: missing column(s) ['hum']"}
+    for args, expected in cases.items():
+        proc = subprocess.run([venv_bin("loopline"), *args, "--params", str(params)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and "| ERROR" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(expected), proc.stderr[-2000:]
+    assert not (tmp_path / "out.parquet").exists()

@@ -75,3 +75,13 @@ def test_cli_reports_bad_params_without_traceback(tmp_path, capsys):
     assert code == 2
     assert "train.hyperparms: unknown key" in err
     assert "Traceback" not in err
+
+
+def test_check_params_prints_the_file_as_yaml_with_defaults(capsys):
+    from conftest import run_cli
+
+    code, out, _ = run_cli("check-params", "--params", "params.yaml", capsys=capsys)
+    assert code == 0
+    printed = yaml.safe_load(out)
+    assert printed["train"]["model"] == "hist_gradient_boosting" and printed["serve"]["port"] == 3000  # a default
+    assert load_params("params.yaml").model_dump(mode="json", by_alias=True) == printed

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, copy_of_repo, sh
+from conftest import REPO, copy_of_repo, git_env, sh
 from pipelines.storage import file_md5
 
 pytestmark = pytest.mark.slow
@@ -34,13 +33,10 @@ def test_repro_matches_committed_lock_and_metrics(clone):
     assert sh("git", "status", "--porcelain", cwd=clone).strip() == ""
 
 
-def test_second_repro_is_a_fast_no_op(clone):
-    started = time.perf_counter()
+def test_second_repro_is_a_no_op(clone):
     out = sh("dvc", "repro", cwd=clone)
-    elapsed = time.perf_counter() - started
     assert "Data and pipelines are up to date" in out
     assert "Running stage" not in out
-    assert elapsed < 3.0, f"no-op dvc repro took {elapsed:.2f}s"
 
 
 def test_metrics_and_plots(clone):
@@ -76,6 +72,12 @@ def test_experiment_variant_and_params_diff(clone):
     assert metrics["test"]["rmse"] < metrics["test"]["baseline_rmse"]
     exps = sh("dvc", "exp", "show", "--json", cwd=clone)
     assert "linear" in exps
+    # The README's invocation: what varies between the experiments, the test metrics first.
+    header = sh("dvc", "exp", "show", "--only-changed", "--drop", "/|params\\.yaml", "--csv",
+                cwd=clone).splitlines()[0].split(",")
+    shown = [c for c in header if c not in ("Experiment", "rev", "typ", "Created", "parent", "State", "Executor")]
+    assert shown[0] == "test.mae" and "test.rmse" in shown and "train.model" in shown, shown
+    assert len(shown) < 20 and not any(c.startswith(("rows_", "schema.")) for c in shown), shown
 
 
 def test_torch_experiment_runs_through_the_same_stages(clone):
@@ -85,3 +87,19 @@ def test_torch_experiment_runs_through_the_same_stages(clone):
     metrics = json.loads((clone / "models/metrics.json").read_text())
     assert meta["family"] == "torch_mlp"
     assert metrics["test"]["rmse"] < metrics["test"]["baseline_rmse"]
+
+
+def test_malformed_params_fail_before_any_output_is_removed(clone):
+    """DVC removes a stage's outputs before running it: a params file that only the split
+    stage would refuse used to leave data/processed/ deleted."""
+    kept = OUTPUTS + ["data/processed/val.parquet", "data/processed/test.parquet", "models/metrics.json"]
+    before = {p: file_md5(clone / p) for p in kept}
+    original = (clone / "params.yaml").read_text()
+    assert "val_fraction: 0.15" in original
+    (clone / "params.yaml").write_text(original.replace("val_fraction: 0.15", "val_fraction: 2"))
+    proc = subprocess.run(["dvc", "repro"], cwd=clone, env=git_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "split.val_fraction" in proc.stdout + proc.stderr, proc.stdout[-2000:]
+    assert {p: file_md5(clone / p) for p in kept} == before
+    (clone / "params.yaml").write_text(original)
+    sh("dvc", "repro", cwd=clone)
+    assert {p: file_md5(clone / p) for p in kept} == before

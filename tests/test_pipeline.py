@@ -52,6 +52,10 @@ def test_model_bytes_are_reproducible(bikeshare_run):
     params, _ = bikeshare_run
     model, _ = load_model(stages.Layout.of(params).models)
     assert dumps_model(model) == dumps_model(model)
+    fitted_threads = model[-1]._bin_mapper.n_threads
+    model[-1]._bin_mapper.n_threads = 7  # as if fitted on a machine with other trainings running
+    assert dumps_model(model) == dumps_model(loads_model(dumps_model(model)))
+    model[-1]._bin_mapper.n_threads = fitted_threads
 
 
 def test_model_file_with_untrusted_type_is_refused(bikeshare_run):

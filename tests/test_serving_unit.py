@@ -31,6 +31,8 @@ def test_record_model_has_exactly_the_feature_columns(params):
     assert list(Record.model_fields) == params.features.columns
     assert Record(**GOOD).hr == 8
     assert Record(**{**GOOD, "hr": 8.0, "season": 1.0}).model_dump() == Record(**GOOD).model_dump()  # JSON's 8.0 is 8
+    # Category labels follow clean's rule: letter case and surrounding white space do not matter.
+    assert Record(**{**GOOD, "weathersit": " Clear\t", "mnth": "JAN"}).model_dump() == Record(**GOOD).model_dump()
     assert Record(**{**GOOD, "temp": None}).temp is None  # temp may be missing (imputed)
 
 
@@ -70,7 +72,7 @@ def test_batch_model_limits_the_number_of_records(params):
 
 
 def test_check_records_types_a_good_file_and_names_the_first_bad_value(params):
-    frame = pd.DataFrame([GOOD, {**GOOD, "temp": None, "weathersit": " cloudy/misty "}, {**GOOD, "extra": "x"}])
+    frame = pd.DataFrame([GOOD, {**GOOD, "temp": None, "weathersit": " Cloudy/Misty "}, {**GOOD, "extra": "x"}])
     checked = check_records(frame, params, "in.csv")
     assert list(checked.columns) == params.features.columns
     assert checked["hr"].dtype == "float64" and math.isnan(checked["temp"].iloc[1])

@@ -50,8 +50,8 @@ def test_learns_bikeshare_better_than_naive_baseline_and_reloads(bike):
     mlp = model[-1]
     assert isinstance(mlp, TorchMLPRegressor) and mlp.device_ == "cpu"
     history = mlp.history_
-    assert {"train/loss", "val/rmse", "lr", "epoch_seconds", "samples_per_s"} <= set(history[0])
-    assert history[-1]["train/loss"] < history[0]["train/loss"]
+    assert {"train_loss", "early_stopping_rmse", "lr", "epoch_seconds", "samples_per_s"} <= set(history[0])
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
     test = pd.read_parquet(stages.Layout.of(bike).split_file("test"))
     again = loads_model(dumps_model(model))
     np.testing.assert_array_equal(again.predict(test[meta["features"]]), model.predict(test[meta["features"]]))
@@ -71,7 +71,7 @@ def test_early_stopping_keeps_the_best_weights():
     X, y = _data(1500)
     mlp = TorchMLPRegressor(hidden_sizes=[256, 256], epochs=300, patience=3, lr=0.05, dropout=0.0,
                             batch_size=64, device="cpu").fit(X, y)
-    val = [h["val/rmse"] for h in mlp.history_]
+    val = [h["early_stopping_rmse"] for h in mlp.history_]
     assert mlp.stopped_early_ and len(val) < 300
     assert mlp.best_epoch_ == int(np.argmin(val)) and mlp.best_epoch_ == len(val) - 1 - 3
     n_val = int(round(len(X) * 0.1))
@@ -152,3 +152,29 @@ def test_trains_on_gpu_with_bf16():
     gpu_rmse = np.sqrt(np.mean((mlp.predict(X) - y) ** 2))
     cpu_rmse = np.sqrt(np.mean((cpu.predict(X) - y) ** 2))
     assert gpu_rmse < 1.5 * cpu_rmse
+
+
+DETERMINISM = """
+import sys, hashlib, numpy as np, torch
+sys.path[:0] = [{repo!r}, {repo!r} + "/tests"]
+torch.set_num_threads({threads})
+from test_torch import _data
+from pipelines.torch_model import TorchMLPRegressor
+X, y = _data(4000)
+m = TorchMLPRegressor(hidden_sizes=[64, 32], epochs=6, batch_size=128, device="cpu", checkpoint_dir={ckpt!r}).fit(X, y)
+print(hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes() for v in m.weights_.values())).hexdigest())
+"""
+
+
+def test_cpu_training_is_the_same_in_every_process_and_thread_count(tmp_path):
+    """Same data, params and seed give the same weights: in separate processes, with one or
+    two threads, and for two fits of the same model running at once on one checkpoint folder
+    (the second trains without a checkpoint rather than resume from the first's)."""
+    def launch(threads: int) -> subprocess.Popen:
+        script = DETERMINISM.format(repo=str(REPO), threads=threads, ckpt=str(tmp_path / "ckpt"))
+        return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+
+    together = [launch(1), launch(2)]  # at once, sharing the checkpoint folder
+    digests = [p.communicate(timeout=300)[0].strip() for p in together]
+    digests.append(launch(2).communicate(timeout=300)[0].strip())
+    assert len(set(digests)) == 1 and len(digests[0]) == 64, digests

@@ -91,10 +91,27 @@ def test_second_run_on_unchanged_inputs_skips_training(first_run):
 
     tmp, params, result = first_run
     again = training_flow(params_path=str(params))
-    assert again["cached"] == ["ingest", "clean", "validate", "split"]
+    assert again["cached"] == ["params", "ingest", "clean", "validate", "split"]
     assert again["training_cached"] and again["decision"]["outcome"] == "skipped"
     assert again["trained"]["parent_run_id"] == result["trained"]["parent_run_id"]
     assert len(client_of(tmp).search_model_versions("name='bikes'")) == 1
+
+
+def test_an_identical_model_is_nothing_new_even_without_the_cache(first_run):
+    """The cache gone (another machine, `rm -rf data/cache`), the same data, params and code
+    train the same model again: it is not registered as a new version."""
+    import shutil
+
+    from flows.training import training_flow
+
+    tmp, params, result = first_run
+    shutil.rmtree(tmp / "data" / "cache")
+    again = training_flow(params_path=str(params))
+    assert not again["training_cached"] and again["decision"]["outcome"] == "nothing new"
+    assert "identical to champion v1" in again["decision"]["reason"]
+    assert len(client_of(tmp).search_model_versions("name='bikes'")) == 1
+    parent = client_of(tmp).get_run(again["trained"]["parent_run_id"])
+    assert parent.data.tags["loopline.decision"] == "nothing new"
 
 
 def test_param_change_retrains_only_what_depends_on_it(first_run):
@@ -104,7 +121,7 @@ def test_param_change_retrains_only_what_depends_on_it(first_run):
     changed = flow_params(tmp, tmp / "bikeshare_sample.csv", search={**SMALL_SEARCH, "n_trials": 3})
     assert changed == params
     again = training_flow(params_path=str(changed))
-    assert again["cached"] == ["ingest", "clean", "validate", "split"]
+    assert again["cached"] == ["params", "ingest", "clean", "validate", "split"]
     assert not again["training_cached"]
     assert again["decision"]["version"] == "2"
     assert len(again["trained"]["candidates"]) == 5
@@ -140,6 +157,9 @@ def test_cli_promote_and_rollback_are_audited(first_run, capsys):
     assert code == 0, err
     assert champion(client) == target
     assert f"replacing v{before}" in client.get_model_version("bikes", target).tags["loopline.promoted"]
+    code, out, err = run_cli("promote", target, "--params", str(params), capsys=capsys)
+    assert code == 0 and f"v{target} is already the champion; nothing changed" in out
+    assert f"replacing v{target}" not in client.get_model_version("bikes", target).tags["loopline.promoted"]
     code, out, err = run_cli("rollback", "--params", str(params), capsys=capsys)
     assert code == 0, err
     assert champion(client) == before and f"from v{target} to v{before}" in out
@@ -185,9 +205,9 @@ def test_torch_candidate_logs_epoch_curves_and_registers_a_servable_model(prefec
     result = training_flow(params_path=str(params))
     client = client_of(tmp_path)
     run_id = result["trained"]["best_run_id"]
-    curve = client.get_metric_history(run_id, "val/rmse")
+    curve = client.get_metric_history(run_id, "early_stopping_rmse")
     assert [m.step for m in curve] == list(range(12))
-    assert len(client.get_metric_history(run_id, "train/loss")) == 12
+    assert len(client.get_metric_history(run_id, "train_loss")) == 12
     assert client.get_run(run_id).data.tags["device"] == "cpu"
     assert {"torch/state_dict.pt", "torch/preprocess.skops"} <= {
         a.path for a in client.list_artifacts(run_id, "torch")}
@@ -292,62 +312,3 @@ def test_two_concurrent_trainings_cannot_both_become_champion(prefect_api, tmp_p
     later = next(r for r in reasons if "first model" not in r)
     assert "champion v" in later  # the second decision compared against the first champion
     assert champion(client) in {"1", "2"}
-
-
-def test_deploy_serves_scheduled_training_and_monitoring_on_a_real_server(prefect_api, tmp_path):
-    """Both deployments registered with their crons; a monitoring run on a drifted batch
-    starts the training deployment, which registers a new version."""
-    import asyncio
-
-    import pandas as pd
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
-
-    from conftest import BIKESHARE
-
-    params = flow_params(tmp_path, bikeshare_sample(tmp_path),
-                         search={"families": ["linear"], "n_trials": 0},
-                         schedule={"training": "15 4 * * 2", "monitoring": "30 * * * *", "timezone": "UTC"})
-    proc = subprocess.Popen([venv_bin("loopline"), "deploy", "--params", str(params)], cwd=REPO,
-                            env=_env(prefect_api), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        async def deployment(name: str):
-            async with get_client() as client:
-                return await client.read_deployment_by_name(name)
-
-        deadline = time.monotonic() + 120
-        deps: dict = {}
-        while len(deps) < 2 and time.monotonic() < deadline:
-            assert proc.poll() is None, "loopline deploy exited"
-            try:
-                deps = {n: asyncio.run(deployment(n)) for n in ("training/scheduled-training",
-                                                                 "monitoring/scheduled-monitoring")}
-            except Exception:
-                time.sleep(1)
-        assert len(deps) == 2, "deployments never appeared"
-        training, monitoring = deps["training/scheduled-training"], deps["monitoring/scheduled-monitoring"]
-        assert [s.schedule.cron for s in training.schedules] == ["15 4 * * 2"]
-        assert [s.schedule.cron for s in monitoring.schedules] == ["30 * * * *"]
-        assert training.parameters["params_path"] == str(params)
-        assert monitoring.parameters == {"params_path": str(params), "trigger": "deployment"}
-        run = run_deployment("training/scheduled-training", timeout=300)
-        assert run.state.is_completed(), run.state
-        assert champion(client_of(tmp_path)) == "1"
-
-        july = pd.read_csv(BIKESHARE).query("mnth == 'July'").head(400)
-        (tmp_path / "data" / "landing").mkdir(parents=True)
-        july.assign(request_id=[f"july-{i}" for i in range(len(july))]).to_csv(
-            tmp_path / "data" / "landing" / "july.csv", index=False)
-        run = run_deployment("monitoring/scheduled-monitoring", timeout=300)
-        assert run.state.is_completed(), run.state
-        deadline = time.monotonic() + 240  # the training deployment it started runs in `loopline deploy`
-        while len(client_of(tmp_path).search_model_versions("name='bikes'")) < 2:
-            assert time.monotonic() < deadline, "the retrain started by monitoring never registered a version"
-            time.sleep(2)
-        monitoring_runs = client_of(tmp_path).search_runs(
-            [client_of(tmp_path).get_experiment_by_name("test-bikes-monitoring").experiment_id])
-        assert [r.data.tags["loopline.decision"] for r in monitoring_runs] == ["retrain"]
-        assert monitoring_runs[0].data.tags["loopline.training_outcome"] == "started"
-    finally:
-        stop(proc)

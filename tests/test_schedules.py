@@ -1,0 +1,152 @@
+"""Schedules that fire. `loopline deploy` serves the training deployment on a cron of every
+minute, against a real `prefect server` and against the local server it starts by itself
+when PREFECT_API_URL is unset; in both, a run created by the server's scheduler (not
+triggered by hand) must appear and complete. This is the guard against the next
+incompatible pin: prefect 3.8 with SQLAlchemy 2.1 created no scheduled run at all. On the
+real server, a monitoring run then retrains through the training deployment. Last, each
+`loopline deploy` must stop within seconds on SIGTERM / SIGINT to its group."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, bikeshare_sample, tracking_section, venv_bin, write_params
+
+pytestmark = pytest.mark.slow
+
+EVERY_MINUTE = {"training": "* * * * *", "monitoring": None, "timezone": "UTC"}
+
+
+def deploy(tmp: Path, api_url: str | None, schedule: dict = EVERY_MINUTE) -> tuple[subprocess.Popen, Path]:
+    params = write_params(tmp, bikeshare_sample(tmp, 1000), search={"families": ["linear"], "n_trials": 0},
+                          tracking=tracking_section(tmp), schedule=schedule)
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    log = tmp / "deploy.log"
+    proc = subprocess.Popen([venv_bin("loopline"), "deploy", "--params", str(params)], cwd=REPO, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, log
+
+
+def api_url_of(proc: subprocess.Popen, log: Path) -> str:
+    """The URL of the local server `loopline deploy` started (it prints it)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        found = re.search(r"Prefect API: (http://\S+/api)", log.read_text())
+        if found:
+            return found.group(1)
+        time.sleep(0.5)
+    raise TimeoutError(log.read_text()[-3000:])
+
+
+async def scheduled_runs(api_url: str) -> list:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    async with PrefectClient(api=api_url) as client:
+        try:
+            await client.read_deployment_by_name("training/scheduled-training")
+        except Exception:
+            return []
+        runs = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["scheduled-training"])))
+        return [r for r in runs if r.auto_scheduled]
+
+
+def wait_for_completed_scheduled_run(api_url: str, proc: subprocess.Popen, log: Path, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"loopline deploy exited:\n{log.read_text()[-3000:]}"
+        runs = asyncio.run(scheduled_runs(api_url))
+        done = [r for r in runs if r.state is not None and r.state.is_completed()]
+        if done:
+            return done[0]
+        failed = [r for r in runs if r.state is not None and r.state.is_final()]
+        assert not failed, f"a scheduled run ended {failed[0].state}:\n{log.read_text()[-3000:]}"
+        time.sleep(3)
+    raise TimeoutError(f"no scheduled run completed within {timeout:.0f}s on {api_url}:\n{log.read_text()[-3000:]}")
+
+
+def stops_within(proc: subprocess.Popen, sig: int, seconds: float) -> float:
+    started = time.monotonic()
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"loopline deploy did not stop within {seconds}s of {signal.Signals(sig).name}") from None
+    return time.monotonic() - started
+
+
+async def read_deployment(name: str):
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return await client.read_deployment_by_name(name)
+
+
+def monitoring_retrains_through_the_training_deployment(tmp: Path) -> None:
+    """A drifted batch, a monitoring run started by hand: it decides to retrain and starts the
+    training deployment, which this `loopline deploy` runs and which registers v2."""
+    import pandas as pd
+    from prefect.deployments import run_deployment
+
+    from conftest import BIKESHARE, client_of
+
+    july = pd.read_csv(BIKESHARE).query("mnth == 'July'").head(400)
+    (tmp / "data" / "landing").mkdir(parents=True, exist_ok=True)
+    july.assign(request_id=[f"july-{i}" for i in range(len(july))]).to_csv(
+        tmp / "data" / "landing" / "july.csv", index=False)
+    run = run_deployment("monitoring/scheduled-monitoring", timeout=300)
+    assert run.state.is_completed(), run.state
+    deadline = time.monotonic() + 240
+    while len(client_of(tmp).search_model_versions("name='bikes'")) < 2:
+        assert time.monotonic() < deadline, "the retrain started by monitoring never registered a version"
+        time.sleep(2)
+    client = client_of(tmp)
+    [monitoring] = client.search_runs([client.get_experiment_by_name("test-bikes-monitoring").experiment_id])
+    assert monitoring.data.tags["loopline.decision"] == "retrain"
+    assert monitoring.data.tags["loopline.training_outcome"] == "started"
+
+
+def test_scheduled_runs_fire_and_deploy_stops_cleanly(prefect_api, tmp_path):
+    own_dir, local_dir = tmp_path / "server", tmp_path / "local"
+    own_dir.mkdir(), local_dir.mkdir()
+    on_server, server_log = deploy(own_dir, prefect_api, {**EVERY_MINUTE, "monitoring": "30 * * * *"})
+    on_local, local_log = deploy(local_dir, None)
+    try:
+        local_api = api_url_of(on_local, local_log)
+        assert local_api != prefect_api
+        for api, proc, log in ((prefect_api, on_server, server_log), (local_api, on_local, local_log)):
+            run = wait_for_completed_scheduled_run(api, proc, log)
+            assert run.auto_scheduled and run.state.is_completed()
+            assert run.expected_start_time.second == 0  # made for a minute boundary by the cron
+        training = asyncio.run(read_deployment("training/scheduled-training"))
+        monitoring = asyncio.run(read_deployment("monitoring/scheduled-monitoring"))
+        assert [s.schedule.cron for s in training.schedules] == ["* * * * *"]
+        assert [s.schedule.cron for s in monitoring.schedules] == ["30 * * * *"]
+        assert training.parameters["params_path"] == str(own_dir / "params.yaml")
+        assert monitoring.parameters == {"params_path": str(own_dir / "params.yaml"), "trigger": "deployment"}
+        monitoring_retrains_through_the_training_deployment(own_dir)
+    finally:
+        stopped = [stops_within(on_server, signal.SIGTERM, 15), stops_within(on_local, signal.SIGINT, 15)]
+    assert on_server.returncode == 0 and on_local.returncode == 0, (server_log.read_text()[-2000:],
+                                                                   local_log.read_text()[-2000:])
+    assert "Traceback" not in server_log.read_text() + local_log.read_text()
+    print(f"loopline deploy stopped in {stopped[0]:.1f}s (SIGTERM) and {stopped[1]:.1f}s (SIGINT)")
+    from urllib.request import urlopen
+
+    with pytest.raises(OSError):  # the local server went with it
+        urlopen(f"{local_api}/health", timeout=2)
