@@ -58,10 +58,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="loopline-concurrent-") as tmp:
         print(f"{args.rows:,} rows per training, {available_cores()} cores")
         print(f"{'thread budget':<34}{'series s':>10}{'together s':>12}{'together / series':>19}")
-        for label, threads in (("every core per fit (threads: cores)", available_cores()),
-                               ("divided among trainings (default)", 0)):
-            a, b = (params_file(Path(tmp) / f"{threads}-{name}", args.rows, seed, threads)
-                    for name, seed in (("a", 1), ("b", 2)))
+        for label, threads in (
+            ("every core per fit (threads: cores)", available_cores()),
+            ("divided among trainings (default)", 0),
+        ):
+            a, b = (
+                params_file(Path(tmp) / f"{threads}-{name}", args.rows, seed, threads)
+                for name, seed in (("a", 1), ("b", 2))
+            )
             run = [[str(BIN / "loopline"), "run", "--params", str(p)] for p in (a, b)]
             series = timed(run[:1]) + timed(run[1:])
             together = timed(run)

@@ -32,6 +32,7 @@ PLAIN = """
 import sys, time, json
 t0 = time.perf_counter()
 from pipelines import stages
+from pipelines.layout import Layout
 from pipelines.config import load_params
 from pipelines.search import search_candidates
 from pipelines.evaluate import naive_baseline, score
@@ -41,7 +42,7 @@ seconds = {"imports": time.perf_counter() - t0}
 for name in ("ingest", "clean", "validate", "split"):
     t = time.perf_counter(); stages.STAGES[name](params); seconds[name] = time.perf_counter() - t
 t = time.perf_counter()
-layout = stages.Layout.of(params)
+layout = Layout.of(params)
 train, val, test = (pq.read_table(layout.split_file(n)).to_pandas() for n in ("train", "val", "test"))
 best, _ = search_candidates(params, train, val)
 metrics, _ = score(best.model, test, params.features.columns, params.data.target, params.data.task,
@@ -58,8 +59,12 @@ def write_params(workdir: Path, source: Path) -> Path:
     raw["paths"] = {"data": str(workdir / "data"), "models": str(workdir / "models")}
     raw["search"] = {"families": ["hist_gradient_boosting"], "n_trials": 0}
     raw["train"]["hyperparams"]["hist_gradient_boosting"] = HYPERPARAMS
-    raw["tracking"] = {"uri": f"sqlite:///{workdir}/mlflow.db", "artifact_root": str(workdir / "mlruns"),
-                       "experiment": "bench", "model_name": "bench"}
+    raw["tracking"] = {
+        "uri": f"sqlite:///{workdir}/mlflow.db",
+        "artifact_root": str(workdir / "mlruns"),
+        "experiment": "bench",
+        "model_name": "bench",
+    }
     path = workdir / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -96,39 +101,62 @@ def measure(rows: int, server_url: str) -> dict:
         flow_s, flow_out = timed_process(train, env)
         flow = json.loads(flow_out.strip().splitlines()[-1])
         served_s, _ = timed_process(train, dict(env, PREFECT_API_URL=server_url))
-        empty_s, _ = timed_process([sys.executable, "-c",
-                                    "from prefect import flow\n@flow\ndef empty(): pass\nempty()"], env)
-        return {"rows": rows or 8645, "plain_s": plain_s, "flow_s": flow_s, "served_s": served_s,
-                "empty_flow_s": empty_s, "plain": plain["seconds"], "flow": flow["timings"],
-                "same_model": abs(plain["test_rmse"] - flow["trained"]["test"]["rmse"]) < 1e-6}
+        empty_s, _ = timed_process(
+            [sys.executable, "-c", "from prefect import flow\n@flow\ndef empty(): pass\nempty()"], env
+        )
+        return {
+            "rows": rows or 8645,
+            "plain_s": plain_s,
+            "flow_s": flow_s,
+            "served_s": served_s,
+            "empty_flow_s": empty_s,
+            "plain": plain["seconds"],
+            "flow": flow["timings"],
+            "same_model": abs(plain["test_rmse"] - flow.trained.test["rmse"]) < 1e-6,
+        }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="+", default=[0, 1_000_000],
-                        help="synthetic row counts; 0 means the bundled Bikeshare data")
+    parser.add_argument(
+        "--rows",
+        type=int,
+        nargs="+",
+        default=[0, 1_000_000],
+        help="synthetic row counts; 0 means the bundled Bikeshare data",
+    )
     args = parser.parse_args()
-    from tests.conftest import free_port, stop, wait_for_http
+    from serving.harness import free_port, stop, wait_for_http
 
     port = free_port()
     home = tempfile.mkdtemp(prefix="loopline-overhead-prefect-")
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=dict(os.environ, PREFECT_HOME=home, PREFECT_SERVER_ANALYTICS_ENABLED="false"),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=dict(os.environ, PREFECT_HOME=home, PREFECT_SERVER_ANALYTICS_ENABLED="false"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}/api"
         wait_for_http(f"{url}/health", timeout=120, proc=server)
         results = [measure(rows, url) for rows in args.rows]
     finally:
         stop(server)
-    print(f"{'rows':>10} {'plain s':>9} {'flow s':>9} {'ratio':>7} {'flow s, running server':>24} {'ratio':>7}  same model")
+    print(
+        f"{'rows':>10} {'plain s':>9} {'flow s':>9} {'ratio':>7} {'flow s, running server':>24} {'ratio':>7}  same model"
+    )
     for r in results:
-        print(f"{r['rows']:>10,} {r['plain_s']:>9.1f} {r['flow_s']:>9.1f} {r['flow_s'] / r['plain_s']:>7.2f} "
-              f"{r['served_s']:>24.1f} {r['served_s'] / r['plain_s']:>7.2f}  {r['same_model']}")
+        print(
+            f"{r['rows']:>10,} {r['plain_s']:>9.1f} {r['flow_s']:>9.1f} {r['flow_s'] / r['plain_s']:>7.2f} "
+            f"{r['served_s']:>24.1f} {r['served_s'] / r['plain_s']:>7.2f}  {r['same_model']}"
+        )
     for r in results:
         print(f"\nwhere the flow's time goes at {r['rows']:,} rows (seconds, plain script beside it):")
-        print(f"  {'process start, imports, temporary Prefect API':<48}{r['flow_s'] - sum(r['flow'].values()):>8.1f}"
-              f"{r['plain']['imports']:>8.1f}")
+        print(
+            f"  {'process start, imports, temporary Prefect API':<48}{r['flow_s'] - sum(r['flow'].values()):>8.1f}"
+            f"{r['plain']['imports']:>8.1f}"
+        )
         print(f"  {'(an empty flow in a fresh process takes)':<48}{r['empty_flow_s']:>8.1f}")
         for step, secs in r["flow"].items():
             print(f"  {step:<48}{secs:>8.1f}{r['plain'].get(step, float('nan')):>8.1f}")

@@ -44,8 +44,12 @@ def run(reference_rows: int, window_rows: int, workdir: Path) -> dict[str, float
     raw["data"]["source"] = str(workdir / "source.csv")
     raw["schema"]["row_count"] = {"min": 100}
     raw["paths"] = {"data": str(workdir / "data"), "models": str(workdir / "models")}
-    raw["tracking"] = {"uri": f"sqlite:///{workdir}/mlflow.db", "artifact_root": str(workdir / "mlruns"),
-                       "experiment": "bench", "model_name": "bench"}
+    raw["tracking"] = {
+        "uri": f"sqlite:///{workdir}/mlflow.db",
+        "artifact_root": str(workdir / "mlruns"),
+        "experiment": "bench",
+        "model_name": "bench",
+    }
     raw["search"] = {"families": ["linear"], "n_trials": 0}
     raw["monitor"] = {"reference_rows": reference_rows}
     params_path = workdir / "params.yaml"
@@ -65,8 +69,8 @@ def run(reference_rows: int, window_rows: int, workdir: Path) -> dict[str, float
         flow_s = time.perf_counter() - started
 
     params = load_params(params_path)
-    measured = result["measured"]
-    assert measured["reference_rows"] == reference_rows and measured["window_rows"] == window_rows, measured
+    measured = result.measured
+    assert measured.reference_rows == reference_rows and measured.window_rows == window_rows, measured
     reference = pd.read_parquet(workdir / "data" / "monitoring" / "reference" / f"{measured['champion_run']}.parquet")
     current = pd.read_parquet(workdir / "data" / "processed" / "train.parquet").head(window_rows)
     for frame in (reference, current):
@@ -74,14 +78,20 @@ def run(reference_rows: int, window_rows: int, workdir: Path) -> dict[str, float
     started = time.perf_counter()
     measure_drift(reference, current, params)
     evidently_s = time.perf_counter() - started
-    return {"train_s": train_s, "flow_s": flow_s, "measure_s": measured["seconds"], "evidently_s": evidently_s,
-            "drift_share": measured["drift"]["share"]}
+    return {
+        "train_s": train_s,
+        "flow_s": flow_s,
+        "measure_s": measured["seconds"],
+        "evidently_s": evidently_s,
+        "drift_share": measured.drift.share,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", nargs="+", default=["100000:10000", "1000000:100000"],
-                        help="REFERENCE:WINDOW row counts")
+    parser.add_argument(
+        "--sizes", nargs="+", default=["100000:10000", "1000000:100000"], help="REFERENCE:WINDOW row counts"
+    )
     args = parser.parse_args()
     results = []
     for size in args.sizes:
@@ -89,11 +99,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="loopline-bench-monitor-") as tmp:
             results.append((reference_rows, window_rows, run(reference_rows, window_rows, Path(tmp))))
     first = results[0][2]["flow_s"]
-    print(f"\n{'reference':>10} {'window':>8} {'training flow s':>16} {'monitoring flow s':>18} "
-          f"{'measure task s':>15} {'Evidently s':>12} {'flow / first':>13}")
+    print(
+        f"\n{'reference':>10} {'window':>8} {'training flow s':>16} {'monitoring flow s':>18} "
+        f"{'measure task s':>15} {'Evidently s':>12} {'flow / first':>13}"
+    )
     for reference_rows, window_rows, r in results:
-        print(f"{reference_rows:>10,} {window_rows:>8,} {r['train_s']:>16.1f} {r['flow_s']:>18.1f} "
-              f"{r['measure_s']:>15.1f} {r['evidently_s']:>12.1f} {r['flow_s'] / first:>13.2f}")
+        print(
+            f"{reference_rows:>10,} {window_rows:>8,} {r['train_s']:>16.1f} {r['flow_s']:>18.1f} "
+            f"{r['measure_s']:>15.1f} {r['evidently_s']:>12.1f} {r['flow_s'] / first:>13.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -46,13 +46,25 @@ def synthesise(rows: int, path: Path, seed: int = 0) -> None:
     demand = np.maximum(0, 40 + 250 * rush * (weekday < 5) + 200 * temp - 40 * weather + rng.normal(0, 25, rows))
     casual = (demand * 0.2).astype(np.int64)
     bikers = demand.astype(np.int64)
-    table = pa.table({
-        "season": month // 3 + 1, "mnth": pa.array(np.array(MONTHS)[month]), "day": day, "hr": hr,
-        "holiday": (rng.random(rows) < 0.03).astype(np.int64), "weekday": weekday,
-        "workingday": (weekday < 5).astype(np.int64), "weathersit": pa.array(np.array(WEATHER)[weather]),
-        "temp": temp, "atemp": np.clip(temp + rng.normal(0, 0.02, rows), 0, 1).round(4), "hum": hum,
-        "windspeed": wind, "casual": casual, "registered": bikers - casual, "bikers": bikers,
-    })
+    table = pa.table(
+        {
+            "season": month // 3 + 1,
+            "mnth": pa.array(np.array(MONTHS)[month]),
+            "day": day,
+            "hr": hr,
+            "holiday": (rng.random(rows) < 0.03).astype(np.int64),
+            "weekday": weekday,
+            "workingday": (weekday < 5).astype(np.int64),
+            "weathersit": pa.array(np.array(WEATHER)[weather]),
+            "temp": temp,
+            "atemp": np.clip(temp + rng.normal(0, 0.02, rows), 0, 1).round(4),
+            "hum": hum,
+            "windspeed": wind,
+            "casual": casual,
+            "registered": bikers - casual,
+            "bikers": bikers,
+        }
+    )
     pacsv.write_csv(table, path)
 
 
@@ -62,6 +74,7 @@ def child(rows: int, workdir: Path) -> dict:
     from pipelines import stages
     from pipelines.config import load_params, parse_params
     from pipelines.features import build_preprocessor
+    from pipelines.layout import Layout
     from pipelines.train import build_estimator
 
     started = time.perf_counter()
@@ -86,16 +99,20 @@ def child(rows: int, workdir: Path) -> dict:
     timed("ingest", lambda: stages.ingest(params))
     timed("clean", lambda: stages.clean(params))
     timed("validate", lambda: stages.validate(params))
-    df = pq.read_table(stages.Layout.of(params).clean).to_pandas()
+    df = pq.read_table(Layout.of(params).clean).to_pandas()
     X, y = df[params.features.columns], df[params.data.target]
     pre = build_preprocessor(params.features, params.table_schema)
     matrix = timed("featurize", lambda: pre.fit_transform(X))
-    model = build_estimator("hist_gradient_boosting", "regression",
-                            {"max_iter": 50, "early_stopping": False}, seed=0)
+    model = build_estimator("hist_gradient_boosting", "regression", {"max_iter": 50, "early_stopping": False}, seed=0)
     timed("train", lambda: model.fit(matrix, y))
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"rows": rows, "seconds": seconds, "peak_rss_gib": peak_kib / 2**20, "gx_import_s": import_seconds,
-            "csv_mib": csv.stat().st_size / 2**20}
+    return {
+        "rows": rows,
+        "seconds": seconds,
+        "peak_rss_gib": peak_kib / 2**20,
+        "gx_import_s": import_seconds,
+        "csv_mib": csv.stat().st_size / 2**20,
+    }
 
 
 def main() -> None:
@@ -111,14 +128,18 @@ def main() -> None:
     results = []
     for rows in args.rows:
         with tempfile.TemporaryDirectory(prefix="loopline-scale-") as tmp:
-            proc = subprocess.run([sys.executable, __file__, "--child", str(rows), "--workdir", tmp],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", str(rows), "--workdir", tmp], capture_output=True, text=True
+            )
             if proc.returncode != 0:
                 sys.exit(f"{rows} rows failed:\n{proc.stderr}")
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = results[-1]
-            print(f"{rows:>11,} rows: {sum(r['seconds'].values()):7.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB "
-                  f"(CSV {r['csv_mib']:.0f} MiB; GX import {r['gx_import_s']:.1f} s not counted)", flush=True)
+            print(
+                f"{rows:>11,} rows: {sum(r['seconds'].values()):7.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB "
+                f"(CSV {r['csv_mib']:.0f} MiB; GX import {r['gx_import_s']:.1f} s not counted)",
+                flush=True,
+            )
 
     print()
     header = f"{'stage':<11}" + "".join(f"{r['rows']:>14,} rows/s" for r in results)
@@ -127,15 +148,17 @@ def main() -> None:
     print(header)
     for stage in [*STAGES, "total"]:
         secs = [sum(r["seconds"].values()) if stage == "total" else r["seconds"][stage] for r in results]
-        line = f"{stage:<11}" + "".join(f"{r['rows'] / s:>19,.0f}" for r, s in zip(results, secs))
+        line = f"{stage:<11}" + "".join(f"{r['rows'] / s:>19,.0f}" for r, s in zip(results, secs, strict=True))
         if len(results) > 1:
             line += f"{secs[-1] / secs[0]:>14.2f}"
         print(line)
     print("peak RSS   " + "".join(f"{r['peak_rss_gib']:>15.2f} GiB" for r in results))
     if len(results) > 1:
         total = [sum(r["seconds"].values()) for r in results]
-        print(f"\ntime({results[-1]['rows']:,}) / time({results[0]['rows']:,}) = {total[-1] / total[0]:.2f} "
-              f"for {results[-1]['rows'] / results[0]['rows']:.0f}x the rows")
+        print(
+            f"\ntime({results[-1]['rows']:,}) / time({results[0]['rows']:,}) = {total[-1] / total[0]:.2f} "
+            f"for {results[-1]['rows'] / results[0]['rows']:.0f}x the rows"
+        )
 
 
 if __name__ == "__main__":

@@ -34,10 +34,16 @@ BIN = Path(sys.executable).parent
 
 
 def start(command: list[str], ready: str) -> subprocess.Popen:
-    from tests.conftest import wait_for_http
+    from serving.harness import wait_for_http
 
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"})
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"},
+    )
     wait_for_http(ready, timeout=120, proc=proc)
     return proc
 
@@ -70,8 +76,12 @@ async def load(url: str, bodies: list[bytes], concurrency: int, total: int) -> d
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
     ms = np.asarray(latencies) * 1000
-    return {"rps": len(latencies) / elapsed, "p50": float(np.percentile(ms, 50)),
-            "p99": float(np.percentile(ms, 99)), "errors": errors}
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50": float(np.percentile(ms, 50)),
+        "p99": float(np.percentile(ms, 99)),
+        "errors": errors,
+    }
 
 
 def service_rss_mib(proc: subprocess.Popen) -> float:
@@ -82,7 +92,7 @@ def service_rss_mib(proc: subprocess.Popen) -> float:
 
 
 def soak(args, bodies: list[bytes], params_path: str) -> None:
-    from tests.conftest import free_port, stop
+    from serving.harness import free_port, stop
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -94,12 +104,16 @@ def soak(args, bodies: list[bytes], params_path: str) -> None:
             r = asyncio.run(load(f"{url}/predict", bodies, args.soak_concurrency, args.soak_requests))
             r["rss"] = service_rss_mib(proc)
             rounds.append(r)
-            print(f"{i:>5}{r['rps']:>9.0f}{r['p50']:>9.1f}{r['p99']:>9.1f}{r['errors']:>8}{r['rss']:>17.0f}", flush=True)
+            print(
+                f"{i:>5}{r['rps']:>9.0f}{r['p50']:>9.1f}{r['p99']:>9.1f}{r['errors']:>8}{r['rss']:>17.0f}", flush=True
+            )
     finally:
         stop(proc)
     first, last = rounds[0], rounds[-1]
-    print(f"last/first: p99 {last['p99'] / first['p99']:.2f} (goal <= 1.2), req/s {last['rps'] / first['rps']:.2f}, "
-          f"RSS {last['rss'] / first['rss']:.2f}")
+    print(
+        f"last/first: p99 {last['p99'] / first['p99']:.2f} (goal <= 1.2), req/s {last['rps'] / first['rps']:.2f}, "
+        f"RSS {last['rss'] / first['rss']:.2f}"
+    )
 
 
 def main() -> None:
@@ -115,9 +129,9 @@ def main() -> None:
 
     from pipelines.config import load_params
     from pipelines.stages import read_split
+    from serving.harness import free_port, stop
     from serving.runtime import Unavailable, load_registry_champion, predict_frame, records_frame
     from serving.schema import request_records
-    from tests.conftest import free_port, stop
 
     params = load_params(args.params)
     try:
@@ -126,9 +140,11 @@ def main() -> None:
         raise SystemExit(f"{err.message} (run `make run` first)") from None
     records = request_records(read_split(params, "test", "bench"), params)
     bodies = [json.dumps(r).encode() for r in records]
-    batch_records = (records * (args.batch // len(records) + 1))[:args.batch]
-    print(f"model: {served.name} v{served.version} ({type(served.model[-1]).__name__}); "
-          f"{args.requests} requests per level; {os.cpu_count()} CPUs")
+    batch_records = (records * (args.batch // len(records) + 1))[: args.batch]
+    print(
+        f"model: {served.name} v{served.version} ({type(served.model[-1]).__name__}); "
+        f"{args.requests} requests per level; {os.cpu_count()} CPUs"
+    )
 
     env_params = str(Path(args.params).resolve())
     os.environ["LOOPLINE_PARAMS"] = env_params
@@ -137,10 +153,22 @@ def main() -> None:
     results: dict[str, dict[int, dict[str, float]]] = {}
     bento_port, bare_port = free_port(), free_port()
     servers = {
-        "bentoml": ([str(BIN / "loopline"), "serve", "--params", env_params, "--port", str(bento_port)],
-                    f"http://127.0.0.1:{bento_port}"),
-        "fastapi": ([str(BIN / "uvicorn"), "bench.bare_app:app", "--port", str(bare_port), "--log-level", "warning",
-                     "--no-access-log"], f"http://127.0.0.1:{bare_port}"),
+        "bentoml": (
+            [str(BIN / "loopline"), "serve", "--params", env_params, "--port", str(bento_port)],
+            f"http://127.0.0.1:{bento_port}",
+        ),
+        "fastapi": (
+            [
+                str(BIN / "uvicorn"),
+                "bench.bare_app:app",
+                "--port",
+                str(bare_port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            f"http://127.0.0.1:{bare_port}",
+        ),
     }
     batch_rps = None
     for name, (command, url) in servers.items():
@@ -152,7 +180,9 @@ def main() -> None:
                 calls = 20
                 started = time.perf_counter()
                 for _ in range(calls):
-                    request = urllib.request.Request(f"{url}/predict_batch", batch, {"Content-Type": "application/json"})
+                    request = urllib.request.Request(
+                        f"{url}/predict_batch", batch, {"Content-Type": "application/json"}
+                    )
                     with urllib.request.urlopen(request, timeout=60) as response:
                         assert response.status == 200
                 batch_rps = calls * args.batch / (time.perf_counter() - started)
@@ -172,8 +202,10 @@ def main() -> None:
     for _ in range(20):
         predict_frame(served, batch_frame)
     raw_rps = 20 * args.batch / (time.perf_counter() - started)
-    print(f"\n/predict_batch ({args.batch} records): {batch_rps:,.0f} rows/s over HTTP; "
-          f"raw model.predict {raw_rps:,.0f} rows/s; HTTP/raw = {batch_rps / raw_rps:.2f}")
+    print(
+        f"\n/predict_batch ({args.batch} records): {batch_rps:,.0f} rows/s over HTTP; "
+        f"raw model.predict {raw_rps:,.0f} rows/s; HTTP/raw = {batch_rps / raw_rps:.2f}"
+    )
 
 
 if __name__ == "__main__":

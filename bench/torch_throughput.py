@@ -47,8 +47,7 @@ def bare_loop(X: np.ndarray, y: np.ndarray, device: torch.device, epochs: int, b
     module = build_module(X.shape[1], HIDDEN, 0.1, 1).to(device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3, weight_decay=1e-4)
     steps = math.ceil(n_train / batch)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=epochs * steps,
-                                                    pct_start=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=epochs * steps, pct_start=0.1)
     amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
     generator = torch.Generator(device=device).manual_seed(0)
     sync(device)
@@ -57,7 +56,7 @@ def bare_loop(X: np.ndarray, y: np.ndarray, device: torch.device, epochs: int, b
         module.train()
         order = torch.randperm(n_train, generator=generator, device=device)
         for step in range(steps):
-            idx = order[step * batch:(step + 1) * batch]
+            idx = order[step * batch : (step + 1) * batch]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 out = module(Xt[idx])
             loss = torch.nn.functional.mse_loss(out.float(), yt[idx])
@@ -72,8 +71,9 @@ def bare_loop(X: np.ndarray, y: np.ndarray, device: torch.device, epochs: int, b
 
 def project(X: np.ndarray, y: np.ndarray, device: torch.device, epochs: int, batch: int) -> float:
     """samples/s of TorchMLPRegressor.fit, measured over training epochs (validation included)."""
-    mlp = TorchMLPRegressor(hidden_sizes=HIDDEN, lr=3e-3, batch_size=batch, epochs=epochs, patience=epochs + 1,
-                            device=str(device))
+    mlp = TorchMLPRegressor(
+        hidden_sizes=HIDDEN, lr=3e-3, batch_size=batch, epochs=epochs, patience=epochs + 1, device=str(device)
+    )
     mlp.fit(X, y)
     seconds = sum(h["epoch_seconds"] for h in mlp.history_)
     return sum(h["samples_per_s"] * h["epoch_seconds"] for h in mlp.history_) / seconds
@@ -89,17 +89,23 @@ def main() -> None:
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.insert(0, torch.device("cuda", 0))
-    print(f"torch {torch.__version__}, {args.rows:,} rows x {X.shape[1]} features, MLP {HIDDEN}, "
-          f"batch {args.batch_size}, {args.epochs} epochs")
+    print(
+        f"torch {torch.__version__}, {args.rows:,} rows x {X.shape[1]} features, MLP {HIDDEN}, "
+        f"batch {args.batch_size}, {args.epochs} epochs"
+    )
     results = {}
     for device in devices:
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        name = (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        )
         bare_loop(X[:50_000], y[:50_000], device, 1, args.batch_size)  # warm-up: kernels, allocator
         ours = project(X, y, device, args.epochs, args.batch_size)
         bare = bare_loop(X, y, device, args.epochs, args.batch_size)
         results[device.type] = ours
-        print(f"{name:<40} trainer {ours:>12,.0f} samples/s   bare loop {bare:>12,.0f} samples/s   "
-              f"ratio {ours / bare:.2f}")
+        print(
+            f"{name:<40} trainer {ours:>12,.0f} samples/s   bare loop {bare:>12,.0f} samples/s   "
+            f"ratio {ours / bare:.2f}"
+        )
     if "cuda" in results:
         print(f"GPU / CPU (trainer): {results['cuda'] / results['cpu']:.1f}x")
     else:

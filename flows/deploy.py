@@ -30,9 +30,9 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.monitoring import monitoring_flow
 from flows.training import training_flow
 from pipelines.config import load_params
+from pipelines.names import MONITORING_DEPLOYMENT, TRAINING_DEPLOYMENT
+from serving.harness import free_port, venv_bin
 
-TRAINING_DEPLOYMENT = "scheduled-training"
-MONITORING_DEPLOYMENT = "scheduled-monitoring"
 STOP_TIMEOUT_S = 20
 
 
@@ -41,25 +41,21 @@ def build_deployments(params_path: str | Path = "params.yaml") -> list:
     path = str(Path(params_path).resolve())
     schedule = params.schedule
     training = training_flow.to_deployment(
-        name=TRAINING_DEPLOYMENT, parameters={"params_path": path},
+        name=TRAINING_DEPLOYMENT,
+        parameters={"params_path": path},
         schedule=Cron(schedule.training, timezone=schedule.timezone) if schedule.training else None,
         description="Data stages, candidate search and guarded promotion on the configured data.",
-        tags=["loopline", "training"])
+        tags=["loopline", "training"],
+    )
     monitoring = monitoring_flow.to_deployment(
-        name=MONITORING_DEPLOYMENT, parameters={"params_path": path, "trigger": "deployment"},
+        name=MONITORING_DEPLOYMENT,
+        parameters={"params_path": path, "trigger": "deployment"},
         schedule=Cron(schedule.monitoring, timezone=schedule.timezone) if schedule.monitoring else None,
         description="Accept landed batches, measure drift and live metrics, retrain through the "
-                    "training deployment when the monitor: policy says so.",
-        tags=["loopline", "monitoring"])
+        "training deployment when the monitor: policy says so.",
+        tags=["loopline", "monitoring"],
+    )
     return [training, monitoring]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -78,22 +74,28 @@ def prefect_api(echo: Callable[[str], None]) -> Iterator[str]:
     if configured:
         yield configured
         return
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     # Its own session: a Ctrl-C or SIGTERM to this process group must not take the server down
     # before the runner has paused its schedules through it; it is stopped after the runner.
-    server = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start",
-                               "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                              preexec_fn=_die_with_parent)
+    server = subprocess.Popen(
+        [venv_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
             if server.poll() is not None:
                 from pipelines.errors import LooplineError
 
-                raise LooplineError("deploy", f"the local Prefect server exited with {server.returncode}; "
-                                              f"start one yourself (`prefect server start`) and set PREFECT_API_URL")
+                raise LooplineError(
+                    "deploy",
+                    f"the local Prefect server exited with {server.returncode}; "
+                    f"start one yourself (`prefect server start`) and set PREFECT_API_URL",
+                )
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2):
                     break
@@ -122,7 +124,7 @@ async def _serve_until_signalled(deployments: list, echo: Callable[[str], None])
 
     runner = Runner(pause_on_shutdown=True)
     for deployment in deployments:
-        await runner.add_deployment(deployment)
+        await runner.add_deployment(deployment)  # type: ignore[misc]  # async inside a running loop
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     serving = asyncio.create_task(runner.start())

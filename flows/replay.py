@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +27,8 @@ import pandas as pd
 import yaml
 
 from pipelines.errors import LooplineError
+from pipelines.measure import MonitoringResult
+from pipelines.names import REPLAY
 
 MARKER = ".loopline-replay"
 Period = Literal["month", "week"]
@@ -37,7 +39,9 @@ def _day_of_year(day: int) -> date:
     return date(YEAR, 1, 1) + timedelta(days=int(day) - 1)
 
 
-def split_periods(frame: pd.DataFrame, train_months: int, period: Period) -> tuple[pd.DataFrame, list[tuple[str, pd.DataFrame]]]:
+def split_periods(
+    frame: pd.DataFrame, train_months: int, period: Period
+) -> tuple[pd.DataFrame, list[tuple[str, pd.DataFrame]]]:
     """The first `train_months` months, and the rest cut into months or weeks (in time order)."""
     months = pd.to_datetime([_day_of_year(d) for d in frame["day"]]).month
     initial = frame[months <= train_months]
@@ -57,8 +61,12 @@ def replay_params(base: dict[str, Any], workdir: Path) -> dict[str, Any]:
     raw = json.loads(json.dumps(base))
     raw["data"]["source"] = str(workdir / "initial.csv")
     raw["paths"] = {"data": str(workdir / "data"), "models": str(workdir / "models")}
-    raw["tracking"] = {"uri": f"sqlite:///{workdir / 'mlflow.db'}", "artifact_root": str(workdir / "mlruns"),
-                       "experiment": "replay-2011", "model_name": "replay-bikeshare"}
+    raw["tracking"] = {
+        "uri": f"sqlite:///{workdir / 'mlflow.db'}",
+        "artifact_root": str(workdir / "mlruns"),
+        "experiment": "replay-2011",
+        "model_name": "replay-bikeshare",
+    }
     raw["search"] = {"families": ["linear", "hist_gradient_boosting"], "n_trials": 0}
     raw.setdefault("serve", {})["reload_interval_s"] = 1.0
     raw.setdefault("monitor", {})["settle_seconds"] = 0  # batches land by write-then-rename
@@ -67,14 +75,18 @@ def replay_params(base: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
 def serve_period(url: str, rows: pd.DataFrame, label: str, params, chunk: int) -> list[str]:
     """Predict the period's rows through the service; returns each row's request id."""
+    from serving.harness import post
     from serving.schema import request_records
-    from serving.smoke import post
 
     records = request_records(rows, params)
     ids: list[str] = []
     for start in range(0, len(records), chunk):
-        answer = post(f"{url}/predict_batch", {"records": records[start:start + chunk]}, timeout=60,
-                      request_id=f"{label}.{start}")
+        answer = post(
+            f"{url}/predict_batch",
+            {"records": records[start : start + chunk]},
+            timeout=60,
+            request_id=f"{label}.{start}",
+        )
         ids += answer["request_ids"]
     return ids
 
@@ -82,23 +94,30 @@ def serve_period(url: str, rows: pd.DataFrame, label: str, params, chunk: int) -
 def _fresh_workdir(workdir: Path) -> None:
     if workdir.exists():
         if not (workdir / MARKER).is_file():
-            raise LooplineError("replay", f"{workdir} exists and is not a replay work directory; "
-                                          "choose another --workdir")
+            raise LooplineError(
+                "replay", f"{workdir} exists and is not a replay work directory; choose another --workdir"
+            )
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     (workdir / MARKER).write_text("created by loopline replay; deleted by the next replay\n")
 
 
-def run_replay(workdir: Path, params_path: str | Path = "params.yaml", period: Period = "month",
-               train_months: int = 3, periods: int | None = None, chart: Path | None = None,
-               echo=print) -> pd.DataFrame:
+def run_replay(
+    workdir: Path,
+    params_path: str | Path = "params.yaml",
+    period: Period = "month",
+    train_months: int = 3,
+    periods: int | None = None,
+    chart: Path | None = None,
+    echo=print,
+) -> pd.DataFrame:
     """Run the replay; returns the timeline (one row per period)."""
     from flows.monitoring import monitoring_flow
     from flows.training import training_flow
     from pipelines.config import load_params
-    from pipelines.stages import Layout
+    from pipelines.layout import Layout
     from pipelines.storage import write_csv
-    from serving.smoke import post, serving
+    from serving.harness import post, serving
 
     workdir = Path(workdir).resolve()
     base = yaml.safe_load(Path(params_path).read_text())
@@ -112,27 +131,30 @@ def run_replay(workdir: Path, params_path: str | Path = "params.yaml", period: P
     params = load_params(replay_path)
     layout = Layout.of(params)
     metric, _ = params.metric
+    id_column = params.monitor.id_column or "request_id"  # the replay's batches carry the served ids
 
-    echo(f"replay: first champion on {len(initial)} rows (months 1-{train_months}); "
-         f"{len(batches)} {period}ly batches to follow; work directory {workdir}")
+    echo(
+        f"replay: first champion on {len(initial)} rows (months 1-{train_months}); "
+        f"{len(batches)} {period}ly batches to follow; work directory {workdir}"
+    )
     first = training_flow(params_path=str(replay_path))
-    echo(f"  v{first['decision']['version']} {first['decision']['outcome']}: test {metric} "
-         f"{first['trained']['test'][metric]:.2f}")
+    echo(f"  v{first.decision.version} {first.decision.outcome}: test {metric} {first.trained.test[metric]:.2f}")
     timeline: list[dict[str, Any]] = []
     with open(workdir / "serve.log", "w") as log, serving(replay_path, log=log) as url:
         for label, rows in batches:
             ids = serve_period(url, rows, label, params, params.serve.max_batch_records)
-            write_csv(rows.assign(**{params.monitor.id_column: ids}), layout.landing / f"{label}.csv")
-            end = datetime.combine(_day_of_year(rows["day"].max()), time(23, 59), timezone.utc)
+            write_csv(rows.assign(**{id_column: ids}), layout.landing / f"{label}.csv")
+            end = datetime.combine(_day_of_year(rows["day"].max()), time(23, 59), UTC)
             result = monitoring_flow(params_path=str(replay_path), now=end.isoformat())
             timeline.append(_timeline_row(label, len(rows), result))
-            training = result.get("training") or {}
-            if training.get("promoted"):
+            if result.training is not None and result.training.promoted:
                 post(f"{url}/admin/reload", {}, request_id=f"{label}.reload")
             row = timeline[-1]
-            echo(f"  {label}: served v{row['served_version']}, live {metric} {row['live']:.1f} "
-                 f"(naive {row['baseline']:.1f}), drift {row['drift_share']:.0%} -> {row['decision']}"
-                 + (f"; v{training['version']} {training['outcome']}" if training else ""))
+            echo(
+                f"  {label}: served v{row['served_version']}, live {metric} {row['live']:.1f} "
+                f"(naive {row['baseline']:.1f}), drift {row['drift_share']:.0%} -> {row['decision']}"
+                + (f"; v{row['retrained_version']} {result.training.outcome}" if result.training else "")
+            )
     frame = pd.DataFrame(timeline)
     frame.to_csv(workdir / "timeline.csv", index=False)
     figure = timeline_figure(frame, metric, params.monitor.drift_share)
@@ -146,18 +168,25 @@ def run_replay(workdir: Path, params_path: str | Path = "params.yaml", period: P
     return frame
 
 
-def _timeline_row(label: str, rows: int, result: dict[str, Any]) -> dict[str, Any]:
-    measured, training = result["measured"], result.get("training") or {}
-    live = measured.get("live") or {}
-    served = live.get("served_versions", {})
-    return {"period": label, "rows": rows, "served_version": "/".join(sorted(served, key=int)) or "none",
-            "live": live.get("value", float("nan")), "baseline": live.get("baseline", float("nan")),
-            "champion_test": measured.get("champion_metric"), "drift_share": measured["drift"]["share"],
-            "drifted": " ".join(measured["drift"]["drifted"]),
-            "prediction_drift": measured["drift"]["prediction_score"],
-            "decision": result["verdict"]["outcome"], "reason": result["verdict"]["reason"],
-            "retrained_version": training.get("version") or "", "promoted": bool(training.get("promoted")),
-            "monitoring_seconds": measured.get("seconds")}
+def _timeline_row(label: str, rows: int, result: MonitoringResult) -> dict[str, Any]:
+    measured, training, live = result.measured, result.training, result.measured.live
+    drift = measured.drift
+    return {
+        "period": label,
+        "rows": rows,
+        "served_version": "/".join(sorted(live.served_versions, key=int)) if live else "none",
+        "live": live.value if live else float("nan"),
+        "baseline": live.baseline if live else float("nan"),
+        "champion_test": measured.champion_metric,
+        "drift_share": drift.share if drift else float("nan"),
+        "drifted": " ".join(drift.drifted) if drift else "",
+        "prediction_drift": drift.prediction_score if drift else float("nan"),
+        "decision": result.verdict.outcome,
+        "reason": result.verdict.reason(),
+        "retrained_version": (training.version or "") if training else "",
+        "promoted": bool(training and training.promoted),
+        "monitoring_seconds": measured.seconds,
+    }
 
 
 def timeline_figure(frame: pd.DataFrame, metric: str, drift_threshold: float):
@@ -173,17 +202,30 @@ def timeline_figure(frame: pd.DataFrame, metric: str, drift_threshold: float):
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, height_ratios=[2.2, 1])
     top.plot(x, frame["live"], "o-", color="#1f77b4", label=f"live {metric} of the served model")
     top.plot(x, frame["baseline"], "s--", color="#999999", label=f"naive baseline {metric} (training mean)")
-    top.step(x, frame["champion_test"], where="mid", color="#ff7f0e", alpha=0.8,
-             label=f"serving champion's test {metric}")
+    top.step(
+        x, frame["champion_test"], where="mid", color="#ff7f0e", alpha=0.8, label=f"serving champion's test {metric}"
+    )
     for i, row in frame.iterrows():
-        top.annotate(f"v{row['served_version']}", (i, row["live"]), textcoords="offset points", xytext=(0, 7),
-                     ha="center", fontsize=8)
+        top.annotate(
+            f"v{row['served_version']}",
+            (i, row["live"]),
+            textcoords="offset points",
+            xytext=(0, 7),
+            ha="center",
+            fontsize=8,
+        )
         if row["decision"] == "retrain":
             for ax in (top, bottom):
                 ax.axvline(i + 0.5, color="#2ca02c" if row["promoted"] else "#7f7f7f", linestyle=":", linewidth=1.5)
-            top.annotate(f"v{row['retrained_version']} " + ("promoted" if row["promoted"] else "not better"),
-                         (i + 0.5, top.get_ylim()[0]), fontsize=7, rotation=90, va="bottom", ha="right",
-                         color="#2ca02c" if row["promoted"] else "#7f7f7f")
+            top.annotate(
+                f"v{row['retrained_version']} " + ("promoted" if row["promoted"] else "not better"),
+                (i + 0.5, top.get_ylim()[0]),
+                fontsize=7,
+                rotation=90,
+                va="bottom",
+                ha="right",
+                color="#2ca02c" if row["promoted"] else "#7f7f7f",
+            )
     top.set_ylabel(f"{metric} (bikers per hour)")
     top.legend(loc="upper right", fontsize=8)
     top.set_title("loopline replay of 2011: serving, monitoring and retraining")
@@ -201,10 +243,16 @@ def _log_replay(params, frame: pd.DataFrame, png: Path) -> None:
     from pipelines.tracking import client_for, log_dict_batch, monitoring_experiment
 
     client, experiment_id = client_for(params, monitoring_experiment(params))
-    run = client.create_run(experiment_id, run_name="replay-timeline", tags={"loopline.replay": "timeline"})
-    log_dict_batch(client, run.info.run_id, metrics={
-        "periods": len(frame), "retrains": int((frame["decision"] == "retrain").sum()),
-        "promotions": int(frame["promoted"].sum())})
+    run = client.create_run(experiment_id, run_name="replay-timeline", tags={REPLAY: "timeline"})
+    log_dict_batch(
+        client,
+        run.info.run_id,
+        metrics={
+            "periods": len(frame),
+            "retrains": int((frame["decision"] == "retrain").sum()),
+            "promotions": int(frame["promoted"].sum()),
+        },
+    )
     client.log_artifact(run.info.run_id, str(png), "replay")
     client.log_artifact(run.info.run_id, str(png.with_name("timeline.csv")), "replay")
     client.set_terminated(run.info.run_id)

@@ -28,8 +28,9 @@ def read_table(path: Path) -> pd.DataFrame:
     try:
         return pd.read_parquet(path) if parquet else pd.read_csv(path, engine="pyarrow")
     except Exception as err:  # unreadable, wrong format, not CSV
-        raise LooplineError("score", f"cannot read {path} as {'Parquet' if parquet else 'CSV'}: "
-                                     f"{type(err).__name__}: {err}") from None
+        raise LooplineError(
+            "score", f"cannot read {path} as {'Parquet' if parquet else 'CSV'}: {type(err).__name__}: {err}"
+        ) from None
 
 
 @task(name="score-file")
@@ -50,7 +51,7 @@ def score_file(params_path: str, input_path: str, output_path: str) -> dict[str,
     predictions: list[Any] = []
     probabilities: list[dict[str, float]] = []
     for start in range(0, len(features), CHUNK_ROWS):
-        preds, probs = predict_frame(served, features.iloc[start:start + CHUNK_ROWS])
+        preds, probs = predict_frame(served, features.iloc[start : start + CHUNK_ROWS])
         predictions += preds
         probabilities += probs or []
     out = frame.copy()
@@ -59,8 +60,13 @@ def score_file(params_path: str, input_path: str, output_path: str) -> dict[str,
         out = out.join(pd.DataFrame(probabilities, index=out.index).add_prefix("proba_"))
     out["model_name"], out["model_version"], out["run_id"] = served.name, served.version, served.run_id
     write_parquet(out, output_path)
-    return {"rows": len(out), "model_name": served.name, "model_version": served.version,
-            "run_id": served.run_id, "output": str(output_path)}
+    return {
+        "rows": len(out),
+        "model_name": served.name,
+        "model_version": served.version,
+        "run_id": served.run_id,
+        "output": str(output_path),
+    }
 
 
 @flow(name="batch-scoring")
@@ -70,5 +76,7 @@ def scoring_flow(params_path: str = "params.yaml", input_path: str = "", output_
     create_markdown_artifact(
         f"Scored **{result['rows']}** rows of `{input_path}` with {result['model_name']} "
         f"v{result['model_version']} (run `{result['run_id']}`) into `{result['output']}`",
-        key="batch-scoring", description="Batch scoring summary")
+        key="batch-scoring",
+        description="Batch scoring summary",
+    )
     return result

@@ -24,8 +24,9 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import pyarrow as pa
@@ -34,6 +35,7 @@ import pyarrow.parquet as pq
 
 from pipelines.config import Params
 from pipelines.errors import LooplineError
+from pipelines.layout import Layout
 from pipelines.storage import file_digest, write_parquet, write_text
 
 STAGE = "arrivals"
@@ -46,8 +48,11 @@ def landed_files(landing: Path) -> list[Path]:
     (a writer's file before its final rename) are not batches yet."""
     if not landing.is_dir():
         return []
-    return sorted(p for p in landing.iterdir()
-                  if p.is_file() and not p.name.startswith((".", "~")) and p.suffix.lower() in LANDING_SUFFIXES)
+    return sorted(
+        p
+        for p in landing.iterdir()
+        if p.is_file() and not p.name.startswith((".", "~")) and p.suffix.lower() in LANDING_SUFFIXES
+    )
 
 
 def _signature(path: Path) -> tuple[int, int]:
@@ -101,8 +106,11 @@ def read_arrivals(files: Sequence[Path], columns: list[str]) -> pa.Table:
     tables = []
     for f in files:
         table = pq.read_table(f)
-        tables.append(pa.table({c: table.column(c) if c in table.column_names else pa.nulls(len(table), pa.string())
-                                for c in columns}))
+        tables.append(
+            pa.table(
+                {c: table.column(c) if c in table.column_names else pa.nulls(len(table), pa.string()) for c in columns}
+            )
+        )
     return pa.concat_tables(tables)
 
 
@@ -134,16 +142,19 @@ def check_batch(rows: pa.Table, params: Params, source: str) -> dict[str, Any]:
     from pipelines.clean import clean_rows
     from pipelines.validate import validate_frame
 
-    schema = params.table_schema.model_copy(update={"row_count": params.table_schema.row_count.model_copy(
-        update={"min": 1, "max": None})})
+    schema = params.table_schema.model_copy(
+        update={"row_count": params.table_schema.row_count.model_copy(update={"min": 1, "max": None})}
+    )
     try:
         cleaned = clean_rows(rows, schema, params.data, params.clean)
     except LooplineError as err:
         raise LooplineError(STAGE, f"{source} rejected: {err.message}") from None
     validation = validate_frame(cleaned.rows.to_pandas(), schema, source)
     if not validation.success:
-        raise LooplineError(STAGE, f"{source} rejected: {len(validation.failures)} expectation(s) failed: "
-                                   + "; ".join(validation.failures))
+        raise LooplineError(
+            STAGE,
+            f"{source} rejected: {len(validation.failures)} expectation(s) failed: " + "; ".join(validation.failures),
+        )
     return cleaned.report
 
 
@@ -168,38 +179,56 @@ def _landing_lock(landing: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def describe_batch(outcome: dict[str, Any]) -> str:
-    """One line per landed file, for the CLI, logs and the decision artifact."""
-    status = outcome["status"]
-    if status == "accepted":
-        return f"accepted ({outcome['rows']} rows) as {outcome['stored']}"
-    if status == "already accepted":
-        return f"already accepted as {outcome['stored']} (by a run that stopped before removing it); removed"
-    if status == "waiting":
-        return f"waiting: {outcome['reason']}"
-    return f"REJECTED — {outcome['reason']}"
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What became of one landed file. `status`: accepted, rejected, already accepted
+    (stored by a run that died before removing it), or waiting (still being written)."""
+
+    file: str
+    status: Literal["accepted", "rejected", "already accepted", "waiting"]
+    rows: int | None = None
+    rows_quarantined: int | None = None
+    stored: str | None = None  # its name in arrivals/
+    reason: str | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == "accepted"
+
+    def describe(self) -> str:
+        """One line, for the CLI, logs and the decision artifact."""
+        if self.status == "accepted":
+            return f"accepted ({self.rows} rows) as {self.stored}"
+        if self.status == "already accepted":
+            return f"already accepted as {self.stored} (by a run that stopped before removing it); removed"
+        if self.status == "waiting":
+            return f"waiting: {self.reason}"
+        return f"REJECTED — {self.reason}"
 
 
-def accept_landed(params: Params) -> list[dict[str, Any]]:
+def accept_landed(params: Params) -> list[BatchOutcome]:
     """Check every settled landed file; store it in arrivals/ (accepted) or move it to
-    landing/rejected/. Outcome `status`: accepted, rejected, already accepted (stored by a
-    run that died before removing it), or waiting (still being written)."""
-    from pipelines.stages import Layout
-
+    landing/rejected/."""
     layout = Layout.of(params)
-    outcomes: list[dict[str, Any]] = []
+    outcomes: list[BatchOutcome] = []
     with _landing_lock(layout.landing):
         ready, moving = settled(landed_files(layout.landing), params.monitor.settle_seconds)
-        outcomes += [{"file": p.name, "status": "waiting", "accepted": False,
-                      "reason": f"still being written (changed within monitor.settle_seconds="
-                                f"{params.monitor.settle_seconds:g}); left for the next run"} for p in moving]
+        outcomes += [
+            BatchOutcome(
+                p.name,
+                "waiting",
+                reason=f"still being written (changed within monitor."
+                f"settle_seconds={params.monitor.settle_seconds:g}); "
+                "left for the next run",
+            )
+            for p in moving
+        ]
         stored_hashes = _stored_hashes(layout.arrivals)
         for path in ready:
             signature, digest = _signature(path), file_digest(path)
             if digest in stored_hashes:
                 path.unlink()
-                outcomes.append({"file": path.name, "status": "already accepted", "accepted": False,
-                                 "stored": stored_hashes[digest]})
+                outcomes.append(BatchOutcome(path.name, "already accepted", stored=stored_hashes[digest]))
                 continue
             try:
                 rows = read_batch(path, params)
@@ -208,16 +237,24 @@ def accept_landed(params: Params) -> list[dict[str, Any]]:
                 layout.rejected.mkdir(parents=True, exist_ok=True)
                 write_text(str(err) + "\n", layout.rejected / f"{path.name}.reason.txt")
                 os.replace(path, layout.rejected / path.name)
-                outcomes.append({"file": path.name, "status": "rejected", "accepted": False, "reason": str(err)})
+                outcomes.append(BatchOutcome(path.name, "rejected", reason=str(err)))
                 continue
             if _signature(path) != signature:  # the writer came back while the file was read
-                outcomes.append({"file": path.name, "status": "waiting", "accepted": False,
-                                 "reason": "changed while it was being read; left for the next run"})
+                outcomes.append(
+                    BatchOutcome(path.name, "waiting", reason="changed while it was being read; left for the next run")
+                )
                 continue
             stored = layout.arrivals / f"{_next_sequence(layout.arrivals):06d}-{path.stem}.parquet"
             write_parquet(rows.replace_schema_metadata({HASH_KEY: digest.encode()}), stored)  # durable first,
-            path.unlink()                                                                        # then removed
+            path.unlink()  # then removed
             stored_hashes[digest] = stored.name
-            outcomes.append({"file": path.name, "status": "accepted", "accepted": True, "rows": rows.num_rows,
-                             "rows_quarantined": report["rows_quarantined"], "stored": stored.name})
+            outcomes.append(
+                BatchOutcome(
+                    path.name,
+                    "accepted",
+                    rows=rows.num_rows,
+                    rows_quarantined=report["rows_quarantined"],
+                    stored=stored.name,
+                )
+            )
     return outcomes

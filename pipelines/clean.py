@@ -16,8 +16,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.config import LABEL_SPACE, CleanConfig, ColumnSpec, DataConfig, SchemaConfig, label_key
+from pipelines.config import LABEL_SPACE, CleanConfig, DataConfig, SchemaConfig, label_key
 from pipelines.errors import LooplineError
+from pipelines.rules import ColumnRule, Rules, compile_rules
 
 STAGE = "clean"
 
@@ -44,11 +45,11 @@ def _to_number(text: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return values, bad | infinite
 
 
-def _to_category(text: pa.ChunkedArray, spec: ColumnSpec) -> pa.DictionaryArray:
+def _to_category(text: pa.ChunkedArray, rule: ColumnRule) -> pa.DictionaryArray:
     """Match labels to the schema's spelling by the one label rule (config.label_key); keep
     unknown labels, trimmed, as they are (validate reports them). Works on the distinct labels only."""
     encoded = pc.dictionary_encode(pc.utf8_trim(text, characters=LABEL_SPACE)).combine_chunks()
-    spelling = spec.labels()
+    spelling = rule.labels
     labels = [spelling.get(label_key(v), v) for v in encoded.dictionary.to_pylist()]
     categories = list(spelling.values()) + sorted(set(labels) - set(spelling.values()))
     position = {c: i for i, c in enumerate(categories)}
@@ -57,37 +58,37 @@ def _to_category(text: pa.ChunkedArray, spec: ColumnSpec) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(codes, mask=codes < 0), pa.array(categories, pa.string()))
 
 
-def _type_column(text: pa.ChunkedArray, spec: ColumnSpec) -> tuple[pa.Array, np.ndarray, str]:
-    if spec.type == "category":
-        return _to_category(text, spec), np.zeros(len(text), dtype=bool), ""
+def _type_column(text: pa.ChunkedArray, rule: ColumnRule) -> tuple[pa.Array, np.ndarray, str]:
+    if rule.kind == "category":
+        return _to_category(text, rule), np.zeros(len(text), dtype=bool), ""
     values, bad = _to_number(text)
     reason = "not a number"
-    if spec.type == "int":
+    if rule.kind == "int":
         fractional = ~bad & ~np.isnan(values) & (values != np.round(values))
         if fractional.any():
             bad, reason = bad | fractional, "not a whole number"
     return pa.array(values, from_pandas=True), bad, reason  # NaN becomes null
 
 
-def clean_rows(rows: pa.Table, schema: SchemaConfig, data: DataConfig, cfg: CleanConfig,
-               keep: tuple[str, ...] = ()) -> Cleaned:
-    """`keep`: text columns (a request id) carried along unchanged, not used to find duplicates."""
-    n_in = rows.num_rows
+def _typed_columns(rows: pa.Table, rules: Rules) -> tuple[pa.Table, list[tuple[str, np.ndarray]]]:
+    """Every schema column typed, and each problem found on the way: (`column: reason`, row mask)."""
     typed: dict[str, pa.Array] = {}
     problems: list[tuple[str, np.ndarray]] = []
-    for col, spec in schema.columns.items():
-        values, bad, reason = _type_column(rows.column(col), spec)
+    for col, rule in rules.columns.items():
+        values, bad, reason = _type_column(rows.column(col), rule)
         typed[col] = values
         if bad.any():
             problems.append((f"{col}: {reason}", bad))
-        if col == data.target or spec.missing == "quarantine":
+        if rule.quarantine_missing:
             missing = values.is_null().to_numpy(zero_copy_only=False) & ~bad
             if missing.any():
                 problems.append((f"{col}: missing value", missing))
-    table = pa.table(typed)
-    carried = {c: rows.column(c) for c in keep if c in rows.column_names}
+    return pa.table(typed), problems
 
-    any_bad = np.zeros(n_in, dtype=bool)
+
+def _quarantine(rows: pa.Table, problems: list[tuple[str, np.ndarray]]) -> tuple[pd.DataFrame, np.ndarray]:
+    """The original text of every row with a problem, plus a `reason` column; and the mask of those rows."""
+    any_bad = np.zeros(rows.num_rows, dtype=bool)
     for _, mask in problems:
         any_bad |= mask
     bad_index = np.flatnonzero(any_bad)
@@ -97,13 +98,28 @@ def clean_rows(rows: pa.Table, schema: SchemaConfig, data: DataConfig, cfg: Clea
         hit = mask[bad_index]
         reasons[hit] = np.where(reasons[hit] == "", label, reasons[hit] + "; " + label)
     quarantine["reason"] = reasons.to_numpy()
+    return quarantine, any_bad
 
-    quarantined = len(bad_index)
+
+def clean_rows(
+    rows: pa.Table, schema: SchemaConfig, data: DataConfig, cfg: CleanConfig, keep: tuple[str, ...] = ()
+) -> Cleaned:
+    """`keep`: text columns (a request id) carried along unchanged, not used to find duplicates."""
+    n_in = rows.num_rows
+    table, problems = _typed_columns(rows, compile_rules(schema, data.target))
+    carried = {c: rows.column(c) for c in keep if c in rows.column_names}
+    quarantine, any_bad = _quarantine(rows, problems)
+
+    quarantined = len(quarantine)
     if n_in and quarantined / n_in > cfg.max_quarantine_fraction:
-        raise LooplineError(STAGE, (
-            f"{quarantined} of {n_in} rows ({quarantined / n_in:.1%}) cannot be repaired, more than "
-            f"clean.max_quarantine_fraction={cfg.max_quarantine_fraction}: {_summarise(quarantine, problems)}. "
-            "The source looks broken rather than dirty; nothing was written."))
+        raise LooplineError(
+            STAGE,
+            (
+                f"{quarantined} of {n_in} rows ({quarantined / n_in:.1%}) cannot be repaired, more than "
+                f"clean.max_quarantine_fraction={cfg.max_quarantine_fraction}: {_summarise(quarantine, problems)}. "
+                "The source looks broken rather than dirty; nothing was written."
+            ),
+        )
 
     if quarantined:
         table = table.filter(pa.array(~any_bad))
@@ -117,8 +133,12 @@ def clean_rows(rows: pa.Table, schema: SchemaConfig, data: DataConfig, cfg: Clea
             carried = {c: v.filter(pa.array(~dup)) for c, v in carried.items()}
     for col, values in carried.items():
         table = table.append_column(col, values)
-    report = {"rows_in": n_in, "rows_quarantined": quarantined,
-              "duplicates_dropped": duplicates, "rows_out": table.num_rows}
+    report = {
+        "rows_in": n_in,
+        "rows_quarantined": quarantined,
+        "duplicates_dropped": duplicates,
+        "rows_out": table.num_rows,
+    }
     return Cleaned(rows=table, quarantine=quarantine, report=report)
 
 

@@ -37,10 +37,6 @@ class ColumnSpec(_Section):
     # quarantine the row. The target's missing values are always quarantined.
     missing: Literal["keep", "quarantine"] = "keep"
 
-    def labels(self) -> dict[str, str]:
-        """label_key -> the schema's spelling, for a category column."""
-        return {label_key(str(v)): str(v) for v in self.values or []}
-
     @model_validator(mode="after")
     def _check(self) -> ColumnSpec:
         if self.type == "category" and not self.values:
@@ -278,11 +274,14 @@ class Params(_Section):
         if not self.features.columns:
             raise ValueError("features lists no columns")
         if self.monitor.id_column is not None and self.monitor.id_column in cols:
-            raise ValueError(f"monitor.id_column {self.monitor.id_column!r} is also in schema.columns; "
-                             "an identifier is not data")
+            raise ValueError(
+                f"monitor.id_column {self.monitor.id_column!r} is also in schema.columns; an identifier is not data"
+            )
         metric = self.promotion.metric
-        valid = {"regression": ["rmse", "mae", "r2"],
-                 "classification": ["accuracy", "precision", "recall", "f1", "roc_auc"]}[self.data.task]
+        valid = {
+            "regression": ["rmse", "mae", "r2"],
+            "classification": ["accuracy", "precision", "recall", "f1", "roc_auc"],
+        }[self.data.task]
         if metric is not None and metric not in valid:
             raise ValueError(f"promotion.metric {metric!r} is not a {self.data.task} metric; choose one of {valid}")
         return self

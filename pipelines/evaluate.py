@@ -30,13 +30,16 @@ def naive_baseline(y_train: pd.Series, task: str) -> float | str:
 
 
 def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    return {"rmse": float(np.sqrt(skm.mean_squared_error(y, pred))),
-            "mae": float(skm.mean_absolute_error(y, pred)),
-            "r2": float(skm.r2_score(y, pred))}
+    return {
+        "rmse": float(np.sqrt(skm.mean_squared_error(y, pred))),
+        "mae": float(skm.mean_absolute_error(y, pred)),
+        "r2": float(skm.r2_score(y, pred)),
+    }
 
 
-def classification_metrics(y: np.ndarray, pred: np.ndarray, proba: np.ndarray | None,
-                           classes: list[str]) -> dict[str, float]:
+def classification_metrics(
+    y: np.ndarray, pred: np.ndarray, proba: np.ndarray | None, classes: list[str]
+) -> dict[str, float]:
     out = {"accuracy": float(skm.accuracy_score(y, pred))}
     p, r, f, _ = skm.precision_recall_fscore_support(y, pred, average="macro", zero_division=0)
     out.update(precision=float(p), recall=float(r), f1=float(f))
@@ -49,8 +52,9 @@ def classification_metrics(y: np.ndarray, pred: np.ndarray, proba: np.ndarray | 
     return out
 
 
-def score(model: Any, df: pd.DataFrame, features: list[str], target: str, task: str,
-          baseline: float | str) -> tuple[dict[str, float], pd.DataFrame]:
+def score(
+    model: Any, df: pd.DataFrame, features: list[str], target: str, task: str, baseline: float | str
+) -> tuple[dict[str, float], pd.DataFrame]:
     """Metrics of `model` and of the constant `baseline` on `df`, and the per-row predictions."""
     if df.empty:
         raise LooplineError(STAGE, "no rows to evaluate on")

@@ -39,8 +39,7 @@ class CyclicalEncoder(TransformerMixin, BaseEstimator):
         if self.categories is None:
             return frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype="float64")
         lookup = {str(c): i for i, c in enumerate(self.categories)}
-        return np.column_stack([
-            frame[c].astype(str).map(lookup).to_numpy(dtype="float64") for c in frame.columns])
+        return np.column_stack([frame[c].astype(str).map(lookup).to_numpy(dtype="float64") for c in frame.columns])
 
     def transform(self, X):
         angle = 2.0 * np.pi * self._positions(X) / self.period
@@ -48,8 +47,11 @@ class CyclicalEncoder(TransformerMixin, BaseEstimator):
         return np.nan_to_num(out, nan=0.0)
 
     def get_feature_names_out(self, input_features=None):
-        names = input_features if input_features is not None else getattr(
-            self, "feature_names_in_", [f"x{i}" for i in range(self.n_features_in_)])
+        names = (
+            input_features
+            if input_features is not None
+            else getattr(self, "feature_names_in_", [f"x{i}" for i in range(self.n_features_in_)])
+        )
         return np.asarray([f"{n}_sin" for n in names] + [f"{n}_cos" for n in names], dtype=object)
 
 
@@ -62,10 +64,11 @@ def build_preprocessor(features: FeaturesConfig, schema: SchemaConfig) -> Column
         transformers.append(("numeric", Pipeline(numeric_steps), list(features.numeric)))
     if features.categorical:
         # A missing value becomes its own indicator column; unknown labels encode as all zeros.
-        transformers.append(("categorical", OneHotEncoder(handle_unknown="ignore", sparse_output=False),
-                             list(features.categorical)))
+        transformers.append(
+            ("categorical", OneHotEncoder(handle_unknown="ignore", sparse_output=False), list(features.categorical))
+        )
     for col, period in features.cyclical.items():
         spec = schema.columns[col]
-        categories = [str(v) for v in spec.values] if spec.type == "category" else None
+        categories = [str(v) for v in spec.values or []] if spec.type == "category" else None
         transformers.append((f"cyclical_{col}", CyclicalEncoder(period=period, categories=categories), [col]))
     return ColumnTransformer(transformers, remainder="drop", verbose_feature_names_out=True)

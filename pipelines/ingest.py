@@ -22,8 +22,12 @@ from pipelines.errors import LooplineError
 STAGE = "ingest"
 SNIFF_BYTES = 1 << 16
 # Longest first: the UTF-32 little-endian mark begins with the UTF-16 one.
-UNICODE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
-                (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+UNICODE_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
 
 
 @dataclass(frozen=True)
@@ -53,12 +57,18 @@ def _read_header(path: Path) -> list[str]:
         raise _fail(path, "the file is empty (0 bytes); expected a CSV file with a header row")
     for bom, encoding in UNICODE_BOMS:
         if head.startswith(bom):
-            raise _fail(path, f"the file is {encoding} text (byte-order mark {bom.hex(' ').upper()}), as Excel's "
-                              "\"Unicode text\" saves it; re-export it as CSV UTF-8")
+            raise _fail(
+                path,
+                f"the file is {encoding} text (byte-order mark {bom.hex(' ').upper()}), as Excel's "
+                '"Unicode text" saves it; re-export it as CSV UTF-8',
+            )
     nul = head.find(b"\x00")
     if nul >= 0:
-        raise _fail(path, f"this is not a CSV text file (NUL byte at offset {nul}); "
-                          "was a binary or compressed file put in its place?")
+        raise _fail(
+            path,
+            f"this is not a CSV text file (NUL byte at offset {nul}); "
+            "was a binary or compressed file put in its place?",
+        )
     first_line = head.split(b"\n", 1)[0].rstrip(b"\r")
     try:
         text = first_line.decode("utf-8-sig")
@@ -74,19 +84,20 @@ def _read_header(path: Path) -> list[str]:
     return header
 
 
-def check_columns(path: Path, header: list[str], schema: SchemaConfig, data: DataConfig,
-                  keep: tuple[str, ...] = ()) -> None:
+def check_columns(
+    path: Path, header: list[str], schema: SchemaConfig, data: DataConfig, keep: tuple[str, ...] = ()
+) -> None:
     if data.target not in header:
-        raise _fail(path, f"the target column {data.target!r} (data.target) is missing; "
-                          f"the file has columns {header}")
+        raise _fail(path, f"the target column {data.target!r} (data.target) is missing; the file has columns {header}")
     missing = [c for c in schema.columns if c not in header]
     if missing:
-        raise _fail(path, f"column(s) {missing} required by schema.columns are missing; "
-                          f"the file has columns {header}")
+        raise _fail(path, f"column(s) {missing} required by schema.columns are missing; the file has columns {header}")
     extra = [c for c in header if c not in schema.columns and c not in data.drop_columns and c not in keep]
     if extra:
-        raise _fail(path, f"column(s) {extra} are neither in schema.columns nor in data.drop_columns; "
-                          "declare them in one of the two")
+        raise _fail(
+            path,
+            f"column(s) {extra} are neither in schema.columns nor in data.drop_columns; declare them in one of the two",
+        )
 
 
 def read_source(path: str | Path, schema: SchemaConfig, data: DataConfig, keep: tuple[str, ...] = ()) -> Ingested:
@@ -100,8 +111,9 @@ def read_source(path: str | Path, schema: SchemaConfig, data: DataConfig, keep: 
     bad_rows: list[dict[str, object]] = []
 
     def on_invalid_row(row: pacsv.InvalidRow) -> str:
-        reason = (f"expected {row.expected_columns} fields, found {row.actual_columns}"
-                  + (" (truncated row?)" if row.actual_columns < row.expected_columns else ""))
+        reason = f"expected {row.expected_columns} fields, found {row.actual_columns}" + (
+            " (truncated row?)" if row.actual_columns < row.expected_columns else ""
+        )
         bad_rows.append({"line": row.number, "text": row.text, "reason": reason})
         return "skip"
 
@@ -119,12 +131,18 @@ def read_source(path: str | Path, schema: SchemaConfig, data: DataConfig, keep: 
     except pa.ArrowInvalid as err:
         if "UTF8" in str(err):
             offset, line = _first_invalid_utf8(path)
-            raise _fail(path, f"the file is not valid UTF-8: first bad byte at offset {offset} "
-                              f"(line {line}); re-export it as UTF-8") from None
+            raise _fail(
+                path,
+                f"the file is not valid UTF-8: first bad byte at offset {offset} (line {line}); re-export it as UTF-8",
+            ) from None
         raise _fail(path, f"cannot be parsed as CSV: {err}") from None
 
     if table.num_rows == 0:
-        raise _fail(path, "the file has a header but no data rows" if not bad_rows else
-                    f"no row has the {len(header)} fields of the header ({len(bad_rows)} malformed rows)")
+        raise _fail(
+            path,
+            "the file has a header but no data rows"
+            if not bad_rows
+            else f"no row has the {len(header)} fields of the header ({len(bad_rows)} malformed rows)",
+        )
     quarantine = pd.DataFrame(bad_rows, columns=["line", "text", "reason"])
     return Ingested(rows=table, quarantine=quarantine)

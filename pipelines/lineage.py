@@ -63,8 +63,9 @@ def dvc_stage(stage: str, params: Params, dvc_yaml: str | Path = "dvc.yaml") -> 
         return _VAR.sub(lambda m: str(_lookup(tree, m.group(1))), text)
 
     outs = [Path(fill(o)) for key in ("outs", "metrics", "plots") for o in _entries(entry.get(key))]
-    return StageSpec(deps=[Path(fill(d)) for d in entry.get("deps", [])],
-                     params=list(entry.get("params", [])), outs=outs)
+    return StageSpec(
+        deps=[Path(fill(d)) for d in entry.get("deps", [])], params=list(entry.get("params", [])), outs=outs
+    )
 
 
 def path_md5(path: Path) -> str:
@@ -90,6 +91,30 @@ def fingerprint(deps: list[Path], param_keys: list[str], params: Params, salt: s
     return digest.hexdigest()
 
 
+def code_files(module: str) -> list[Path]:
+    """The source files of a `pipelines` module and of every `pipelines` module it imports,
+    at the top or inside a function, directly or through others: the code its results
+    depend on, found from the module itself, never from a list kept by hand. Paths are
+    relative to the repository root, as dvc.yaml's are."""
+    import ast
+
+    package = Path(__file__).resolve().parent
+    found: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in found or not (package.parent / f"{name.replace('.', '/')}.py").is_file():
+            continue
+        found[name] = Path(f"{name.replace('.', '/')}.py")
+        tree = ast.parse((package.parent / found[name]).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package.name:
+                todo += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names if alias.name.split(".")[0] == package.name]
+    return sorted(found.values())
+
+
 def stage_fingerprint(stage: str, params: Params, dvc_yaml: str | Path = "dvc.yaml") -> str:
     """Fingerprint of a dvc.yaml stage's inputs."""
     spec = dvc_stage(stage, params, dvc_yaml)
@@ -104,8 +129,13 @@ def stage_outputs_exist(stage: str, params: Params, dvc_yaml: str | Path = "dvc.
 def git_commit(cwd: str | Path = ".") -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     commit = out.stdout.strip() or "unknown"
@@ -124,8 +154,9 @@ def dvc_lock_md5(path: Path, dvc_lock: str | Path = "dvc.lock") -> str | None:
     return None
 
 
-def commit_data_version(params_path: str | Path, stage_names: list[str], dataset: Path,
-                        root: Path | None = None) -> str:
+def commit_data_version(
+    params_path: str | Path, stage_names: list[str], dataset: Path, root: Path | None = None
+) -> str:
     """Record the named stages' current outputs in dvc.lock and the DVC cache, so the data
     version is pinned and `dvc push` keeps it; reports the md5 dvc.lock now has for `dataset`. Only in the DVC workspace whose dvc.yaml reads
     this params file (params.yaml at the root); elsewhere it says why it did nothing."""
@@ -135,9 +166,15 @@ def commit_data_version(params_path: str | Path, stage_names: list[str], dataset
     if Path(params_path).resolve() != (root / "params.yaml").resolve():
         return f"not recorded: dvc.yaml reads {root / 'params.yaml'}, not {params_path}"
     dvc = Path(sys.executable).with_name("dvc")
-    proc = subprocess.run([str(dvc) if dvc.is_file() else "dvc", "commit", "--force", "--quiet", *stage_names],
-                          cwd=root, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(dvc) if dvc.is_file() else "dvc", "commit", "--force", "--quiet", *stage_names],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode != 0:
-        raise LooplineError("lineage", f"dvc commit {' '.join(stage_names)} failed: "
-                                       f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+        raise LooplineError(
+            "lineage", f"dvc commit {' '.join(stage_names)} failed: {(proc.stderr or proc.stdout).strip()[-2000:]}"
+        )
     return f"recorded in dvc.lock: {dataset} md5 {dvc_lock_md5(dataset, root / 'dvc.lock')}"

@@ -29,28 +29,30 @@ META_FILE = "model.json"
 # Every type loopline's pipelines contain, for every family and task. skops is imported
 # without its default list of all scikit-learn estimators (see `skops_io`), so these are
 # the only classes a model file may instantiate.
-TRUSTED_TYPES = frozenset({
-    "numpy.dtype",
-    "pipelines.features.CyclicalEncoder",
-    "pipelines.torch_model.TorchMLPClassifier",
-    "pipelines.torch_model.TorchMLPRegressor",
-    "sklearn.compose._column_transformer.ColumnTransformer",
-    "sklearn.ensemble._forest.RandomForestClassifier",
-    "sklearn.ensemble._forest.RandomForestRegressor",
-    "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingClassifier",
-    "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingRegressor",
-    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
-    "sklearn.impute._base.SimpleImputer",
-    "sklearn.linear_model._logistic.LogisticRegression",
-    "sklearn.linear_model._ridge.Ridge",
-    "sklearn.pipeline.Pipeline",
-    "sklearn.preprocessing._data.StandardScaler",
-    "sklearn.preprocessing._encoders.OneHotEncoder",
-    "sklearn.preprocessing._label.LabelEncoder",
-    "sklearn.tree._classes.DecisionTreeClassifier",
-    "sklearn.tree._classes.DecisionTreeRegressor",
-    "sklearn.tree._tree.Tree",
-})
+TRUSTED_TYPES = frozenset(
+    {
+        "numpy.dtype",
+        "pipelines.features.CyclicalEncoder",
+        "pipelines.torch_model.TorchMLPClassifier",
+        "pipelines.torch_model.TorchMLPRegressor",
+        "sklearn.compose._column_transformer.ColumnTransformer",
+        "sklearn.ensemble._forest.RandomForestClassifier",
+        "sklearn.ensemble._forest.RandomForestRegressor",
+        "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingClassifier",
+        "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingRegressor",
+        "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+        "sklearn.impute._base.SimpleImputer",
+        "sklearn.linear_model._logistic.LogisticRegression",
+        "sklearn.linear_model._ridge.Ridge",
+        "sklearn.pipeline.Pipeline",
+        "sklearn.preprocessing._data.StandardScaler",
+        "sklearn.preprocessing._encoders.OneHotEncoder",
+        "sklearn.preprocessing._label.LabelEncoder",
+        "sklearn.tree._classes.DecisionTreeClassifier",
+        "sklearn.tree._classes.DecisionTreeRegressor",
+        "sklearn.tree._tree.Tree",
+    }
+)
 
 
 def skops_io():
@@ -108,7 +110,7 @@ def _without_fit_environment(model: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        for mapper, threads in zip(mappers, kept):
+        for mapper, threads in zip(mappers, kept, strict=True):
             mapper.n_threads = threads
 
 
@@ -126,8 +128,9 @@ def loads_model(data: bytes, source: str = "model") -> Any:
         raise LooplineError("model", f"{source} is not a skops model file: {err}") from None
     refused = sorted(needed - TRUSTED_TYPES)
     if refused:
-        raise LooplineError("model", f"{source} asks to load types outside loopline's allowlist "
-                                     f"{refused}; refusing to load it")
+        raise LooplineError(
+            "model", f"{source} asks to load types outside loopline's allowlist {refused}; refusing to load it"
+        )
     return sio.loads(data, trusted=sorted(needed))
 
 

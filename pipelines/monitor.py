@@ -51,8 +51,9 @@ def measure_drift(reference: pd.DataFrame, current: pd.DataFrame, params: Params
     from evidently.presets import DataDriftPreset
 
     if current.empty or reference.empty:
-        raise LooplineError(STAGE, f"cannot measure drift: {'current' if current.empty else 'reference'} "
-                                   "window has no rows")
+        raise LooplineError(
+            STAGE, f"cannot measure drift: {'current' if current.empty else 'reference'} window has no rows"
+        )
     features = params.features.columns
     schema = params.table_schema.columns
     categorical = [c for c in features if c in params.features.categorical or schema[c].type == "category"]
@@ -61,11 +62,16 @@ def measure_drift(reference: pd.DataFrame, current: pd.DataFrame, params: Params
     numerical = [c for c in [*features, PREDICTION] if c not in categorical]
     definition = DataDefinition(numerical_columns=numerical, categorical_columns=categorical)
     columns = [*features, PREDICTION]
-    report = Report([DataDriftPreset(columns=features, drift_share=params.monitor.drift_share),
-                     ValueDrift(column=PREDICTION)], include_tests=True)
+    report = Report(
+        [DataDriftPreset(columns=features, drift_share=params.monitor.drift_share), ValueDrift(column=PREDICTION)],
+        include_tests=True,
+    )
     snapshot = report.run(
-        reference_data=Dataset.from_pandas(_evidently_frame(reference, columns, categorical), data_definition=definition),
-        current_data=Dataset.from_pandas(_evidently_frame(current, columns, categorical), data_definition=definition))
+        reference_data=Dataset.from_pandas(
+            _evidently_frame(reference, columns, categorical), data_definition=definition
+        ),
+        current_data=Dataset.from_pandas(_evidently_frame(current, columns, categorical), data_definition=definition),
+    )
     result = snapshot.dict()
     scores, methods, metric_column = {}, {}, {}
     share = None
@@ -77,17 +83,36 @@ def measure_drift(reference: pd.DataFrame, current: pd.DataFrame, params: Params
             metric_column[metric["id"]] = config["column"]
         elif config["type"].endswith(":DriftedColumnsCount"):
             share = float(metric["value"]["share"])
-    drifted = {metric_column[t["metric_config"]["metric_id"]] for t in result["tests"]
-               if t["metric_config"]["metric_id"] in metric_column and str(t["status"]).endswith("FAIL")}
+    drifted = {
+        metric_column[t["metric_config"]["metric_id"]]
+        for t in result["tests"]
+        if t["metric_config"]["metric_id"] in metric_column and str(t["status"]).endswith("FAIL")
+    }
     if share is None:
         raise LooplineError(STAGE, "Evidently returned no drifted-columns share")
-    return Drift(share=share, drifted=[c for c in features if c in drifted],
-                 scores={c: scores[c] for c in features}, methods={c: methods[c] for c in features},
-                 prediction_score=scores[PREDICTION], prediction_drifted=PREDICTION in drifted,
-                 html=snapshot.get_html_str(as_iframe=False))
+    return Drift(
+        share=share,
+        drifted=[c for c in features if c in drifted],
+        scores={c: scores[c] for c in features},
+        methods={c: methods[c] for c in features},
+        prediction_score=scores[PREDICTION],
+        prediction_drifted=PREDICTION in drifted,
+        html=snapshot.get_html_str(as_iframe=False),
+    )
 
 
-def live_metrics(window: pd.DataFrame, log: pd.DataFrame, params: Params, baseline: float | str) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class LiveMetric:
+    """The served predictions' metric on ground truth that arrived later."""
+
+    metric: str
+    value: float
+    baseline: float  # the naive baseline's metric on the same rows
+    rows: int
+    served_versions: dict[str, int]  # model version -> rows it answered
+
+
+def live_metrics(window: pd.DataFrame, log: pd.DataFrame, params: Params, baseline: float | str) -> LiveMetric | None:
     """The served predictions' metric on the window's ground truth, and the naive baseline's,
     for the rows whose request id is in the prediction log (None when none is)."""
     from pipelines.evaluate import classification_metrics, regression_metrics
@@ -110,8 +135,13 @@ def live_metrics(window: pd.DataFrame, log: pd.DataFrame, params: Params, baseli
         live = classification_metrics(y, joined[PREDICTION].astype(str).to_numpy(), None, classes)
         base = classification_metrics(y, np.full(len(y), str(baseline), dtype=object), None, classes)
     versions = joined["model_version"].astype(str).value_counts()
-    return {"rows": len(joined), "metric": metric, "value": live[metric], "baseline": base[metric],
-            "served_versions": {str(v): int(n) for v, n in versions.items()}}
+    return LiveMetric(
+        metric=metric,
+        value=live[metric],
+        baseline=base[metric],
+        rows=len(joined),
+        served_versions={str(v): int(n) for v, n in versions.items()},
+    )
 
 
 def degradation(live: float, reference: float, higher_is_better: bool) -> float:
@@ -138,24 +168,39 @@ class Verdict:
         return "; ".join(self.triggers) + ("" if self.retrain else " — but " + "; ".join(self.held_back))
 
 
-def decide(cfg: MonitorConfig, drift: Drift | None, live: dict[str, Any] | None, champion_metric: float | None,
-           higher_is_better: bool, new_rows: int, last_retrain: datetime | None, now: datetime) -> Verdict:
+def decide(
+    cfg: MonitorConfig,
+    *,
+    now: datetime,
+    drift: Drift | None = None,
+    live: LiveMetric | None = None,
+    champion_metric: float | None = None,
+    higher_is_better: bool = True,
+    new_rows: int = 0,
+    last_retrain: datetime | None = None,
+) -> Verdict:
     """The retraining policy of `monitor:` applied to one monitoring run's measurements."""
     triggers: list[str] = []
     if drift is not None and drift.share >= cfg.drift_share:
-        triggers.append(f"{len(drift.drifted)} of {len(drift.scores)} features drifted ({drift.share:.0%} ≥ "
-                        f"monitor.drift_share {cfg.drift_share:.0%}: {', '.join(drift.drifted)})")
+        triggers.append(
+            f"{len(drift.drifted)} of {len(drift.scores)} features drifted ({drift.share:.0%} ≥ "
+            f"monitor.drift_share {cfg.drift_share:.0%}: {', '.join(drift.drifted)})"
+        )
     if live is not None and champion_metric is not None:
-        worse = degradation(live["value"], champion_metric, higher_is_better)
+        worse = degradation(live.value, champion_metric, higher_is_better)
         if worse >= cfg.max_degradation:
-            triggers.append(f"live {live['metric']} {live['value']:.4g} on {live['rows']} labelled predictions is "
-                            f"{worse:.0%} worse than the champion's test {live['metric']} {champion_metric:.4g} "
-                            f"(monitor.max_degradation {cfg.max_degradation:.0%})")
+            triggers.append(
+                f"live {live.metric} {live.value:.4g} on {live.rows} labelled predictions is "
+                f"{worse:.0%} worse than the champion's test {live.metric} {champion_metric:.4g} "
+                f"(monitor.max_degradation {cfg.max_degradation:.0%})"
+            )
     held: list[str] = []
     if new_rows < cfg.min_new_rows:
         held.append(f"only {new_rows} rows arrived since the last training (monitor.min_new_rows {cfg.min_new_rows})")
     if last_retrain is not None and now - last_retrain < timedelta(hours=cfg.cooldown_hours):
-        held.append(f"cooling down: last retrain at {last_retrain.isoformat()}, next allowed after "
-                    f"{(last_retrain + timedelta(hours=cfg.cooldown_hours)).isoformat()} "
-                    f"(monitor.cooldown_hours {cfg.cooldown_hours:g})")
+        held.append(
+            f"cooling down: last retrain at {last_retrain.isoformat()}, next allowed after "
+            f"{(last_retrain + timedelta(hours=cfg.cooldown_hours)).isoformat()} "
+            f"(monitor.cooldown_hours {cfg.cooldown_hours:g})"
+        )
     return Verdict(retrain=bool(triggers) and not held, triggers=triggers, held_back=held if triggers else [])

@@ -8,13 +8,14 @@ one after the other and cannot both become champion.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ TAG = "loopline."
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def lock_path(tracking_uri: str) -> Path:
@@ -67,10 +68,8 @@ def register(client, name: str, model_uri: str, run_id: str, tags: dict[str, str
     """A new model version from a logged model, aliased `challenger`."""
     from mlflow.exceptions import MlflowException
 
-    try:
+    with contextlib.suppress(MlflowException):  # exists already (maybe created a moment ago by a concurrent training)
         client.create_registered_model(name)
-    except MlflowException:
-        pass  # exists already (possibly created a moment ago by a concurrent training)
     version = str(client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags).version)
     client.set_registered_model_alias(name, CHALLENGER, version)
     return version
@@ -96,9 +95,17 @@ def is_better(new: float, old: float, higher_is_better: bool, min_improvement: f
     return new > old + margin if higher_is_better else new < old - margin
 
 
-def promote_if_better(client, name: str, version: str, metric: str, higher_is_better: bool,
-                      min_improvement: float, challenger_value: float,
-                      score_version: Callable[[str], float], tracking_uri: str) -> Decision:
+def promote_if_better(
+    client,
+    name: str,
+    version: str,
+    metric: str,
+    higher_is_better: bool,
+    min_improvement: float,
+    challenger_value: float,
+    score_version: Callable[[str], float],
+    tracking_uri: str,
+) -> Decision:
     """Make `version` champion if there is none, or if it beats the champion, which
     `score_version` re-scores on the same test rows the challenger was scored on."""
     with registry_lock(tracking_uri):
@@ -110,12 +117,17 @@ def promote_if_better(client, name: str, version: str, metric: str, higher_is_be
             champion_value = float(score_version(current))
             promoted = is_better(challenger_value, champion_value, higher_is_better, min_improvement)
             relation = "beats" if promoted else "does not beat"
-            reason = (f"challenger {metric}={challenger_value:.4f} {relation} champion v{current} "
-                      f"{metric}={champion_value:.4f} on the same test rows "
-                      f"(min_improvement {min_improvement:.1%})")
+            reason = (
+                f"challenger {metric}={challenger_value:.4f} {relation} champion v{current} "
+                f"{metric}={champion_value:.4f} on the same test rows "
+                f"(min_improvement {min_improvement:.1%})"
+            )
         decision = Decision(promoted, version, current, metric, challenger_value, champion_value, reason)
-        tags = {f"{TAG}decision": "promoted" if promoted else "rejected", f"{TAG}decision_reason": reason,
-                f"{TAG}decided_at": _now()}
+        tags = {
+            f"{TAG}decision": "promoted" if promoted else "rejected",
+            f"{TAG}decision_reason": reason,
+            f"{TAG}decided_at": _now(),
+        }
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
         if promoted:
@@ -123,8 +135,9 @@ def promote_if_better(client, name: str, version: str, metric: str, higher_is_be
                 client.set_model_version_tag(name, version, f"{TAG}previous_champion", current)
             client.set_registered_model_alias(name, CHAMPION, version)
         if current is not None:
-            client.set_model_version_tag(name, current, f"{TAG}last_challenge",
-                                         f"v{version}: {'lost' if promoted else 'defended'} ({reason})")
+            client.set_model_version_tag(
+                name, current, f"{TAG}last_challenge", f"v{version}: {'lost' if promoted else 'defended'} ({reason})"
+            )
         return decision
 
 
@@ -153,8 +166,9 @@ def rollback(client, name: str, tracking_uri: str) -> tuple[str, str]:
             raise LooplineError("registry", f"model {name!r} has no champion to roll back")
         previous = client.get_model_version(name, current).tags.get(f"{TAG}previous_champion")
         if not previous:
-            raise LooplineError("registry", f"champion v{current} of {name!r} replaced no earlier "
-                                            "champion; nothing to roll back to")
+            raise LooplineError(
+                "registry", f"champion v{current} of {name!r} replaced no earlier champion; nothing to roll back to"
+            )
         client.set_model_version_tag(name, current, f"{TAG}rolled_back", f"{_now()}: champion returned to v{previous}")
         client.set_model_version_tag(name, previous, f"{TAG}restored", f"{_now()}: rollback from v{current}")
         client.set_registered_model_alias(name, CHAMPION, previous)

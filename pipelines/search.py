@@ -32,14 +32,16 @@ class Candidate:
 def _suggest(trial, name: str, r: ParamRange) -> Any:
     if r.choices is not None:
         return trial.suggest_categorical(name, r.choices)
+    assert r.low is not None and r.high is not None  # ParamRange's check: low/high or choices
     integer = r.integer if r.integer is not None else float(r.low).is_integer() and float(r.high).is_integer()
     if integer:
         return trial.suggest_int(name, int(r.low), int(r.high), log=r.log)
     return trial.suggest_float(name, float(r.low), float(r.high), log=r.log)
 
 
-def search_candidates(params: Params, train: pd.DataFrame, val: pd.DataFrame,
-                      on_candidate: Callable[[Candidate], None] = lambda c: None) -> tuple[Candidate, list[Candidate]]:
+def search_candidates(
+    params: Params, train: pd.DataFrame, val: pd.DataFrame, on_candidate: Callable[[Candidate], None] = lambda c: None
+) -> tuple[Candidate, list[Candidate]]:
     """Train every candidate; return the best one (with its model) and all of them."""
     metric, higher = params.metric
     baseline = naive_baseline(train[params.data.target], params.data.task)
@@ -54,8 +56,7 @@ def search_candidates(params: Params, train: pd.DataFrame, val: pd.DataFrame,
         started = time.perf_counter()
         model = fit_model(build_model(params, family, hyperparams), train, params)
         seconds = time.perf_counter() - started
-        val_metrics, _ = score(model, val, params.features.columns, params.data.target,
-                               params.data.task, baseline)
+        val_metrics, _ = score(model, val, params.features.columns, params.data.target, params.data.task, baseline)
         candidate = Candidate(name, family, hyperparams, val_metrics, seconds, model)
         on_candidate(candidate)
         candidates.append(candidate)
@@ -85,8 +86,9 @@ def _search(params: Params, run: Callable[[str, str, dict[str, Any]], Candidate]
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         space = params.search.space
-        study = optuna.create_study(direction="maximize" if higher else "minimize",
-                                    sampler=optuna.samplers.TPESampler(seed=params.search.seed))
+        study = optuna.create_study(
+            direction="maximize" if higher else "minimize", sampler=optuna.samplers.TPESampler(seed=params.search.seed)
+        )
 
         def objective(trial) -> float:
             family = trial.suggest_categorical("family", sorted(space))

@@ -31,19 +31,24 @@ def split_rows(df: pd.DataFrame, cfg: SplitConfig, target: str, stratify: bool) 
     n_test = int(round(n * cfg.test_fraction))
     n_val = int(round(n * cfg.val_fraction))
     if min(n_test, n_val, n - n_test - n_val) < 1:
-        raise LooplineError(STAGE, f"{n} rows are too few to split into train/val/test with "
-                                   f"val_fraction={cfg.val_fraction}, test_fraction={cfg.test_fraction}")
+        raise LooplineError(
+            STAGE,
+            f"{n} rows are too few to split into train/val/test with "
+            f"val_fraction={cfg.val_fraction}, test_fraction={cfg.test_fraction}",
+        )
     if cfg.order_by:
         ordered = df.sort_values(cfg.order_by, kind="stable").reset_index(drop=True)
         n_train = n - n_val - n_test
-        return Splits(train=ordered.iloc[:n_train].reset_index(drop=True),
-                      val=ordered.iloc[n_train:n_train + n_val].reset_index(drop=True),
-                      test=ordered.iloc[n_train + n_val:].reset_index(drop=True))
+        return Splits(
+            train=ordered.iloc[:n_train].reset_index(drop=True),
+            val=ordered.iloc[n_train : n_train + n_val].reset_index(drop=True),
+            test=ordered.iloc[n_train + n_val :].reset_index(drop=True),
+        )
     labels = df[target] if stratify else None
     index = np.arange(n)
     try:
         rest, test = train_test_split(index, test_size=n_test, random_state=cfg.seed, stratify=labels)
-        rest_labels = labels.iloc[rest] if stratify else None
+        rest_labels = labels.iloc[rest] if labels is not None else None
         train, val = train_test_split(rest, test_size=n_val, random_state=cfg.seed, stratify=rest_labels)
     except ValueError as err:  # e.g. a class with a single row cannot be stratified
         raise LooplineError(STAGE, f"cannot make a stratified split on {target!r}: {err}") from None

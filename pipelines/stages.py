@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,86 +18,8 @@ import pyarrow.parquet as pq
 
 from pipelines.config import Params
 from pipelines.errors import LooplineError
+from pipelines.layout import Layout
 from pipelines.storage import write_csv, write_json, write_parquet, write_text
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where every stage output lives, below `paths.data` and `paths.models`."""
-
-    data: Path
-    models: Path
-    landing: Path
-
-    @classmethod
-    def of(cls, params: Params) -> Layout:
-        return cls(data=params.paths.data, models=params.paths.models,
-                   landing=params.monitor.landing or params.paths.data / "landing")
-
-    @property
-    def arrivals(self) -> Path:
-        """Accepted batches, one Parquet file each (text columns, as ingest reads them)."""
-        return self.data / "arrivals"
-
-    @property
-    def rejected(self) -> Path:
-        return self.landing / "rejected"
-
-    @property
-    def monitoring(self) -> Path:
-        return self.data / "monitoring"
-
-    @property
-    def ingested(self) -> Path:
-        return self.data / "interim" / "ingested.parquet"
-
-    @property
-    def ingest_quarantine(self) -> Path:
-        return self.data / "quarantine" / "ingest.csv"
-
-    @property
-    def clean(self) -> Path:
-        return self.data / "interim" / "clean.parquet"
-
-    @property
-    def clean_quarantine(self) -> Path:
-        return self.data / "quarantine" / "clean.csv"
-
-    @property
-    def clean_report(self) -> Path:
-        return self.data / "interim" / "clean_report.json"
-
-    @property
-    def validation(self) -> Path:
-        return self.data / "validation"
-
-    def split_file(self, name: str) -> Path:
-        return self.data / "processed" / f"{name}.parquet"
-
-    @property
-    def params_checked(self) -> Path:
-        """Written by the first DVC stage once the params file passes its checks; every other
-        stage depends on it, so a malformed file stops `dvc repro` before any stage's outputs
-        are removed. Its content never changes, so it invalidates nothing downstream."""
-        return self.data / "params.ok"
-
-    @property
-    def flow_cache(self) -> Path:
-        """Prefect's task results and cache records: per workspace, never the user's home,
-        so two clones (or a deleted MLflow store) cannot answer for each other."""
-        return self.data / "cache" / "prefect"
-
-    @property
-    def prediction_log(self) -> Path:
-        return self.data / "serving" / "predictions.db"
-
-    @property
-    def metrics(self) -> Path:
-        return self.models / "metrics.json"
-
-    @property
-    def predictions(self) -> Path:
-        return self.models / "plots" / "predictions.csv"
 
 
 def _require(path: Path, stage: str) -> Path:
@@ -135,9 +56,13 @@ def ingest(params: Params) -> dict[str, Any]:
         rows = pa.concat_tables([rows, read_arrivals(batches, list(params.table_schema.columns))])
     write_parquet(rows, layout.ingested)
     write_csv(result.quarantine, layout.ingest_quarantine)
-    return {"source": str(params.data.source), "rows": rows.num_rows, "arrival_batches": len(batches),
-            "last_arrival": batches[-1].name if batches else "none",
-            "rows_quarantined": len(result.quarantine)}
+    return {
+        "source": str(params.data.source),
+        "rows": rows.num_rows,
+        "arrival_batches": len(batches),
+        "last_arrival": batches[-1].name if batches else "none",
+        "rows_quarantined": len(result.quarantine),
+    }
 
 
 def clean(params: Params) -> dict[str, Any]:
@@ -182,8 +107,9 @@ def split(params: Params) -> dict[str, Any]:
     return counts
 
 
-def model_metadata(params: Params, family: str, model: Any, train_rows: pd.DataFrame,
-                   hyperparams: dict[str, Any]) -> dict[str, Any]:
+def model_metadata(
+    params: Params, family: str, model: Any, train_rows: pd.DataFrame, hyperparams: dict[str, Any]
+) -> dict[str, Any]:
     """What a saved or registered model needs beside its weights: the task, the input
     columns, the naive baseline (to report beside its metrics) and the class labels."""
     from pipelines.evaluate import naive_baseline
@@ -226,8 +152,14 @@ def evaluate(params: Params) -> dict[str, Any]:
     model, meta = load_model(layout.models)
     metrics: dict[str, Any] = {}
     for name in ("val", "test"):
-        metrics[name], rows = score(model, read_split(params, name, "evaluate"), meta["features"],
-                                    params.data.target, params.data.task, meta["baseline"])
+        metrics[name], rows = score(
+            model,
+            read_split(params, name, "evaluate"),
+            meta["features"],
+            params.data.target,
+            params.data.task,
+            meta["baseline"],
+        )
         if name == "test":
             write_csv(rows, layout.predictions)
     write_json(metrics, layout.metrics)
@@ -235,8 +167,13 @@ def evaluate(params: Params) -> dict[str, Any]:
 
 
 STAGES: dict[str, Callable[[Params], dict[str, Any]]] = {
-    "params": check_params, "ingest": ingest, "clean": clean, "validate": validate,
-    "split": split, "train": train, "evaluate": evaluate,
+    "params": check_params,
+    "ingest": ingest,
+    "clean": clean,
+    "validate": validate,
+    "split": split,
+    "train": train,
+    "evaluate": evaluate,
 }
 
 

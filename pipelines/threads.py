@@ -54,7 +54,7 @@ def training_slot() -> Iterator[None]:
         yield
         return
     for path in _slot_files():
-        fh = open(path, "a")
+        fh = open(path, "a")  # noqa: SIM115  (held open: the lock lives as long as the file handle)
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -96,7 +96,7 @@ def thread_budget(threads: int, torch_model: bool = False) -> Iterator[None]:
     if torch_model:
         import torch
     else:
-        torch = sys.modules.get("torch")  # bounded too when something loaded it
+        torch = sys.modules.get("torch")  # type: ignore[assignment]  # bounded too when something loaded it
     before = torch.get_num_threads() if torch is not None else None
     with threadpool_limits(limits=threads):
         if torch is not None:

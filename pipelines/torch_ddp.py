@@ -23,8 +23,9 @@ def main() -> None:
     import torch.distributed as dist
 
     from pipelines.config import load_params
+    from pipelines.layout import Layout
     from pipelines.model_io import save_model
-    from pipelines.stages import Layout, fit_configured_model
+    from pipelines.stages import fit_configured_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")

@@ -68,11 +68,23 @@ def _distributed() -> tuple[int, int]:
 class _TorchMLP(BaseEstimator):
     _task = "regression"
 
-    def __init__(self, hidden_sizes: list[int] | tuple[int, ...] = (128, 64), dropout: float = 0.1,
-                 lr: float = 3e-3, weight_decay: float = 1e-4, batch_size: int = 512, epochs: int = 60,
-                 patience: int = 8, warmup_fraction: float = 0.1, grad_clip: float = 1.0,
-                 early_stopping_fraction: float = 0.1, device: str = "auto", compile: bool = False,
-                 seed: int = 42, checkpoint_dir: str | None = None):
+    def __init__(
+        self,
+        hidden_sizes: list[int] | tuple[int, ...] = (128, 64),
+        dropout: float = 0.1,
+        lr: float = 3e-3,
+        weight_decay: float = 1e-4,
+        batch_size: int = 512,
+        epochs: int = 60,
+        patience: int = 8,
+        warmup_fraction: float = 0.1,
+        grad_clip: float = 1.0,
+        early_stopping_fraction: float = 0.1,
+        device: str = "auto",
+        compile: bool = False,
+        seed: int = 42,
+        checkpoint_dir: str | None = None,
+    ):
         self.hidden_sizes = hidden_sizes
         self.dropout = dropout
         self.lr = lr
@@ -159,8 +171,12 @@ class _TorchMLP(BaseEstimator):
         per_rank = n_train // world if world > 1 else n_train
         steps = max(1, math.ceil(per_rank / self.batch_size))
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=self.lr, total_steps=self.epochs * steps, pct_start=self.warmup_fraction,
-            anneal_strategy="cos")
+            optimizer,
+            max_lr=self.lr,
+            total_steps=self.epochs * steps,
+            pct_start=self.warmup_fraction,
+            anneal_strategy="cos",
+        )
         amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
 
         start_epoch, best_metric, best_weights, bad_epochs, history = 0, math.inf, None, 0, []
@@ -187,10 +203,10 @@ class _TorchMLP(BaseEstimator):
             net.train()
             order = torch.randperm(n_train, generator=generator, device=device)
             if world > 1:  # equal shards: every rank takes the same number of steps
-                order = order[:per_rank * world][rank::world]
+                order = order[: per_rank * world][rank::world]
             loss_sum = torch.zeros((), device=device)
             for step in range(steps):
-                idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+                idx = order[step * self.batch_size : (step + 1) * self.batch_size]
                 if len(idx) == 0:
                     break
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -207,22 +223,38 @@ class _TorchMLP(BaseEstimator):
                 val_out = module(X_val).float()
             val_metric = self._val_metric(val_out, y_val)
             seconds = time.perf_counter() - started
-            history.append({"epoch": epoch, "train_loss": float(loss_sum) / len(order), self._metric_name: val_metric,
-                            "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
-                            "samples_per_s": len(order) / seconds})
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": float(loss_sum) / len(order),
+                    self._metric_name: val_metric,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "epoch_seconds": seconds,
+                    "samples_per_s": len(order) / seconds,
+                }
+            )
             if val_metric < best_metric:
                 best_metric, bad_epochs = val_metric, 0
                 best_weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
             else:
                 bad_epochs += 1
             if checkpoint is not None and rank == 0:
-                self._save_checkpoint(checkpoint, {
-                    "model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best_metric": best_metric,
-                    "bad_epochs": bad_epochs, "best_weights": best_weights, "history": history,
-                    "cpu_rng": torch.get_rng_state(), "shuffle_rng": generator.get_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0),
-                })
+                self._save_checkpoint(
+                    checkpoint,
+                    {
+                        "model": module.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch,
+                        "best_metric": best_metric,
+                        "bad_epochs": bad_epochs,
+                        "best_weights": best_weights,
+                        "history": history,
+                        "cpu_rng": torch.get_rng_state(),
+                        "shuffle_rng": generator.get_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0),
+                    },
+                )
         stopped_early = bad_epochs >= self.patience
         module.load_state_dict(best_weights)
         self.weights_ = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
@@ -258,8 +290,11 @@ class _TorchMLP(BaseEstimator):
             self._module = module
         X = torch.from_numpy(np.asarray(X, dtype=np.float32))
         with torch.no_grad():
-            return torch.cat([module(chunk) for chunk in X.split(65536)]).numpy() if len(X) else \
-                np.zeros((0, self.n_outputs_), dtype=np.float32)
+            return (
+                torch.cat([module(chunk) for chunk in X.split(65536)]).numpy()
+                if len(X)
+                else np.zeros((0, self.n_outputs_), dtype=np.float32)
+            )
 
 
 class TorchMLPRegressor(RegressorMixin, _TorchMLP):

@@ -20,8 +20,7 @@ import pandas as pd
 
 from pipelines.config import Params
 from pipelines.errors import LooplineError
-
-MODEL_ARTIFACT = "model"
+from pipelines.names import END_REASON, MODEL_ARTIFACT, OWNER
 
 
 def tracking_uri(params: Params) -> str:
@@ -40,8 +39,11 @@ def sqlite_store(uri: str) -> Path | None:
 
 class StoreMissing(LooplineError):
     def __init__(self, path: Path):
-        super().__init__("registry", f"tracking store {path} does not exist (tracking.uri); train a model "
-                                     "first (`loopline train`) or point tracking.uri at the store")
+        super().__init__(
+            "registry",
+            f"tracking store {path} does not exist (tracking.uri); train a model "
+            "first (`loopline train`) or point tracking.uri at the store",
+        )
 
 
 def registry_client(params: Params):
@@ -101,10 +103,8 @@ def client_for(params: Params, experiment: str | None = None):
         if found is not None:
             return client, found.experiment_id
         return client, client.create_experiment(
-            name, artifact_location=Path(params.tracking.artifact_root).resolve().as_uri())
-
-
-OWNER_TAG = "loopline.owner"
+            name, artifact_location=Path(params.tracking.artifact_root).resolve().as_uri()
+        )
 
 
 def run_owner() -> str:
@@ -136,12 +136,15 @@ def close_orphaned_runs(client, experiment_id: str) -> list[str]:
     (a training killed with SIGKILL cannot close its own runs); returns their ids."""
     closed = []
     for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
-        owner = run.data.tags.get(OWNER_TAG)
+        owner = run.data.tags.get(OWNER)
         if owner is None or _owner_alive(owner):
             continue
-        client.set_tag(run.info.run_id, "loopline.end_reason",
-                       f"its process ({owner}) ended without closing the run; marked KILLED at "
-                       f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} by the next training ({run_owner()})")
+        client.set_tag(
+            run.info.run_id,
+            END_REASON,
+            f"its process ({owner}) ended without closing the run; marked KILLED at "
+            f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} by the next training ({run_owner()})",
+        )
         client.set_terminated(run.info.run_id, status="KILLED")
         closed.append(run.info.run_id)
     return closed
@@ -157,9 +160,14 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
     return {prefix: str(value)[:6000]}
 
 
-def log_dict_batch(client, run_id: str, params: dict[str, str] | None = None,
-                   metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
-                   step: int = 0) -> None:
+def log_dict_batch(
+    client,
+    run_id: str,
+    params: dict[str, str] | None = None,
+    metrics: dict[str, float] | None = None,
+    tags: dict[str, str] | None = None,
+    step: int = 0,
+) -> None:
     from mlflow.entities import Metric, Param, RunTag
 
     now = int(time.time() * 1000)
@@ -167,8 +175,9 @@ def log_dict_batch(client, run_id: str, params: dict[str, str] | None = None,
     m = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
     t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
     for start in range(0, max(len(p), len(m), len(t), 1), 100):  # MLflow's batch limits
-        client.log_batch(run_id, metrics=m[start:start + 100], params=p[start:start + 100],
-                         tags=t[start:start + 100])
+        client.log_batch(
+            run_id, metrics=m[start : start + 100], params=p[start : start + 100], tags=t[start : start + 100]
+        )
 
 
 def log_history(client, run_id: str, history: list[dict[str, float]]) -> None:
@@ -178,7 +187,7 @@ def log_history(client, run_id: str, history: list[dict[str, float]]) -> None:
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, int(h["epoch"])) for h in history for k, v in h.items() if k != "epoch"]
     for start in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
 
 def plain_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -194,8 +203,8 @@ def plain_frame(df: pd.DataFrame) -> pd.DataFrame:
 def log_model(client, run_id: str, model: Any, example: pd.DataFrame, metadata: dict[str, Any]) -> str:
     """Save the fitted pipeline as an MLflow model into `run_id`; returns its runs:/ URI."""
     import mlflow.sklearn
-    import skops
     import sklearn
+    import skops
     from mlflow.models import infer_signature
 
     from pipelines.model_io import dumps_model, skops_io
@@ -207,10 +216,20 @@ def log_model(client, run_id: str, model: Any, example: pd.DataFrame, metadata: 
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / MODEL_ARTIFACT
         mlflow.sklearn.save_model(
-            model, str(local), serialization_format="skops", skops_trusted_types=needed,
-            signature=signature, input_example=example, metadata=metadata,
-            pip_requirements=[f"scikit-learn=={sklearn.__version__}", f"skops=={skops.__version__}",
-                              f"pandas=={pd.__version__}", f"numpy=={np.__version__}"])
+            model,
+            str(local),
+            serialization_format="skops",
+            skops_trusted_types=needed,
+            signature=signature,
+            input_example=example,
+            metadata=metadata,
+            pip_requirements=[
+                f"scikit-learn=={sklearn.__version__}",
+                f"skops=={skops.__version__}",
+                f"pandas=={pd.__version__}",
+                f"numpy=={np.__version__}",
+            ],
+        )
         client.log_artifacts(run_id, str(local), MODEL_ARTIFACT)
     return f"runs:/{run_id}/{MODEL_ARTIFACT}"
 
@@ -247,8 +266,9 @@ def load_model_version(client, name: str, version: str) -> tuple[Any, dict[str, 
     return model, metadata
 
 
-def diagnostic_figures(model: Any, test: pd.DataFrame, predictions: pd.DataFrame, features: list[str],
-                       target: str, task: str, seed: int) -> dict[str, Any]:
+def diagnostic_figures(
+    model: Any, test: pd.DataFrame, predictions: pd.DataFrame, features: list[str], target: str, task: str, seed: int
+) -> dict[str, Any]:
     """matplotlib figures for a run: predicted vs actual and residuals (regression) or the
     confusion matrix (classification), and permutation feature importance."""
     import matplotlib

@@ -30,8 +30,10 @@ STAGE = "train"
 ESTIMATORS: dict[str, dict[str, type[BaseEstimator]]] = {
     "linear": {"regression": Ridge, "classification": LogisticRegression},
     "random_forest": {"regression": RandomForestRegressor, "classification": RandomForestClassifier},
-    "hist_gradient_boosting": {"regression": HistGradientBoostingRegressor,
-                               "classification": HistGradientBoostingClassifier},
+    "hist_gradient_boosting": {
+        "regression": HistGradientBoostingRegressor,
+        "classification": HistGradientBoostingClassifier,
+    },
     "torch_mlp": {"regression": TorchMLPRegressor, "classification": TorchMLPClassifier},
 }
 LINEAR_CLASSIFIER_DEFAULTS = {"max_iter": 1000}
@@ -43,8 +45,11 @@ def build_estimator(family: str, task: str, hyperparams: dict[str, Any], seed: i
     valid = estimator.get_params()
     unknown = [k for k in hyperparams if k not in valid]
     if unknown:
-        raise LooplineError(STAGE, f"train.hyperparams.{family}.{unknown[0]} is not a parameter of "
-                                   f"{cls.__name__}; valid ones: {sorted(valid)}")
+        raise LooplineError(
+            STAGE,
+            f"train.hyperparams.{family}.{unknown[0]} is not a parameter of "
+            f"{cls.__name__}; valid ones: {sorted(valid)}",
+        )
     if "random_state" in valid:
         estimator.set_params(random_state=seed)
     if "seed" in valid:
@@ -55,16 +60,14 @@ def build_estimator(family: str, task: str, hyperparams: dict[str, Any], seed: i
         raise LooplineError(STAGE, f"train.hyperparams.{family}: {err}") from None
 
 
-def build_model(params: Params, family: str | None = None,
-                hyperparams: dict[str, Any] | None = None) -> Pipeline:
+def build_model(params: Params, family: str | None = None, hyperparams: dict[str, Any] | None = None) -> Pipeline:
     family = family or params.train.model
     if hyperparams is None:
         hyperparams = params.train.hyperparams.get(family, {})
     estimator = build_estimator(family, params.data.task, hyperparams, params.train.seed)
     if "checkpoint_dir" in estimator.get_params() and estimator.get_params()["checkpoint_dir"] is None:
         estimator.set_params(checkpoint_dir=str(params.paths.models / "checkpoints"))
-    return Pipeline([("features", build_preprocessor(params.features, params.table_schema)),
-                     ("model", estimator)])
+    return Pipeline([("features", build_preprocessor(params.features, params.table_schema)), ("model", estimator)])
 
 
 def fit_model(model: Pipeline, train: pd.DataFrame, params: Params) -> Pipeline:
@@ -82,8 +85,11 @@ def _fit(model: Pipeline, train: pd.DataFrame, params: Params) -> Pipeline:
     if params.data.task == "classification":
         y = y.astype(str)
         if y.nunique() < 2:
-            raise LooplineError(STAGE, f"the training rows hold a single class of {params.data.target!r} "
-                                       f"({y.iloc[0]!r}); a classifier needs at least two")
+            raise LooplineError(
+                STAGE,
+                f"the training rows hold a single class of {params.data.target!r} "
+                f"({y.iloc[0]!r}); a classifier needs at least two",
+            )
     try:
         return model.fit(X, y)
     except ValueError as err:

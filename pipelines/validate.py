@@ -17,6 +17,7 @@ import pandas as pd
 
 from pipelines.config import SchemaConfig
 from pipelines.errors import LooplineError
+from pipelines.rules import compile_rules
 
 STAGE = "validate"
 
@@ -30,21 +31,22 @@ class Validation:
 
 
 def build_suite(schema: SchemaConfig):
+    """The compiled schema rules (pipelines.rules) as expectations."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
+    rules = compile_rules(schema)
     suite = gx.ExpectationSuite(name="loopline_schema")
-    rows = schema.row_count
-    suite.add_expectation(gxe.ExpectTableRowCountToBeBetween(min_value=rows.min, max_value=rows.max))
-    for col, spec in schema.columns.items():
+    suite.add_expectation(
+        gxe.ExpectTableRowCountToBeBetween(min_value=rules.row_count_min, max_value=rules.row_count_max)
+    )
+    for col, rule in rules.columns.items():
         suite.add_expectation(gxe.ExpectColumnToExist(column=col))
-        if spec.min is not None or spec.max is not None:
-            suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(
-                column=col, min_value=spec.min, max_value=spec.max))
-        if spec.values:
-            allowed = [str(v) for v in spec.values] if spec.type == "category" else [float(v) for v in spec.values]
-            suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=col, value_set=allowed))
-        suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=col, mostly=1.0 - spec.max_null_fraction))
+        if rule.min is not None or rule.max is not None:
+            suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column=col, min_value=rule.min, max_value=rule.max))
+        if rule.allowed is not None:
+            suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=col, value_set=rule.allowed))
+        suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=col, mostly=1.0 - rule.max_null_fraction))
     return suite
 
 
@@ -84,10 +86,15 @@ def _render_html(result: dict[str, Any], failures: list[str], source: str) -> st
         cfg = r["expectation_config"]
         kwargs = {k: v for k, v in cfg["kwargs"].items() if k != "batch_id"}
         status = "pass" if r["success"] else "FAIL"
-        res = {k: v for k, v in (r.get("result") or {}).items()
-               if k in ("observed_value", "unexpected_count", "unexpected_percent", "partial_unexpected_list")}
-        rows.append(f"<tr class='{status}'><td>{status}</td><td>{html.escape(cfg['type'])}</td>"
-                    f"<td>{html.escape(str(kwargs))}</td><td>{html.escape(str(res))}</td></tr>")
+        res = {
+            k: v
+            for k, v in (r.get("result") or {}).items()
+            if k in ("observed_value", "unexpected_count", "unexpected_percent", "partial_unexpected_list")
+        }
+        rows.append(
+            f"<tr class='{status}'><td>{status}</td><td>{html.escape(cfg['type'])}</td>"
+            f"<td>{html.escape(str(kwargs))}</td><td>{html.escape(str(res))}</td></tr>"
+        )
     stats = result.get("statistics", {})
     verdict = "passed" if result["success"] else "FAILED"
     items = "".join(f"<li>{html.escape(f)}</li>" for f in failures)
@@ -99,7 +106,9 @@ def _render_html(result: dict[str, Any], failures: list[str], source: str) -> st
         f"{stats.get('successful_expectations', 0)} of {stats.get('evaluated_expectations', 0)} "
         f"expectations met</p><ul>{items}</ul>"
         "<table><tr><th>status</th><th>expectation</th><th>arguments</th><th>result</th></tr>"
-        + "".join(rows) + "</table></body></html>")
+        + "".join(rows)
+        + "</table></body></html>"
+    )
 
 
 def validate_frame(df: pd.DataFrame, schema: SchemaConfig, source: str = "data") -> Validation:
@@ -111,18 +120,28 @@ def validate_frame(df: pd.DataFrame, schema: SchemaConfig, source: str = "data")
     logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch_def = (context.data_sources.add_pandas("loopline")
-                 .add_dataframe_asset("table")
-                 .add_batch_definition_whole_dataframe("all_rows"))
+    batch_def = (
+        context.data_sources.add_pandas("loopline")
+        .add_dataframe_asset("table")
+        .add_batch_definition_whole_dataframe("all_rows")
+    )
     suite = context.suites.add(build_suite(schema))
     result = _without_run_noise(batch_def.get_batch(batch_parameters={"dataframe": df}).validate(suite).to_json_dict())
     failures = [_describe_failure(r) for r in result["results"] if not r["success"]]
-    return Validation(success=bool(result["success"]), result=result, failures=failures,
-                      report_html=_render_html(result, failures, source))
+    return Validation(
+        success=bool(result["success"]),
+        result=result,
+        failures=failures,
+        report_html=_render_html(result, failures, source),
+    )
 
 
 def raise_if_failed(validation: Validation, source: str, report_path: str) -> None:
     if not validation.success:
         n, total = len(validation.failures), len(validation.result["results"])
-        raise LooplineError(STAGE, f"{n} of {total} expectations failed on {source}: "
-                                   + "; ".join(validation.failures) + f". Full report: {report_path}")
+        raise LooplineError(
+            STAGE,
+            f"{n} of {total} expectations failed on {source}: "
+            + "; ".join(validation.failures)
+            + f". Full report: {report_path}",
+        )

@@ -19,17 +19,33 @@ from pydantic import BaseModel
 REF = "#/components/schemas/{model}"
 
 FIELD_ERROR: dict[str, Any] = {
-    "type": "object", "title": "FieldError", "required": ["type", "loc", "msg"],
-    "properties": {"type": {"type": "string"}, "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
-                   "msg": {"type": "string"}, "url": {"type": "string"}, "input": {}, "ctx": {"type": "object"}},
+    "type": "object",
+    "title": "FieldError",
+    "required": ["type", "loc", "msg"],
+    "properties": {
+        "type": {"type": "string"},
+        "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
+        "msg": {"type": "string"},
+        "url": {"type": "string"},
+        "input": {},
+        "ctx": {"type": "object"},
+    },
 }
 BAD_REQUEST: dict[str, Any] = {
-    "type": "object", "title": "BadRequest", "required": ["error"],
+    "type": "object",
+    "title": "BadRequest",
+    "required": ["error"],
     "description": "A field that breaks its rule (named in `detail`), a body that is not JSON, or a bad header.",
-    "properties": {"error": {"type": "string"}, "detail": {"type": "array", "items": {"$ref": REF.format(model="FieldError")}}},
+    "properties": {
+        "error": {"type": "string"},
+        "detail": {"type": "array", "items": {"$ref": REF.format(model="FieldError")}},
+    },
 }
 ERROR: dict[str, Any] = {
-    "type": "object", "title": "Error", "required": ["error"], "properties": {"error": {"type": "string"}},
+    "type": "object",
+    "title": "Error",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}},
 }
 ERROR_STATUSES = {
     "413": "The body is larger than serve.max_body_bytes",
@@ -50,8 +66,11 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def corrected_spec(spec: dict[str, Any], routes: dict[str, tuple[type[BaseModel] | None, type[BaseModel]]],
-                   unavailable_routes: set[str]) -> dict[str, Any]:
+def corrected_spec(
+    spec: dict[str, Any],
+    routes: dict[str, tuple[type[BaseModel] | None, type[BaseModel]]],
+    unavailable_routes: set[str],
+) -> dict[str, Any]:
     """`spec` (BentoML's) with `routes` mapped to (request model or None, response model);
     503 is documented on `unavailable_routes` and on /readyz."""
     spec = copy.deepcopy(spec)

@@ -67,11 +67,20 @@ def build_bento(params: Params) -> tuple[str, str, str, bool]:
     try:
         stored = bentoml.models.get(tag)
     except NotFound:
-        with bentoml.models.create(tag, labels={"registry_version": version},
-                                   metadata={"model_name": name, "model_version": version, "run_id": run_id}) as stored:
+        with bentoml.models.create(
+            tag,
+            labels={"registry_version": version},
+            metadata={"model_name": name, "model_version": version, "run_id": run_id},
+        ) as stored:
             save_model(model, meta, stored.path)
             Path(stored.path_of("params.json")).write_text(
-                json.dumps(params.model_dump(mode="json", by_alias=True), indent=2), encoding="utf-8")
-    bento = bentoml.bentos.build_bentofile(str(BENTOFILE), name=bento_model_name(name), version=tag.split(":")[1],
-                                           build_ctx=str(REPO), args={"model": str(stored.tag)})
+                json.dumps(params.model_dump(mode="json", by_alias=True), indent=2), encoding="utf-8"
+            )
+    bento = bentoml.bentos.build_bentofile(
+        str(BENTOFILE),
+        name=bento_model_name(name),
+        version=tag.split(":")[1],
+        build_ctx=str(REPO),
+        args={"model": str(stored.tag)},
+    )
     return str(bento.tag), str(stored.tag), version, True

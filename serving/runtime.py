@@ -6,23 +6,17 @@
   gets the new one, no request is dropped.
 - `MicroBatcher` predicts concurrent single-record requests together: while the model is
   busy with one batch, the requests that arrive queue up and form the next one.
-- `PredictionLog` appends every prediction to SQLite from a writer thread, so the request
-  path only puts rows on a queue.
+- Every prediction goes to `pipelines.prediction_log.PredictionLog`, which monitoring reads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,12 +24,9 @@ import pandas as pd
 
 from pipelines.config import Params
 from pipelines.errors import LooplineError
+from pipelines.prediction_log import utc_now
 
 log = logging.getLogger("loopline.serving")
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 class Unavailable(LooplineError):
@@ -47,8 +38,10 @@ class Unavailable(LooplineError):
 
 class NoChampion(Unavailable):
     def __init__(self, model_name: str):
-        super().__init__(f"model {model_name!r} has no version aliased 'champion' yet; "
-                         "train one (`loopline train`) or promote one (`loopline promote V`)")
+        super().__init__(
+            f"model {model_name!r} has no version aliased 'champion' yet; "
+            "train one (`loopline train`) or promote one (`loopline promote V`)"
+        )
 
 
 class RegistryUnreachable(Unavailable):
@@ -72,9 +65,16 @@ class ServedModel:
 
     @classmethod
     def of(cls, model: Any, meta: dict[str, Any], name: str, version: str, run_id: str) -> ServedModel:
-        return cls(model=model, name=name, version=str(version), run_id=run_id, task=meta["task"],
-                   features=list(meta["features"]), classes=[str(c) for c in meta.get("classes", [])],
-                   loaded_at=utc_now())
+        return cls(
+            model=model,
+            name=name,
+            version=str(version),
+            run_id=run_id,
+            task=meta["task"],
+            features=list(meta["features"]),
+            classes=[str(c) for c in meta.get("classes", [])],
+            loaded_at=utc_now(),
+        )
 
 
 def records_frame(records: Sequence[dict[str, Any]], params: Params) -> pd.DataFrame:
@@ -98,7 +98,7 @@ def predict_frame(served: ServedModel, frame: pd.DataFrame) -> tuple[list[Any], 
         return labels, None
     proba = np.asarray(model.predict_proba(frame), dtype="float64")
     classes = [str(c) for c in model.classes_]
-    return labels, [dict(zip(classes, row)) for row in proba.tolist()]
+    return labels, [dict(zip(classes, row, strict=True)) for row in proba.tolist()]
 
 
 class RegistrySource:
@@ -127,7 +127,14 @@ class RegistrySource:
                 self.close()
                 self._inode = (stat.st_dev, stat.st_ino)
         if self._client is None:
-            self._client = registry_client(self.params)
+            from pipelines.registry import registry_lock
+
+            # Under the lock a training holds while it creates the store: a store found half
+            # made is opened once it is whole, never migrated from two processes at once.
+            with registry_lock(tracking_uri(self.params)):
+                client = registry_client(self.params)
+                _ = client._tracking_client.store, client._get_registry_client().store  # open both now
+            self._client = client
         return self._client
 
     def close(self) -> None:
@@ -155,8 +162,10 @@ class RegistrySource:
             raise
         except Exception as err:  # a damaged or unreachable store: MLflow and SQLAlchemy raise many types
             self.close()
-            raise RegistryUnreachable(f"tracking store {tracking_uri(self.params)} cannot be read: "
-                                      f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
+            raise RegistryUnreachable(
+                f"tracking store {tracking_uri(self.params)} cannot be read: "
+                f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            ) from None
         if version is None:
             raise NoChampion(name)
         if current is not None and (current.version, current.run_id) == (version, run_id):
@@ -164,9 +173,11 @@ class RegistrySource:
         try:
             model, meta = load_model_version(client, name, version)
         except Exception as err:  # a missing or damaged artifact
-            raise ChampionLoadFailed(f"champion v{version} of {name!r} (run {run_id}) failed to load: "
-                                     f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
-        return ServedModel.of(model, meta, name, version, run_id)
+            raise ChampionLoadFailed(
+                f"champion v{version} of {name!r} (run {run_id}) failed to load: "
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            ) from None
+        return ServedModel.of(model, meta, name, version, str(run_id))
 
 
 def load_registry_champion(params: Params) -> ServedModel:
@@ -202,11 +213,17 @@ class ChampionHolder:
                 self.problem = None
             except Exception as err:
                 before = self.problem.message if self.problem else None
-                self.problem = err if isinstance(err, Unavailable) else Unavailable(
-                    f"checking for a champion failed: {type(err).__name__}: {err}")
+                self.problem = (
+                    err
+                    if isinstance(err, Unavailable)
+                    else Unavailable(f"checking for a champion failed: {type(err).__name__}: {err}")
+                )
                 if self.problem.message != before:  # once per change, not once per poll
-                    log.warning("champion check failed (serving %s): %s",
-                                f"v{known}" if known else "nothing", self.problem.message)
+                    log.warning(
+                        "champion check failed (serving %s): %s",
+                        f"v{known}" if known else "nothing",
+                        self.problem.message,
+                    )
                 return False
             finally:
                 self.last_check = utc_now()
@@ -238,11 +255,15 @@ class ChampionHolder:
 
     def status(self) -> dict[str, Any]:
         served = self.current
-        return {"model_name": self.params.tracking.model_name, "source": self.source,
-                "model_version": served.version if served else None,
-                "run_id": served.run_id if served else None,
-                "loaded_at": served.loaded_at if served else None,
-                "last_check": self.last_check, "last_error": self.problem.message if self.problem else None}
+        return {
+            "model_name": self.params.tracking.model_name,
+            "source": self.source,
+            "model_version": served.version if served else None,
+            "run_id": served.run_id if served else None,
+            "loaded_at": served.loaded_at if served else None,
+            "last_check": self.last_check,
+            "last_error": self.problem.message if self.problem else None,
+        }
 
 
 class MicroBatcher:
@@ -296,85 +317,6 @@ class MicroBatcher:
                     if not fut.done():
                         fut.set_exception(err)
                 continue
-            for (_, fut), result in zip(batch, results):
+            for (_, fut), result in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)
-
-
-LOG_COLUMNS = ("request_id", "ts", "model_name", "model_version", "run_id", "inputs", "prediction", "probabilities")
-
-
-class PredictionLog:
-    """Every served prediction, appended to a SQLite table (WAL) by one writer thread.
-
-    Columns: request_id, ts (UTC ISO), model_name, model_version, run_id, inputs (JSON
-    object of the record), prediction (number or label), probabilities (JSON or NULL)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS predictions (request_id TEXT NOT NULL, ts TEXT NOT NULL, "
-                       "model_name TEXT NOT NULL, model_version TEXT NOT NULL, run_id TEXT NOT NULL, "
-                       "inputs TEXT NOT NULL, prediction NOT NULL, probabilities TEXT)")
-            db.execute("CREATE INDEX IF NOT EXISTS predictions_request_id ON predictions (request_id)")
-            db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
-        self.dropped = 0  # rows lost to a failed write (logged)
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._writer = threading.Thread(target=self._write_loop, name="prediction-log", daemon=True)
-        self._writer.start()
-
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30)
-
-    def append(self, served: ServedModel, request_ids: Sequence[str], records: Sequence[dict[str, Any]],
-               predictions: Sequence[Any], probabilities: Sequence[dict[str, float]] | None) -> None:
-        ts = utc_now()
-        probs = [json.dumps(p) for p in probabilities] if probabilities is not None else [None] * len(records)
-        rows = [(rid, ts, served.name, served.version, served.run_id, json.dumps(rec), pred, prob)
-                for rid, rec, pred, prob in zip(request_ids, records, predictions, probs)]
-        self._queue.put(rows)
-
-    def _write_loop(self) -> None:
-        db = self._connect()
-        db.execute("PRAGMA synchronous=NORMAL")
-        while True:
-            item = self._queue.get()
-            rows, done = ([], item) if isinstance(item, threading.Event) else (item, None)
-            while done is None and not self._queue.empty() and len(rows) < 50_000:  # one transaction per burst
-                more = self._queue.get()
-                if isinstance(more, threading.Event):
-                    done = more
-                else:
-                    rows.extend(more)
-            if rows:
-                try:
-                    with db:
-                        db.executemany(f"INSERT INTO predictions VALUES ({', '.join('?' * len(LOG_COLUMNS))})", rows)
-                except sqlite3.Error:
-                    self.dropped += len(rows)
-                    log.exception("could not write %d predictions to %s", len(rows), self.path)
-            if done is not None:
-                done.set()
-
-    def flush(self, timeout: float = 10.0) -> None:
-        """Wait until everything appended so far is on disk."""
-        done = threading.Event()
-        self._queue.put(done)
-        done.wait(timeout)
-
-
-def read_prediction_log(path: str | Path, columns: Sequence[str], since: str | None = None) -> pd.DataFrame:
-    """The prediction log as a frame with one column per input field in `columns` (SQLite
-    extracts them from the JSON), for monitoring."""
-    path = Path(path)
-    if not path.is_file():
-        raise LooplineError("monitor", f"prediction log {path} does not exist; nothing has been served yet")
-    fields = "".join(f", json_extract(inputs, '$.\"{c}\"') AS \"{c}\"" for c in columns)
-    query = f"SELECT request_id, ts, model_name, model_version, run_id, prediction, probabilities{fields} FROM predictions"
-    args: tuple = ()
-    if since is not None:
-        query, args = query + " WHERE ts >= ?", (since,)
-    with sqlite3.connect(path, timeout=30) as db:
-        return pd.read_sql_query(query + " ORDER BY rowid", db, params=args)

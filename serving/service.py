@@ -31,8 +31,17 @@ import bentoml
 from starlette.responses import JSONResponse
 
 from pipelines.config import load_params, parse_params
-from serving.runtime import (ChampionHolder, ChampionLoadFailed, MicroBatcher, PredictionLog, RegistrySource,
-                             ServedModel, Unavailable, predict_frame, records_frame)
+from pipelines.prediction_log import PredictionLog
+from serving.runtime import (
+    ChampionHolder,
+    ChampionLoadFailed,
+    MicroBatcher,
+    RegistrySource,
+    ServedModel,
+    Unavailable,
+    predict_frame,
+    records_frame,
+)
 from serving.schema import BatchPrediction, Prediction, ServiceStatus, batch_model, record_model
 
 BENTO_PARAMS_FILE = "params.json"
@@ -77,6 +86,7 @@ class RequestTimeout:
         started = False
         try:
             async with asyncio.timeout(self.timeout) as deadline:
+
                 async def send_started(message: dict) -> None:
                     nonlocal started
                     if not started:
@@ -88,18 +98,23 @@ class RequestTimeout:
         except TimeoutError:
             if started:
                 raise
-            body = json.dumps({"error": f"the request was not answered within {self.timeout:g} s "
-                                        "(serve.request_timeout_s)"}).encode()
-            await send({"type": "http.response.start", "status": 504,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
+            body = json.dumps(
+                {"error": f"the request was not answered within {self.timeout:g} s (serve.request_timeout_s)"}
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 504,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
 
 
 def _use_request_timeout() -> None:
     import bentoml._internal.server.http.traffic as traffic
 
-    traffic.TimeoutMiddleware = RequestTimeout  # looked up by BentoML when it builds the app
+    traffic.TimeoutMiddleware = RequestTimeout  # type: ignore[misc,assignment]  # looked up by BentoML when it builds the app
 
 
 _use_request_timeout()
@@ -122,13 +137,19 @@ GC_GEN0_THRESHOLD = 20_000
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 BAD_REQUEST_ID = "header X-Request-ID must be 1-64 characters of A-Z a-z 0-9 . _ : -"
 
-PREDICTIONS = bentoml.metrics.Counter(name="loopline_predictions", documentation="Rows predicted, by model version",
-                                      labelnames=["model_version"])
-BATCH_ROWS = bentoml.metrics.Histogram(name="loopline_batch_rows", documentation="Rows per model call",
-                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+PREDICTIONS = bentoml.metrics.Counter(
+    name="loopline_predictions", documentation="Rows predicted, by model version", labelnames=["model_version"]
+)
+BATCH_ROWS = bentoml.metrics.Histogram(
+    name="loopline_batch_rows",
+    documentation="Rows per model call",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
 
 
-def _error(status: int, message: str, ctx: bentoml.Context) -> JSONResponse:
+def _error(status: int, message: str, ctx: bentoml.Context) -> Any:
+    """A JSON error body. Typed Any: an API's return annotation is its success type (BentoML
+    builds the output spec from it) and a Starlette response returned instead is sent as is."""
     ctx.response.status_code = status  # BentoML sets the status from the context when an API takes one
     return JSONResponse({"error": message}, status_code=status)
 
@@ -155,9 +176,11 @@ class ClientErrorsAsWarnings(logging.Filter):
         error = record.exc_info[1] if record.exc_info else None
         if not isinstance(error, ValidationError):
             return True
-        fields = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['type']} ({e['msg']})"
-                           for e in error.errors(include_url=False)[:5])
-        rejected(str(record.args[0]) if record.args else "?", 400, fields)
+        fields = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['type']} ({e['msg']})"
+            for e in error.errors(include_url=False)[:5]
+        )
+        rejected(str(record.args[0]) if isinstance(record.args, tuple) and record.args else "?", 400, fields)
         return False
 
 
@@ -193,9 +216,17 @@ class RequestGuard:
         await self._send_json(send, status, json.dumps({"error": message}).encode())
 
     async def _send_json(self, send: Any, status: int, body: bytes, headers: list | None = None) -> None:
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                *(headers or [])]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *(headers or []),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -213,8 +244,9 @@ class RequestGuard:
         path = scope["path"]
         media = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
         if media != b"application/json":
-            return await self._reject(send, 415, f"send JSON (Content-Type: application/json), not "
-                                                 f"{media.decode('latin-1')!r}", path)
+            return await self._reject(
+                send, 415, f"send JSON (Content-Type: application/json), not {media.decode('latin-1')!r}", path
+            )
         too_big = f"request body is larger than serve.max_body_bytes ({self.max} bytes)"
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max:
@@ -254,17 +286,22 @@ def _load_bento_model(path: Path):
         except Exception as err:
             raise ChampionLoadFailed(f"the Bento's model {path} failed to load: {type(err).__name__}: {err}") from None
         return ServedModel.of(model, meta, meta["model_name"], meta["model_version"], meta["run_id"])
+
     return load
 
 
-@bentoml.service(name="loopline", http={"port": PARAMS.serve.port}, traffic={"timeout": PARAMS.serve.request_timeout_s},
-                 logging={"access": {"enabled": False}})
+@bentoml.service(
+    name="loopline",
+    http={"port": PARAMS.serve.port},
+    traffic={"timeout": PARAMS.serve.request_timeout_s},
+    logging={"access": {"enabled": False}},
+)
 class Predictor:
     if BENTO_MODEL:
         bento_model = bentoml.models.BentoModel(BENTO_MODEL)
 
     def __init__(self) -> None:
-        from pipelines.stages import Layout
+        from pipelines.layout import Layout
 
         if BENTO_MODEL:
             self.holder = ChampionHolder(PARAMS, _load_bento_model(Path(self.bento_model.path)), f"bento {BENTO_MODEL}")
@@ -276,8 +313,9 @@ class Predictor:
             self.holder.start_polling(PARAMS.serve.reload_interval_s)
         log_path = os.environ.get("LOOPLINE_PREDICTION_LOG") or Layout.of(PARAMS).prediction_log
         self.prediction_log = PredictionLog(log_path)
-        self.batcher = MicroBatcher(self._predict_single, PARAMS.serve.max_batch_size,
-                                    PARAMS.serve.batch_wait_ms / 1000)
+        self.batcher = MicroBatcher(
+            self._predict_single, PARAMS.serve.max_batch_size, PARAMS.serve.batch_wait_ms / 1000
+        )
         # Everything loaded so far (libraries, the model) lives as long as the process: keep it
         # out of the cyclic GC, whose full collections over it stalled requests for ~0.4 s.
         # A request allocates a few thousand short-lived container objects; a larger first
@@ -305,9 +343,17 @@ class Predictor:
     def _predict_single(self, items: list[tuple[dict[str, Any], str]]) -> list[Prediction]:
         request_ids = [rid for _, rid in items]
         served, predictions, probabilities = self._predict([record for record, _ in items], request_ids)
-        return [Prediction(prediction=p, probabilities=probabilities[i] if probabilities else None,
-                           model_name=served.name, model_version=served.version, run_id=served.run_id,
-                           request_id=rid) for i, (p, rid) in enumerate(zip(predictions, request_ids))]
+        return [
+            Prediction(
+                prediction=p,
+                probabilities=probabilities[i] if probabilities else None,
+                model_name=served.name,
+                model_version=served.version,
+                run_id=served.run_id,
+                request_id=rid,
+            )
+            for i, (p, rid) in enumerate(zip(predictions, request_ids, strict=True))
+        ]
 
     @staticmethod
     def _request_id(ctx: bentoml.Context) -> str | None:
@@ -343,11 +389,18 @@ class Predictor:
         request_ids = [f"{request_id}-{i}" for i in range(len(records))]
         try:
             served, predictions, probabilities = await asyncio.to_thread(
-                self._predict, [r.model_dump() for r in records], request_ids)
+                self._predict, [r.model_dump() for r in records], request_ids
+            )
         except Unavailable as err:
             return _error(503, err.message, ctx)
-        return BatchPrediction(predictions=predictions, probabilities=probabilities, model_name=served.name,
-                               model_version=served.version, run_id=served.run_id, request_ids=request_ids)
+        return BatchPrediction(
+            predictions=predictions,
+            probabilities=probabilities,
+            model_name=served.name,
+            model_version=served.version,
+            run_id=served.run_id,
+            request_ids=request_ids,
+        )
 
     @bentoml.api(route="/admin/reload")
     async def reload(self) -> ServiceStatus:
@@ -365,12 +418,22 @@ class Predictor:
 
 @functools.cache
 def openapi_document() -> bytes:
+    from pydantic import BaseModel
+
     from serving.openapi import corrected_spec
 
-    routes = {"/predict": (Record, Prediction), "/predict_batch": (RecordBatch, BatchPrediction),
-              "/model": (None, ServiceStatus), "/admin/reload": (None, ServiceStatus)}
-    spec = corrected_spec(Predictor.openapi_spec.asdict(), routes, {"/predict", "/predict_batch"})
+    routes: dict[str, tuple[type[BaseModel] | None, type[BaseModel]]] = {
+        "/predict": (Record, Prediction),
+        "/predict_batch": (RecordBatch, BatchPrediction),
+        "/model": (None, ServiceStatus),
+        "/admin/reload": (None, ServiceStatus),
+    }
+    spec = corrected_spec(
+        Predictor.openapi_spec.asdict(),  # type: ignore[attr-defined]  # added by @bentoml.service
+        routes,
+        {"/predict", "/predict_batch"},
+    )
     return json.dumps(spec).encode()
 
 
-Predictor.add_asgi_middleware(RequestGuard, max_body_bytes=PARAMS.serve.max_body_bytes)
+Predictor.add_asgi_middleware(RequestGuard, max_body_bytes=PARAMS.serve.max_body_bytes)  # type: ignore[attr-defined]

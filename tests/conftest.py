@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,7 @@ os.environ.pop("PREFECT_API_URL", None)
 # Prefect servers the tests start create scheduled runs within seconds, not once a minute.
 os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "5"
 
-from serving.smoke import free_port  # noqa: E402,F401  (re-exported for tests and bench)
+from serving.harness import free_port, stop, venv_bin, wait_for_http  # noqa: E402,F401  (used by the tests)
 
 
 def raw_params(name: str = "params.yaml") -> dict:
@@ -58,7 +56,7 @@ def bikeshare_sample(tmp: Path, rows: int = 2000) -> Path:
 
 def run_cli(*args: str, capsys) -> tuple[int, str, str]:
     """Run `loopline ARGS` through its real entry point in this process."""
-    from pipelines.cli import main
+    from loopline.cli import main
 
     argv = sys.argv
     sys.argv = ["loopline", *args]
@@ -86,46 +84,19 @@ def params_of():
     return load_params
 
 
-def wait_for_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status < 500:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a server started in its own session, with everything it started."""
-    import signal
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def venv_bin(name: str) -> str:
-    return str(Path(sys.executable).with_name(name))
-
-
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     """A real `prefect server start` on a free loopback port, used by every flow test."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     port = free_port()
-    log = open(tmp_path_factory.mktemp("prefect") / "server.log", "w")
-    proc = subprocess.Popen([venv_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = open(tmp_path_factory.mktemp("prefect") / "server.log", "w")  # noqa: SIM115  (closed after the session)
+    proc = subprocess.Popen(
+        [venv_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/api"
     try:
         wait_for_http(f"{url}/health", timeout=120, proc=proc)
@@ -138,8 +109,12 @@ def prefect_api(tmp_path_factory):
 
 def tracking_section(tmp: Path, model_name: str = "bikes") -> dict:
     """params `tracking:` for a private SQLite MLflow store below `tmp`."""
-    return {"uri": f"sqlite:///{tmp}/mlflow.db", "artifact_root": str(tmp / "mlruns"),
-            "experiment": "test-bikes", "model_name": model_name}
+    return {
+        "uri": f"sqlite:///{tmp}/mlflow.db",
+        "artifact_root": str(tmp / "mlruns"),
+        "experiment": "test-bikes",
+        "model_name": model_name,
+    }
 
 
 def register_family(params, family: str) -> str:
@@ -180,8 +155,13 @@ def copy_of_repo(root: Path, edit=lambda root: None) -> Path:
     in a new git repo at `root`."""
     import shutil
 
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     for rel in filter(None, files):
         if (REPO / rel).is_file():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
-from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -25,12 +23,13 @@ def landing_params(tmp_path):
 
     def make(**monitor):
         return load_params(write_params(tmp_path, bikeshare_sample(tmp_path, 300), monitor=monitor))
+
     return make
 
 
 def stored_rows(params) -> int:
     from pipelines.arrivals import arrival_files
-    from pipelines.stages import Layout
+    from pipelines.layout import Layout
 
     return sum(pq.ParquetFile(f).metadata.num_rows for f in arrival_files(Layout.of(params).arrivals))
 
@@ -51,7 +50,7 @@ def test_a_batch_still_being_written_waits_until_it_settles(landing_params):
     """A writer appends 50 rows every 0.25 s; monitoring runs meanwhile. Nothing may be
     accepted from the unfinished file, and all 400 rows must arrive once it is done."""
     from pipelines.arrivals import accept_landed
-    from pipelines.stages import Layout
+    from pipelines.layout import Layout
 
     params = landing_params(settle_seconds=2.0)  # well above the writer's 0.25 s pauses, even on a busy machine
     landing = Layout.of(params).landing
@@ -63,19 +62,19 @@ def test_a_batch_still_being_written_waits_until_it_settles(landing_params):
             assert writer.poll() is None, "the writer ended before writing"
             time.sleep(0.02)
         outcomes = accept_landed(params)
-        assert [o["status"] for o in outcomes] == ["waiting"], outcomes
-        assert "still being written" in outcomes[0]["reason"]
+        assert [o.status for o in outcomes] == ["waiting"], outcomes
+        assert "still being written" in outcomes[0].reason
         assert stored_rows(params) == 0 and target.exists()
     finally:
         writer.wait(timeout=30)
     [outcome] = accept_landed(params)
-    assert outcome["status"] == "accepted" and outcome["rows"] == 400, outcome
+    assert outcome.status == "accepted" and outcome.rows == 400, outcome
     assert stored_rows(params) == 400 and not target.exists()
 
 
 def test_temporary_and_hidden_names_are_left_alone(landing_params):
     from pipelines.arrivals import accept_landed
-    from pipelines.stages import Layout
+    from pipelines.layout import Layout
 
     params = landing_params(settle_seconds=0)
     landing = Layout.of(params).landing
@@ -91,7 +90,7 @@ def test_temporary_and_hidden_names_are_left_alone(landing_params):
 def test_a_batch_left_in_landing_after_it_was_stored_is_not_stored_twice(landing_params):
     """The state a crash between storing the batch and deleting the landed file leaves."""
     from pipelines.arrivals import accept_landed, arrival_files
-    from pipelines.stages import Layout
+    from pipelines.layout import Layout
 
     params = landing_params(settle_seconds=0)
     layout = Layout.of(params)
@@ -100,11 +99,11 @@ def test_a_batch_left_in_landing_after_it_was_stored_is_not_stored_twice(landing
     batch.to_csv(layout.landing / "batchD.csv", index=False)
     kept = (layout.landing / "batchD.csv").read_bytes()
     [first] = accept_landed(params)
-    assert first["status"] == "accepted"
+    assert first.status == "accepted"
     (layout.landing / "batchD.csv").write_bytes(kept)  # as if the process died before the unlink
     [again] = accept_landed(params)
-    assert again["status"] == "already accepted" and again["stored"] == first["stored"], again
-    assert [f.name for f in arrival_files(layout.arrivals)] == [first["stored"]]
+    assert again.status == "already accepted" and again.stored == first.stored, again
+    assert [f.name for f in arrival_files(layout.arrivals)] == [first.stored]
     assert not (layout.landing / "batchD.csv").exists()
 
 
@@ -120,7 +119,7 @@ accept_landed(load_params({params!r}))
 def test_sigkill_mid_acceptance_loses_and_duplicates_nothing(tmp_path):
     from pipelines.arrivals import accept_landed
     from pipelines.config import load_params
-    from pipelines.stages import Layout
+    from pipelines.layout import Layout
 
     path = write_params(tmp_path, bikeshare_sample(tmp_path, 300), monitor={"settle_seconds": 0})
     params = load_params(path)
@@ -128,9 +127,10 @@ def test_sigkill_mid_acceptance_loses_and_duplicates_nothing(tmp_path):
     layout.landing.mkdir(parents=True)
     full = pd.read_csv(BIKESHARE)
     for i in range(12):
-        full.iloc[1000 + 40 * i:1040 + 40 * i].to_csv(layout.landing / f"b{i:02d}.csv", index=False)
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE.format(repo=str(REPO), params=str(path))],
-                            start_new_session=True)
+        full.iloc[1000 + 40 * i : 1040 + 40 * i].to_csv(layout.landing / f"b{i:02d}.csv", index=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE.format(repo=str(REPO), params=str(path))], start_new_session=True
+    )
     deadline = time.monotonic() + 120
     while not list(layout.arrivals.glob("*.parquet")):
         assert proc.poll() is None and time.monotonic() < deadline, "acceptance ended before the kill"
@@ -147,7 +147,7 @@ def test_sigkill_mid_acceptance_loses_and_duplicates_nothing(tmp_path):
 
 def test_stored_batches_follow_the_umask(landing_params):
     from pipelines.arrivals import accept_landed, arrival_files
-    from pipelines.stages import Layout
+    from pipelines.layout import Layout
 
     params = landing_params(settle_seconds=0)
     layout = Layout.of(params)

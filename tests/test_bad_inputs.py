@@ -20,18 +20,21 @@ def _rewrite(df_change):
         df = pd.read_csv(good, dtype=str, keep_default_na=False)
         df_change(df)
         df.to_csv(bad, index=False)
+
     return make
 
 
 def _bytes(transform):
     def make(good: Path, bad: Path) -> None:
         bad.write_bytes(transform(good.read_bytes()))
+
     return make
 
 
 def _set(col, value, rows=slice(0, 5)):
     def change(df):
         df.loc[df.index[rows], col] = value
+
     return change
 
 
@@ -51,20 +54,38 @@ FAILING = {
     "header_only": (_bytes(lambda d: d.split(b"\n", 1)[0] + b"\n"), "ingest", ["no data rows"]),
     "missing_feature_column": (_rewrite(_drop("temp")), "ingest", ["['temp']", "missing"]),
     "missing_target": (_rewrite(_drop("bikers")), "ingest", ["target column 'bikers'", "missing"]),
-    "wrong_dtype_everywhere": (_rewrite(_set("temp", "warm", slice(None))), "clean",
-                               ["temp: not a number", "'warm'", "max_quarantine_fraction"]),
-    "out_of_range": (_rewrite(_set("hum", "5.5")), "validate",
-                     ["column 'hum'", "expect_column_values_to_be_between", "5.5"]),
-    "unknown_category": (_rewrite(_set("weathersit", "tornado")), "validate",
-                         ["column 'weathersit'", "expect_column_values_to_be_in_set", "tornado"]),
-    "all_null_column": (_rewrite(_set("windspeed", "", slice(None))), "validate",
-                        ["column 'windspeed'", "expect_column_values_to_not_be_null"]),
-    "negative_target": (_rewrite(_set("bikers", "-4")), "validate",
-                        ["column 'bikers'", "expect_column_values_to_be_between", "-4.0"]),
+    "wrong_dtype_everywhere": (
+        _rewrite(_set("temp", "warm", slice(None))),
+        "clean",
+        ["temp: not a number", "'warm'", "max_quarantine_fraction"],
+    ),
+    "out_of_range": (
+        _rewrite(_set("hum", "5.5")),
+        "validate",
+        ["column 'hum'", "expect_column_values_to_be_between", "5.5"],
+    ),
+    "unknown_category": (
+        _rewrite(_set("weathersit", "tornado")),
+        "validate",
+        ["column 'weathersit'", "expect_column_values_to_be_in_set", "tornado"],
+    ),
+    "all_null_column": (
+        _rewrite(_set("windspeed", "", slice(None))),
+        "validate",
+        ["column 'windspeed'", "expect_column_values_to_not_be_null"],
+    ),
+    "negative_target": (
+        _rewrite(_set("bikers", "-4")),
+        "validate",
+        ["column 'bikers'", "expect_column_values_to_be_between", "-4.0"],
+    ),
     "non_utf8": (_bytes(_non_utf8), "ingest", ["not valid UTF-8", "line 8"]),
     "random_binary": (_bytes(lambda d: os.urandom(4096)), "ingest", ["not a CSV text file"]),
-    "utf16_excel_unicode_text": (_bytes(lambda d: d.decode("utf-8").encode("utf-16")), "ingest",
-                                 ["UTF-16", "re-export it as CSV UTF-8"]),
+    "utf16_excel_unicode_text": (
+        _bytes(lambda d: d.decode("utf-8").encode("utf-16")),
+        "ingest",
+        ["UTF-16", "re-export it as CSV UTF-8"],
+    ),
 }
 
 
@@ -113,7 +134,7 @@ def test_bad_input_fails_clearly_and_keeps_good_outputs(case, workspace, capsys)
     after = _fingerprint(tmp)
     # the failing stage and everything after it keep their previous good outputs
     order = list(STAGE_OUTPUTS)
-    protected = [p for s in order[order.index(stage):] for p in STAGE_OUTPUTS[s]]
+    protected = [p for s in order[order.index(stage) :] for p in STAGE_OUTPUTS[s]]
     protected += ["models/model.skops", "models/model.json", "models/metrics.json", "data/processed/train.parquet"]
     for rel in protected:
         assert after[rel] == before[rel], f"{rel} changed after a failed {stage}"
@@ -146,8 +167,13 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     bad.write_bytes(b"")
     params = write_params(tmp_path, bad)
     loopline = Path(sys.executable).with_name("loopline")
-    proc = subprocess.run([str(loopline), "stage", "ingest", "--params", str(params)],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [str(loopline), "stage", "ingest", "--params", str(params)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "error: ingest:" in proc.stderr and "empty (0 bytes)" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -20,8 +20,18 @@ MALFORMED = {
 }
 
 COMMANDS = [
-    ["stage", "ingest"], ["run"], ["train"], ["monitor"], ["replay", "--workdir", "{tmp}/replay"], ["deploy"],
-    ["promote", "1"], ["rollback"], ["ui"], ["serve"], ["package"], ["score", "{tmp}/in.csv", "{tmp}/out.parquet"],
+    ["stage", "ingest"],
+    ["run"],
+    ["train"],
+    ["monitor"],
+    ["replay", "--workdir", "{tmp}/replay"],
+    ["deploy"],
+    ["promote", "1"],
+    ["rollback"],
+    ["ui"],
+    ["serve"],
+    ["package"],
+    ["score", "{tmp}/in.csv", "{tmp}/out.parquet"],
     ["check-params"],
 ]
 
@@ -49,9 +59,12 @@ def test_every_command_refuses_malformed_params_with_one_line(tmp_path):
     (tmp_path / "in.csv").write_text("hr\n1\n")
     cases = [(name, command) for name in files for command in COMMANDS]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda case: run([c.format(tmp=tmp_path) for c in case[1]]
-                                                 + ["--params", str(files[case[0]])]), cases))
-    for (name, command), (proc, seconds) in zip(cases, results):
+        results = list(
+            pool.map(
+                lambda case: run([c.format(tmp=tmp_path) for c in case[1]] + ["--params", str(files[case[0]])]), cases
+            )
+        )
+    for (name, command), (proc, seconds) in zip(cases, results, strict=True):
         where = f"loopline {' '.join(command)} with {name}"
         assert proc.returncode == 2, f"{where}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
         lines = proc.stderr.strip().splitlines()
@@ -82,15 +95,25 @@ def test_expected_errors_inside_flows_print_one_line(prefect_api, tmp_path):
     frame = pd.read_csv(source)
     frame.loc[7, "hum"] = 5.5
     frame.to_csv(source, index=False)
-    params = write_params(tmp_path, source, tracking=tracking_section(tmp_path),
-                          search={"families": ["linear"], "n_trials": 0})
+    params = write_params(
+        tmp_path, source, tracking=tracking_section(tmp_path), search={"families": ["linear"], "n_trials": 0}
+    )
     frame.drop(columns=["hum"]).to_csv(tmp_path / "no_hum.csv", index=False)
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    cases = {("train",): "error: validate: 1 of ", ("score", str(tmp_path / "no_hum.csv"), str(tmp_path / "out.parquet")):
-             "error: score: " + f"{tmp_path / 'no_hum.csv'}: missing column(s) ['hum']"}
+    cases = {
+        ("train",): "error: validate: 1 of ",
+        ("score", str(tmp_path / "no_hum.csv"), str(tmp_path / "out.parquet")): "error: score: "
+        + f"{tmp_path / 'no_hum.csv'}: missing column(s) ['hum']",
+    }
     for args, expected in cases.items():
-        proc = subprocess.run([venv_bin("loopline"), *args, "--params", str(params)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [venv_bin("loopline"), *args, "--params", str(params)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr and "| ERROR" not in proc.stderr, proc.stderr[-3000:]
         assert proc.stderr.strip().splitlines()[-1].startswith(expected), proc.stderr[-2000:]

@@ -29,7 +29,8 @@ def clone(tmp_path_factory) -> Path:
 def test_repro_matches_committed_lock_and_metrics(clone):
     assert (clone / "dvc.lock").read_text() == (REPO / "dvc.lock").read_text()
     assert json.loads((clone / "models/metrics.json").read_text()) == json.loads(
-        (REPO / "models/metrics.json").read_text())
+        (REPO / "models/metrics.json").read_text()
+    )
     assert sh("git", "status", "--porcelain", cwd=clone).strip() == ""
 
 
@@ -73,16 +74,29 @@ def test_experiment_variant_and_params_diff(clone):
     exps = sh("dvc", "exp", "show", "--json", cwd=clone)
     assert "linear" in exps
     # The README's invocation: what varies between the experiments, the test metrics first.
-    header = sh("dvc", "exp", "show", "--only-changed", "--drop", "/|params\\.yaml", "--csv",
-                cwd=clone).splitlines()[0].split(",")
+    header = (
+        sh("dvc", "exp", "show", "--only-changed", "--drop", "/|params\\.yaml", "--csv", cwd=clone)
+        .splitlines()[0]
+        .split(",")
+    )
     shown = [c for c in header if c not in ("Experiment", "rev", "typ", "Created", "parent", "State", "Executor")]
     assert shown[0] == "test.mae" and "test.rmse" in shown and "train.model" in shown, shown
     assert len(shown) < 20 and not any(c.startswith(("rows_", "schema.")) for c in shown), shown
 
 
 def test_torch_experiment_runs_through_the_same_stages(clone):
-    sh("dvc", "exp", "run", "-S", "train.model=torch_mlp", "-S", "train.hyperparams.torch_mlp.epochs=8",
-       "-S", "train.hyperparams.torch_mlp.device=cpu", cwd=clone)
+    sh(
+        "dvc",
+        "exp",
+        "run",
+        "-S",
+        "train.model=torch_mlp",
+        "-S",
+        "train.hyperparams.torch_mlp.epochs=8",
+        "-S",
+        "train.hyperparams.torch_mlp.device=cpu",
+        cwd=clone,
+    )
     meta = json.loads((clone / "models/model.json").read_text())
     metrics = json.loads((clone / "models/metrics.json").read_text())
     assert meta["family"] == "torch_mlp"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -28,8 +28,12 @@ def write_workspace_params(root: Path, **sections) -> None:
     raw = raw_params()
     raw["data"]["source"] = "source.csv"
     raw["paths"] = {"data": "data", "models": "models"}
-    raw["tracking"] = {"uri": "sqlite:///mlflow.db", "artifact_root": "mlruns", "experiment": "ws",
-                       "model_name": "bikes"}
+    raw["tracking"] = {
+        "uri": "sqlite:///mlflow.db",
+        "artifact_root": "mlruns",
+        "experiment": "ws",
+        "model_name": "bikes",
+    }
     raw["search"] = SEARCH
     raw["monitor"] = {"settle_seconds": 0}  # each batch is written whole before monitoring runs
     raw["train"]["hyperparams"]["hist_gradient_boosting"]["max_iter"] = 100
@@ -64,7 +68,7 @@ class Workspace:
         from flows.monitoring import monitoring_flow
 
         with contextlib.chdir(self.root):
-            return monitoring_flow(params_path="params.yaml", now=(now or datetime.now(timezone.utc)).isoformat())
+            return monitoring_flow(params_path="params.yaml", now=(now or datetime.now(UTC)).isoformat())
 
     def reference_like(self, n: int, seed: int) -> pd.DataFrame:
         """Rows from the hours the champion was trained on (the first 70% of the source)."""
@@ -100,8 +104,8 @@ def ws(prefect_api, tmp_path_factory) -> Workspace:
     sh("dvc", "init", "-q", cwd=root)
     with contextlib.chdir(root):
         first = training_flow(params_path="params.yaml", record_data_version=True)
-    assert first["decision"]["promoted"]
-    assert first["data_version"].startswith("recorded in dvc.lock")
+    assert first.decision.promoted
+    assert first.data_version.startswith("recorded in dvc.lock")
     return Workspace(root)
 
 
@@ -113,18 +117,19 @@ def _lock_md5(root: Path, stage: str, out: str) -> str:
 def test_batch_like_the_reference_does_not_retrain(ws):
     ws.land(ws.reference_like(400, seed=1), "calm")
     result = ws.monitor()
-    assert [b["accepted"] for b in result["batches"]] == [True]
-    measured = result["measured"]
-    assert measured["status"] == "measured" and measured["window_rows"] == 400
-    assert measured["drift"]["share"] < 0.5, measured["drift"]
-    assert result["verdict"]["outcome"] == "no action" and "training" not in result
+    assert [b.accepted for b in result.batches] == [True]
+    measured = result.measured
+    assert measured.status == "measured" and measured.window_rows == 400
+    assert measured.drift.share < 0.5, measured.drift
+    assert result.verdict.outcome == "no action" and result.training is None
     assert ws.versions() == ["1"]
-    run = ws.client().get_run(result["mlflow_run_id"])
+    run = ws.client().get_run(result.mlflow_run_id)
     assert run.data.tags["loopline.decision"] == "no action"
-    assert run.data.metrics["drift_share"] == pytest.approx(measured["drift"]["share"])
+    assert run.data.metrics["drift_share"] == pytest.approx(measured.drift.share)
     assert {a.path for a in ws.client().list_artifacts(run.info.run_id, "drift")} == {
-        f"drift/{Path(measured['report']).name}"}
-    html = Path(measured["report"]).read_text()
+        f"drift/{Path(measured.report).name}"
+    }
+    html = Path(measured.report).read_text()
     assert "Drifted" in html and all(f in html for f in ("temp", "weathersit", "mnth"))
 
 
@@ -134,14 +139,14 @@ def test_invalid_batch_is_rejected_and_reaches_nothing(ws):
     bad["temp"] = 7.5  # outside the schema's 0..1: the expectation on temp fails
     ws.land(bad, "broken")
     result = ws.monitor()
-    [batch] = result["batches"]
-    assert batch["status"] == "rejected" and "temp" in batch["reason"] and "7.5" in batch["reason"]
+    [batch] = result.batches
+    assert batch.status == "rejected" and "temp" in batch.reason and "7.5" in batch.reason
     rejected = ws.root / "data" / "landing" / "rejected"
     assert (rejected / "broken.csv").is_file() and "temp" in (rejected / "broken.csv.reason.txt").read_text()
     assert not (ws.root / "data" / "landing" / "broken.csv").exists()
     assert sorted((ws.root / "data" / "arrivals").glob("*.parquet")) == arrivals
-    assert result["measured"]["window"] == [arrivals[-1].name]  # still the calm batch
-    assert result["verdict"]["outcome"] == "no action" and ws.versions() == ["1"]
+    assert result.measured.window == [arrivals[-1].name]  # still the calm batch
+    assert result.verdict.outcome == "no action" and ws.versions() == ["1"]
 
 
 def test_injected_drift_retrains_on_a_new_data_version(ws):
@@ -149,42 +154,42 @@ def test_injected_drift_retrains_on_a_new_data_version(ws):
     champion_run = ws.client().get_run(ws.client().get_model_version("bikes", "1").run_id)
     ws.land(ws.drifted(400, seed=3), "hot")
     result = ws.monitor()
-    verdict = result["verdict"]
-    assert verdict["outcome"] == "retrain" and "features drifted" in verdict["reason"], str(result["measured"])
-    training = result["training"]
-    assert {"temp", "atemp", "windspeed", "season", "mnth"} <= set(result["measured"]["drift"]["drifted"])
-    assert training["version"] == "2" and ws.versions() == ["1", "2"]
-    assert training["data_version"].startswith("recorded in dvc.lock")
+    verdict = result.verdict
+    assert verdict.outcome == "retrain" and "features drifted" in verdict.reason(), str(result.measured)
+    training = result.training
+    assert {"temp", "atemp", "windspeed", "season", "mnth"} <= set(result.measured.drift.drifted)
+    assert training.version == "2" and ws.versions() == ["1", "2"]
+    assert training.data_version.startswith("recorded in dvc.lock")
     assert _lock_md5(ws.root, "ingest", "data/interim/ingested.parquet") != before_lock
     new_run = ws.client().get_run(ws.client().get_model_version("bikes", "2").run_id)
     assert new_run.data.tags["data.ingested_md5"] != champion_run.data.tags["data.ingested_md5"]
-    assert new_run.data.tags["data.last_arrival"] == result["measured"]["window"][0]
+    assert new_run.data.tags["data.last_arrival"] == result.measured.window[0]
     assert new_run.data.tags["data.arrival_batches"] == "2"
-    tags = ws.client().get_run(result["mlflow_run_id"]).data.tags
+    tags = ws.client().get_run(result.mlflow_run_id).data.tags
     assert tags["loopline.decision"] == "retrain" and tags["loopline.training_version"] == "2"
 
 
 def test_cooldown_holds_back_the_next_retrain(ws):
     versions = ws.versions()
     ws.land(ws.drifted(400, seed=4), "hot-again")
-    result = ws.monitor(now=datetime.now(timezone.utc) + timedelta(hours=1))
-    verdict = result["verdict"]
-    assert verdict["outcome"] == "held back" and verdict["triggers"]
-    assert any("cooling down" in h for h in verdict["held_back"])
-    assert "training" not in result and ws.versions() == versions
+    result = ws.monitor(now=datetime.now(UTC) + timedelta(hours=1))
+    verdict = result.verdict
+    assert verdict.outcome == "held back" and verdict.triggers
+    assert any("cooling down" in h for h in verdict.held_back)
+    assert result.training is None and ws.versions() == versions
 
 
 def test_worse_retrain_leaves_the_champion(ws):
     champion = ws.champion()
     write_workspace_params(ws.root, search={"families": ["linear"], "n_trials": 0})
     ws.land(ws.drifted(400, seed=5), "hot-third")
-    result = ws.monitor(now=datetime.now(timezone.utc) + timedelta(days=2))  # past the cooldown
-    training = result["training"]
-    assert result["verdict"]["outcome"] == "retrain"
-    assert training["outcome"] == "kept the champion" and not training["promoted"]
-    assert "does not beat" in training["reason"], training["reason"]
-    assert ws.champion() == champion and training["version"] not in (champion, None)
-    tags = ws.client().get_run(result["mlflow_run_id"]).data.tags
+    result = ws.monitor(now=datetime.now(UTC) + timedelta(days=2))  # past the cooldown
+    training = result.training
+    assert result.verdict.outcome == "retrain"
+    assert training.outcome == "kept the champion" and not training.promoted
+    assert "does not beat" in training.reason, training.reason
+    assert ws.champion() == champion and training.version not in (champion, None)
+    tags = ws.client().get_run(result.mlflow_run_id).data.tags
     assert tags["loopline.training_outcome"] == "kept the champion"
 
 
@@ -204,14 +209,15 @@ def test_reduced_replay_switches_the_served_model(prefect_api, tmp_path, monkeyp
     """Jan-Mar champion, then April and May through a real service, monitoring and retraining."""
     from flows.replay import run_replay
     from pipelines.config import load_params
-    from pipelines.stages import Layout
-    from serving.runtime import read_prediction_log
+    from pipelines.layout import Layout
+    from pipelines.prediction_log import read_prediction_log
 
     monkeypatch.chdir(REPO)  # `loopline serve` imports serving.service from here
     workdir = tmp_path / "replay"
     chart = tmp_path / "chart.png"
-    timeline = run_replay(workdir, REPO / "params.yaml", "month", train_months=3, periods=2, chart=chart,
-                          echo=lambda s: None)
+    timeline = run_replay(
+        workdir, REPO / "params.yaml", "month", train_months=3, periods=2, chart=chart, echo=lambda s: None
+    )
     assert list(timeline["period"]) == ["2011-04", "2011-05"]
     april, may = timeline.iloc[0], timeline.iloc[1]
     assert april["served_version"] == "1" and april["live"] > 0 and april["baseline"] > april["live"]

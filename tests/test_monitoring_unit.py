@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -11,32 +12,42 @@ import pytest
 
 from conftest import BIKESHARE, bikeshare_sample, write_params
 from pipelines.config import MonitorConfig, load_params
-from pipelines.monitor import Drift, decide, degradation, live_metrics, measure_drift
+from pipelines.monitor import Drift, LiveMetric, decide, degradation, live_metrics, measure_drift
 
-NOW = datetime(2011, 6, 1, tzinfo=timezone.utc)
+NOW = datetime(2011, 6, 1, tzinfo=UTC)
 
 
 def _drift(share: float, n: int = 10) -> Drift:
     drifted = [f"f{i}" for i in range(round(share * n))]
-    return Drift(share=share, drifted=drifted, scores={f"f{i}": 0.0 for i in range(n)}, methods={},
-                 prediction_score=0.0, prediction_drifted=False, html="")
+    return Drift(
+        share=share,
+        drifted=drifted,
+        scores={f"f{i}": 0.0 for i in range(n)},
+        methods={},
+        prediction_score=0.0,
+        prediction_drifted=False,
+        html="",
+    )
+
+
+CHAMPION = {"champion_metric": 50.0, "higher_is_better": False, "now": NOW}  # an RMSE: lower is better
 
 
 def test_policy_triggers_and_holds_back():
     cfg = MonitorConfig(drift_share=0.5, max_degradation=0.25, min_new_rows=100, cooldown_hours=24)
-    calm = decide(cfg, _drift(0.2), None, 50.0, False, 500, None, NOW)
+    calm = decide(cfg, drift=_drift(0.2), **CHAMPION, new_rows=500)
     assert not calm.retrain and calm.outcome == "no action"
-    drifted = decide(cfg, _drift(0.6), None, 50.0, False, 500, None, NOW)
+    drifted = decide(cfg, drift=_drift(0.6), **CHAMPION, new_rows=500)
     assert drifted.retrain and "6 of 10 features drifted" in drifted.reason()
-    live = {"metric": "rmse", "value": 70.0, "rows": 300, "baseline": 120.0}
-    worse = decide(cfg, _drift(0.1), live, 50.0, False, 500, None, NOW)
+    live = LiveMetric(metric="rmse", value=70.0, baseline=120.0, rows=300, served_versions={"1": 300})
+    worse = decide(cfg, drift=_drift(0.1), live=live, **CHAMPION, new_rows=500)
     assert worse.retrain and "40% worse" in worse.reason()
-    assert not decide(cfg, _drift(0.1), {**live, "value": 60.0}, 50.0, False, 500, None, NOW).retrain
-    few = decide(cfg, _drift(0.6), None, 50.0, False, 99, None, NOW)
+    assert not decide(cfg, drift=_drift(0.1), live=replace(live, value=60.0), **CHAMPION, new_rows=500).retrain
+    few = decide(cfg, drift=_drift(0.6), **CHAMPION, new_rows=99)
     assert few.outcome == "held back" and "only 99 rows" in few.reason()
-    cooling = decide(cfg, _drift(0.6), None, 50.0, False, 500, NOW - timedelta(hours=23), NOW)
+    cooling = decide(cfg, drift=_drift(0.6), **CHAMPION, new_rows=500, last_retrain=NOW - timedelta(hours=23))
     assert cooling.outcome == "held back" and "cooling down" in cooling.reason()
-    assert decide(cfg, _drift(0.6), None, 50.0, False, 500, NOW - timedelta(hours=25), NOW).retrain
+    assert decide(cfg, drift=_drift(0.6), **CHAMPION, new_rows=500, last_retrain=NOW - timedelta(hours=25)).retrain
 
 
 def test_degradation_respects_metric_direction():
@@ -76,19 +87,25 @@ def test_evidently_finds_seasonal_drift_and_not_resampling(bikes):
 def test_live_metrics_join_served_predictions_by_request_id(bikes):
     _, params, _ = bikes
     window = pd.DataFrame({"request_id": ["a-0", "a-1", "a-2", "b-0"], "bikers": [10.0, 20.0, 30.0, 40.0]})
-    log = pd.DataFrame({"request_id": ["a-0", "a-1", "a-1", "a-2", "zz"], "prediction": [12.0, 99.0, 18.0, 30.0, 5.0],
-                        "model_version": ["1", "1", "2", "2", "2"]})
+    log = pd.DataFrame(
+        {
+            "request_id": ["a-0", "a-1", "a-1", "a-2", "zz"],
+            "prediction": [12.0, 99.0, 18.0, 30.0, 5.0],
+            "model_version": ["1", "1", "2", "2", "2"],
+        }
+    )
     live = live_metrics(window, log, params, baseline=25.0)
     # a-1 was answered twice: the last answer (18) counts; b-0 was never served; zz is not labelled
-    assert live["rows"] == 3 and live["served_versions"] == {"2": 2, "1": 1}
-    assert live["value"] == pytest.approx(np.sqrt((4 + 4 + 0) / 3))
-    assert live["baseline"] == pytest.approx(np.sqrt((225 + 25 + 25) / 3))
+    assert live.rows == 3 and live.served_versions == {"2": 2, "1": 1}
+    assert live.value == pytest.approx(np.sqrt((4 + 4 + 0) / 3))
+    assert live.baseline == pytest.approx(np.sqrt((225 + 25 + 25) / 3))
     assert live_metrics(window, log.iloc[4:], params, 25.0) is None
 
 
 def test_landed_batches_accepted_or_rejected_with_reason(bikes, tmp_path):
     from pipelines.arrivals import accept_landed, arrival_files
-    from pipelines.stages import Layout, ingest
+    from pipelines.layout import Layout
+    from pipelines.stages import ingest
 
     _, _, frame = bikes
     params = load_params(write_params(tmp_path, bikeshare_sample(tmp_path, 500)))
@@ -101,17 +118,21 @@ def test_landed_batches_accepted_or_rejected_with_reason(bikes, tmp_path):
     broken.to_csv(layout.landing / "b-broken.csv", index=False)
     extra = frame.iloc[800:900].assign(station="x")
     extra.to_csv(layout.landing / "c-extra.csv", index=False)
-    outcomes = {o["file"]: o for o in accept_landed(params)}
-    assert outcomes["a-good.parquet"]["accepted"] and outcomes["a-good.parquet"]["rows"] == 200
-    assert "weathersit" in outcomes["b-broken.csv"]["reason"] and "sunny" in outcomes["b-broken.csv"]["reason"]
-    assert "station" in outcomes["c-extra.csv"]["reason"]
+    outcomes = {o.file: o for o in accept_landed(params)}
+    assert outcomes["a-good.parquet"].accepted and outcomes["a-good.parquet"].rows == 200
+    assert "weathersit" in outcomes["b-broken.csv"].reason and "sunny" in outcomes["b-broken.csv"].reason
+    assert "station" in outcomes["c-extra.csv"].reason
     assert [f.name for f in arrival_files(layout.arrivals)] == ["000001-a-good.parquet"]
     assert sorted(p.name for p in layout.rejected.iterdir()) == [
-        "b-broken.csv", "b-broken.csv.reason.txt", "c-extra.csv", "c-extra.csv.reason.txt"]
+        "b-broken.csv",
+        "b-broken.csv.reason.txt",
+        "c-extra.csv",
+        "c-extra.csv.reason.txt",
+    ]
     assert not any(layout.landing.glob("*.csv")) and not any(layout.landing.glob("*.parquet"))
     (layout.arrivals / "000007-by-hand.parquet").write_bytes((layout.arrivals / "000001-a-good.parquet").read_bytes())
     good.iloc[:10].to_csv(layout.landing / "d-later.csv", index=False)
-    assert accept_landed(params)[0]["stored"] == "000008-d-later.parquet"  # after the highest, not the count
+    assert accept_landed(params)[0].stored == "000008-d-later.parquet"  # after the highest, not the count
     for f in ("000007-by-hand.parquet", "000008-d-later.parquet"):
         (layout.arrivals / f).unlink()
     summary = ingest(params)  # the accepted batch is appended to the source, text as read

@@ -11,6 +11,7 @@ import pytest
 from conftest import WINE, run_cli, write_params
 from pipelines import stages
 from pipelines.errors import LooplineError
+from pipelines.layout import Layout
 from pipelines.model_io import dumps_model, load_model, loads_model
 from pipelines.train import build_model
 
@@ -37,7 +38,7 @@ def test_full_run_beats_the_naive_baseline(bikeshare_run):
 
 def test_outputs_written_and_model_reloads_with_same_predictions(bikeshare_run):
     params, summary = bikeshare_run
-    layout = stages.Layout.of(params)
+    layout = Layout.of(params)
     model, meta = load_model(layout.models)
     assert meta["features"] == params.features.columns and meta["family"] == "hist_gradient_boosting"
     test = pd.read_parquet(layout.split_file("test"))
@@ -50,7 +51,7 @@ def test_outputs_written_and_model_reloads_with_same_predictions(bikeshare_run):
 
 def test_model_bytes_are_reproducible(bikeshare_run):
     params, _ = bikeshare_run
-    model, _ = load_model(stages.Layout.of(params).models)
+    model, _ = load_model(Layout.of(params).models)
     assert dumps_model(model) == dumps_model(model)
     fitted_threads = model[-1]._bin_mapper.n_threads
     model[-1]._bin_mapper.n_threads = 7  # as if fitted on a machine with other trainings running
@@ -60,7 +61,7 @@ def test_model_bytes_are_reproducible(bikeshare_run):
 
 def test_model_file_with_untrusted_type_is_refused(bikeshare_run):
     params, _ = bikeshare_run
-    model, _ = load_model(stages.Layout.of(params).models)
+    model, _ = load_model(Layout.of(params).models)
     model.steps.append(("extra", io.StringIO))  # a type no loopline pipeline contains
     import skops.io as sio
 
@@ -71,8 +72,11 @@ def test_model_file_with_untrusted_type_is_refused(bikeshare_run):
 
 
 def test_unknown_hyperparameter_is_named(tmp_path, sample_csv, params_of):
-    params = params_of(write_params(tmp_path, sample_csv,
-                                    train={"hyperparams": {"random_forest": {"n_trees": 5}}, "model": "random_forest"}))
+    params = params_of(
+        write_params(
+            tmp_path, sample_csv, train={"hyperparams": {"random_forest": {"n_trees": 5}}, "model": "random_forest"}
+        )
+    )
     with pytest.raises(LooplineError, match=r"train.hyperparams.random_forest.n_trees"):
         build_model(params)
 
@@ -108,6 +112,6 @@ def test_validation_failure_names_column_rule_and_values(tmp_path, sample_csv, p
     msg = str(info.value)
     assert "column 'hum'" in msg and "expect_column_values_to_be_between" in msg
     assert "5.0" in msg and "7.5" in msg and "report.html" in msg
-    layout = stages.Layout.of(params)
+    layout = Layout.of(params)
     assert "Validation FAILED" in (layout.validation / "report.html").read_text()
     assert not (layout.validation / "summary.json").exists()

@@ -26,15 +26,26 @@ EVERY_MINUTE = {"training": "* * * * *", "monitoring": None, "timezone": "UTC"}
 
 
 def deploy(tmp: Path, api_url: str | None, schedule: dict = EVERY_MINUTE) -> tuple[subprocess.Popen, Path]:
-    params = write_params(tmp, bikeshare_sample(tmp, 1000), search={"families": ["linear"], "n_trials": 0},
-                          tracking=tracking_section(tmp), schedule=schedule)
+    params = write_params(
+        tmp,
+        bikeshare_sample(tmp, 1000),
+        search={"families": ["linear"], "n_trials": 0},
+        tracking=tracking_section(tmp),
+        schedule=schedule,
+    )
     env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
     if api_url:
         env["PREFECT_API_URL"] = api_url
     log = tmp / "deploy.log"
-    proc = subprocess.Popen([venv_bin("loopline"), "deploy", "--params", str(params)], cwd=REPO, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [venv_bin("loopline"), "deploy", "--params", str(params)],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     return proc, log
 
 
@@ -60,7 +71,8 @@ async def scheduled_runs(api_url: str) -> list:
         except Exception:
             return []
         runs = await client.read_flow_runs(
-            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["scheduled-training"])))
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["scheduled-training"]))
+        )
         return [r for r in runs if r.auto_scheduled]
 
 
@@ -108,7 +120,8 @@ def monitoring_retrains_through_the_training_deployment(tmp: Path) -> None:
     july = pd.read_csv(BIKESHARE).query("mnth == 'July'").head(400)
     (tmp / "data" / "landing").mkdir(parents=True, exist_ok=True)
     july.assign(request_id=[f"july-{i}" for i in range(len(july))]).to_csv(
-        tmp / "data" / "landing" / "july.csv", index=False)
+        tmp / "data" / "landing" / "july.csv", index=False
+    )
     run = run_deployment("monitoring/scheduled-monitoring", timeout=300)
     assert run.state.is_completed(), run.state
     deadline = time.monotonic() + 240
@@ -142,8 +155,10 @@ def test_scheduled_runs_fire_and_deploy_stops_cleanly(prefect_api, tmp_path):
         monitoring_retrains_through_the_training_deployment(own_dir)
     finally:
         stopped = [stops_within(on_server, signal.SIGTERM, 15), stops_within(on_local, signal.SIGINT, 15)]
-    assert on_server.returncode == 0 and on_local.returncode == 0, (server_log.read_text()[-2000:],
-                                                                   local_log.read_text()[-2000:])
+    assert on_server.returncode == 0 and on_local.returncode == 0, (
+        server_log.read_text()[-2000:],
+        local_log.read_text()[-2000:],
+    )
     assert "Traceback" not in server_log.read_text() + local_log.read_text()
     print(f"loopline deploy stopped in {stopped[0]:.1f}s (SIGTERM) and {stopped[1]:.1f}s (SIGINT)")
     from urllib.request import urlopen

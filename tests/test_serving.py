@@ -18,10 +18,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import (
+    bikeshare_sample,
+    free_port,
+    register_family,
+    run_cli,
+    stop,
+    tracking_section,
+    venv_bin,
+    wait_for_http,
+    write_params,
+)
 from serving.schema import request_records
-
-from conftest import (bikeshare_sample, free_port, register_family, run_cli, stop, tracking_section, venv_bin,
-                      wait_for_http, write_params)
 
 pytestmark = pytest.mark.slow
 
@@ -33,18 +41,28 @@ def setup(tmp_path_factory):
     from pipelines.stages import run_all
 
     tmp = tmp_path_factory.mktemp("serving")
-    path = write_params(tmp, bikeshare_sample(tmp), tracking=tracking_section(tmp),
-                        serve={"reload_interval_s": 1, "max_batch_records": 50, "max_body_bytes": 100_000})
+    path = write_params(
+        tmp,
+        bikeshare_sample(tmp),
+        tracking=tracking_section(tmp),
+        serve={"reload_interval_s": 1, "max_batch_records": 50, "max_body_bytes": 100_000},
+    )
     params = load_params(path)
     run_all(params, echo=lambda _: None)
     return tmp, path, params
 
 
 def start_service(args: list[str], tmp: Path, port: int) -> subprocess.Popen:
-    log = open(tmp / f"serve-{port}.log", "w")
+    log = open(tmp / f"serve-{port}.log", "w")  # noqa: SIM115  (the server writes it until stopped)
     env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
-    return subprocess.Popen([venv_bin("loopline"), "serve", *args, "--port", str(port)], cwd=tmp, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [venv_bin("loopline"), "serve", *args, "--port", str(port)],
+        cwd=tmp,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +103,9 @@ def pyfunc_predictions(params, version: str, frame: pd.DataFrame) -> np.ndarray:
 
     uri = params.tracking.uri
     run_id = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version("bikes", version).run_id
-    local = MlflowClient(tracking_uri=uri).download_artifacts(run_id, "model", str(params.paths.data / f"pyfunc-{version}"))
+    local = MlflowClient(tracking_uri=uri).download_artifacts(
+        run_id, "model", str(params.paths.data / f"pyfunc-{version}")
+    )
     return np.asarray(mlflow.pyfunc.load_model(local).predict(frame), dtype="float64")
 
 
@@ -95,8 +115,11 @@ def test_without_a_store_or_champion_the_service_runs_and_says_why(service, test
     tmp, _, params = setup
     body = request_records(test_rows.head(1), params)[0]
     missing = f"tracking store {tmp / 'mlflow.db'} does not exist"
-    for response in (service.post("/predict", json=body), service.get("/readyz"),
-                     service.post("/predict_batch", json={"records": [body]})):
+    for response in (
+        service.post("/predict", json=body),
+        service.get("/readyz"),
+        service.post("/predict_batch", json={"records": [body]}),
+    ):
         assert response.status_code == 503 and missing in response.json()["error"], response.text
     assert missing in service.post("/model").json()["last_error"]
     assert service.get("/livez").status_code == 200
@@ -141,7 +164,7 @@ def test_predictions_equal_mlflow_pyfunc_single_and_batch(service, champion_v1, 
 
 
 def test_every_prediction_is_logged_with_inputs_version_and_request_id(service, champion_v1, test_rows, setup):
-    from serving.runtime import read_prediction_log
+    from pipelines.prediction_log import read_prediction_log
 
     tmp, _, params = setup
     body = request_records(test_rows.head(1), params)[0]
@@ -189,7 +212,7 @@ def test_malformed_requests_get_a_4xx_and_the_server_keeps_serving(service, cham
         "NaN": (json.dumps({**good, "temp": float("nan")}), 400, "temp"),
         "Infinity": (json.dumps({**good, "temp": float("inf")}), 400, "temp"),
         "empty body": ("", 400, "Field required"),
-        "invalid JSON": ("{\"hr\": ", 400, "Invalid JSON"),
+        "invalid JSON": ('{"hr": ', 400, "Invalid JSON"),
         "a list": ("[1, 2]", 400, "object"),
     }
     for name, (raw, status, mention) in raw_bodies.items():
@@ -200,8 +223,9 @@ def test_malformed_requests_get_a_4xx_and_the_server_keeps_serving(service, cham
     assert oversized.status_code == 400 and oversized.json()["detail"][0]["loc"] == ["records"]
     huge = service.post("/predict", content=b"{" + b" " * 200_000 + b"}", headers={"Content-Type": "application/json"})
     assert huge.status_code == 413 and "max_body_bytes" in huge.json()["error"]
-    chunked = service.post("/predict", content=iter([b"{", b" " * 150_000, b"}"]),
-                           headers={"Content-Type": "application/json"})
+    chunked = service.post(
+        "/predict", content=iter([b"{", b" " * 150_000, b"}"]), headers={"Content-Type": "application/json"}
+    )
     assert chunked.status_code == 413
     form = service.post("/predict", content=b"a=1", headers={"Content-Type": "multipart/form-data"})
     assert form.status_code == 415 and "application/json" in form.json()["error"]
@@ -214,8 +238,12 @@ def test_a_refused_request_is_one_warning_line_in_the_service_log(service, champ
     tmp, _, params = setup
     good = request_records(test_rows.head(1), params)[0]
     assert service.post("/predict", json={**good, "hum": 1.5}, headers={"X-Request-ID": "refused-1"}).status_code == 400
-    assert service.post("/predict", content=b"a=1", headers={"Content-Type": "text/plain",
-                                                             "X-Request-ID": "refused-2"}).status_code == 415
+    assert (
+        service.post(
+            "/predict", content=b"a=1", headers={"Content-Type": "text/plain", "X-Request-ID": "refused-2"}
+        ).status_code
+        == 415
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         log = "".join(p.read_text() for p in tmp.glob("serve-*.log"))
@@ -321,10 +349,29 @@ def test_fuzzing_the_openapi_spec_finds_no_failure_of_any_check(service, champio
     requests accepted and schema-violating ones refused."""
     report = tmp_path / "fuzz.json"
     result = subprocess.run(
-        [venv_bin("st"), "run", f"{service.base_url}/docs.json", "--checks", "all",
-         "--max-examples", "500", "--seed", "1", "--phases", "examples,coverage,fuzzing",
-         "--report", "ndjson", "--report-ndjson-path", str(report), "--no-color"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache goes to tmp_path
+        [
+            venv_bin("st"),
+            "run",
+            f"{service.base_url}/docs.json",
+            "--checks",
+            "all",
+            "--max-examples",
+            "500",
+            "--seed",
+            "1",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--report",
+            "ndjson",
+            "--report-ndjson-path",
+            str(report),
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )  # its cache goes to tmp_path
     assert result.returncode == 0, result.stdout[-4000:]
     cases = int(re.search(r"(\d+) generated", result.stdout).group(1))
     print(f"schemathesis: {cases} generated requests, every check passed")
@@ -335,14 +382,23 @@ def test_fuzzing_the_openapi_spec_finds_no_failure_of_any_check(service, champio
 def test_packaged_bento_serves_the_champion_without_the_registry(champion_v1, test_rows, setup):
     tmp, path, params = setup
     env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
-    built = subprocess.run([venv_bin("loopline"), "package", "--params", str(path)], cwd=tmp, env=env,
-                           capture_output=True, text=True, timeout=300)
+
+    def package() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [venv_bin("loopline"), "package", "--params", str(path)],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    built = package()
     assert built.returncode == 0, built.stderr[-3000:]
     tag = re.search(r"^bento (\S+?): ", built.stdout, re.M).group(1)
     assert f"registry version {champion_v1[0]}; built" in built.stdout
     assert tag.startswith(f"bikes:v{champion_v1[0]}-")  # the tag names the model and its version
-    again = subprocess.run([venv_bin("loopline"), "package", "--params", str(path)], cwd=tmp, env=env,
-                           capture_output=True, text=True, timeout=300)
+    again = package()
     assert again.returncode == 0 and f"bento {tag}: " in again.stdout and "unchanged, reused" in again.stdout
     port = free_port()
     proc = start_service(["--params", str(path), "--bento", tag], tmp, port)
@@ -357,8 +413,9 @@ def test_packaged_bento_serves_the_champion_without_the_registry(champion_v1, te
     np.testing.assert_allclose(answer["predictions"], pyfunc_predictions(params, champion_v1[0], test_rows), rtol=1e-9)
 
 
-def test_batch_scoring_flow_matches_the_service_and_refuses_bad_files(prefect_api, champion_v1, test_rows,
-                                                                       setup, tmp_path, capsys):
+def test_batch_scoring_flow_matches_the_service_and_refuses_bad_files(
+    prefect_api, champion_v1, test_rows, setup, tmp_path, capsys
+):
     _, path, params = setup
     source = tmp_path / "to_score.csv"
     pd.DataFrame(request_records(test_rows, params)).to_csv(source, index=False)

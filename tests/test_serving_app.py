@@ -56,6 +56,7 @@ def _call(middleware, path: str = "/predict") -> tuple[int, bytes, int]:
         leftover = live_timers()
         status = next(m["status"] for m in sent if m["type"] == "http.response.start")
         return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"), leftover
+
     return asyncio.run(run())
 
 

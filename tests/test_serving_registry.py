@@ -30,8 +30,14 @@ def prepared(tmp_path_factory):
     from pipelines.tracking import client_for
 
     tmp = tmp_path_factory.mktemp("registry")
-    params = load_params(write_params(tmp, bikeshare_sample(tmp, 600), tracking=tracking_section(tmp / "pristine"),
-                                      train={"hyperparams": {"hist_gradient_boosting": {"max_iter": 20}}}))
+    params = load_params(
+        write_params(
+            tmp,
+            bikeshare_sample(tmp, 600),
+            tracking=tracking_section(tmp / "pristine"),
+            train={"hyperparams": {"hist_gradient_boosting": {"max_iter": 20}}},
+        )
+    )
     run_all(params, echo=lambda _: None)
     version = register_family(params, "linear")
     promote(client_for(params)[0], "bikes", version, params.tracking.uri, reason="test")
@@ -45,8 +51,10 @@ def copy_database(source: Path, target: Path, artifacts_from: Path, artifacts_to
         for (table,) in dst.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
             for column in dst.execute(f'PRAGMA table_info("{table}")').fetchall():
                 if column[2].upper().startswith(("VARCHAR", "TEXT")):
-                    dst.execute(f'UPDATE "{table}" SET "{column[1]}" = replace("{column[1]}", ?, ?)',
-                                (str(artifacts_from), str(artifacts_to)))
+                    dst.execute(
+                        f'UPDATE "{table}" SET "{column[1]}" = replace("{column[1]}", ?, ?)',
+                        (str(artifacts_from), str(artifacts_to)),
+                    )
 
 
 def store_copy(prepared, name: str):

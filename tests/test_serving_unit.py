@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 
 import pandas as pd
 import pytest
@@ -13,12 +12,22 @@ from pydantic import ValidationError
 
 from conftest import write_params
 from pipelines.errors import LooplineError
-from serving.runtime import (ChampionHolder, MicroBatcher, PredictionLog, ServedModel, predict_frame,
-                             read_prediction_log)
+from serving.runtime import ChampionHolder, MicroBatcher, ServedModel, predict_frame
 from serving.schema import batch_model, check_records, record_model, request_records
 
-GOOD = {"temp": 0.5, "atemp": 0.48, "hum": 0.6, "windspeed": 0.2, "season": 1, "holiday": 0, "workingday": 1,
-        "weathersit": "clear", "hr": 8, "mnth": "Jan", "weekday": 2}
+GOOD = {
+    "temp": 0.5,
+    "atemp": 0.48,
+    "hum": 0.6,
+    "windspeed": 0.2,
+    "season": 1,
+    "holiday": 0,
+    "workingday": 1,
+    "weathersit": "clear",
+    "hr": 8,
+    "mnth": "Jan",
+    "weekday": 2,
+}
 
 
 @pytest.fixture
@@ -36,20 +45,23 @@ def test_record_model_has_exactly_the_feature_columns(params):
     assert Record(**{**GOOD, "temp": None}).temp is None  # temp may be missing (imputed)
 
 
-@pytest.mark.parametrize("change, field, kind", [
-    ({"hr": 24}, "hr", "less_than_equal"),
-    ({"hr": 3.5}, "hr", "value_error"),
-    ({"hr": "3"}, "hr", "value_error"),
-    ({"hr": True}, "hr", "value_error"),
-    ({"workingday": False}, "workingday", "value_error"),
-    ({"temp": math.nan}, "temp", "finite_number"),
-    ({"temp": math.inf}, "temp", "finite_number"),
-    ({"temp": -0.1}, "temp", "greater_than_equal"),
-    ({"weathersit": "sunny"}, "weathersit", "literal_error"),
-    ({"season": 5}, "season", "literal_error"),
-    ({"season": None}, "season", "value_error"),
-    ({"extra": 1}, "extra", "extra_forbidden"),
-])
+@pytest.mark.parametrize(
+    "change, field, kind",
+    [
+        ({"hr": 24}, "hr", "less_than_equal"),
+        ({"hr": 3.5}, "hr", "value_error"),
+        ({"hr": "3"}, "hr", "value_error"),
+        ({"hr": True}, "hr", "value_error"),
+        ({"workingday": False}, "workingday", "value_error"),
+        ({"temp": math.nan}, "temp", "finite_number"),
+        ({"temp": math.inf}, "temp", "finite_number"),
+        ({"temp": -0.1}, "temp", "greater_than_equal"),
+        ({"weathersit": "sunny"}, "weathersit", "literal_error"),
+        ({"season": 5}, "season", "literal_error"),
+        ({"season": None}, "season", "value_error"),
+        ({"extra": 1}, "extra", "extra_forbidden"),
+    ],
+)
 def test_record_model_refuses_bad_values_naming_the_field(params, change, field, kind):
     with pytest.raises(ValidationError) as err:
         record_model(params)(**{**GOOD, **change})
@@ -77,8 +89,13 @@ def test_check_records_types_a_good_file_and_names_the_first_bad_value(params):
     assert list(checked.columns) == params.features.columns
     assert checked["hr"].dtype == "float64" and math.isnan(checked["temp"].iloc[1])
     assert checked["weathersit"].iloc[1] == "cloudy/misty"
-    bad = {"hr": (24, "above the maximum 23.0"), "weathersit": ("sunny", "not one of"),
-           "season": (None, "missing"), "hum": ("wet", "not a number"), "weekday": (1.5, "not a whole number")}
+    bad = {
+        "hr": (24, "above the maximum 23.0"),
+        "weathersit": ("sunny", "not one of"),
+        "season": (None, "missing"),
+        "hum": ("wet", "not a number"),
+        "weekday": (1.5, "not a whole number"),
+    }
     for column, (value, rule) in bad.items():
         broken = frame.copy()
         broken[column] = broken[column].astype(object)
@@ -123,26 +140,16 @@ def test_micro_batcher_fails_every_request_of_a_failed_batch_and_recovers():
 
 
 def served(version: str) -> ServedModel:
-    return ServedModel(model=None, name="bikes", version=version, run_id=f"run{version}", task="regression",
-                       features=["hr"], classes=[], loaded_at="now")
-
-
-def test_prediction_log_appends_in_the_background_and_reads_back_per_field(tmp_path):
-    log = PredictionLog(tmp_path / "p.db")
-    log.append(served("1"), ["a", "b"], [{"hr": 1, "weathersit": "clear"}, {"hr": 2, "weathersit": None}],
-               [10.5, 20.5], None)
-    time.sleep(0.01)  # timestamps have millisecond resolution
-    log.append(served("2"), ["c"], [{"hr": 3, "weathersit": "cloudy/misty"}], [30.0], None)
-    log.flush()
-    rows = read_prediction_log(tmp_path / "p.db", ["hr", "weathersit"])
-    assert rows["request_id"].tolist() == ["a", "b", "c"]
-    assert rows["hr"].tolist() == [1, 2, 3] and rows["prediction"].tolist() == [10.5, 20.5, 30.0]
-    assert rows["weathersit"].tolist() == ["clear", None, "cloudy/misty"]
-    assert rows["model_version"].tolist() == ["1", "1", "2"]
-    later = read_prediction_log(tmp_path / "p.db", ["hr"], since=rows["ts"].iloc[2])
-    assert later["request_id"].tolist() == ["c"]
-    with pytest.raises(LooplineError, match="does not exist"):
-        read_prediction_log(tmp_path / "none.db", ["hr"])
+    return ServedModel(
+        model=None,
+        name="bikes",
+        version=version,
+        run_id=f"run{version}",
+        task="regression",
+        features=["hr"],
+        classes=[],
+        loaded_at="now",
+    )
 
 
 def test_champion_holder_keeps_serving_when_the_registry_fails(params):
@@ -171,8 +178,16 @@ def test_predict_frame_gives_labels_and_class_probabilities_for_classifiers():
     X = pd.DataFrame({"x": np.linspace(-3, 3, 60)})
     y = np.where(X["x"] > 0, "high", "low")
     model = LogisticRegression().fit(X, y)
-    clf = ServedModel(model=model, name="m", version="1", run_id="r", task="classification", features=["x"],
-                      classes=["high", "low"], loaded_at="now")
+    clf = ServedModel(
+        model=model,
+        name="m",
+        version="1",
+        run_id="r",
+        task="classification",
+        features=["x"],
+        classes=["high", "low"],
+        loaded_at="now",
+    )
     labels, probabilities = predict_frame(clf, pd.DataFrame({"x": [-2.0, 2.0]}))
     assert labels == ["low", "high"]
     assert [set(p) for p in probabilities] == [{"high", "low"}] * 2
@@ -186,4 +201,7 @@ def test_request_records_are_bodies_the_record_model_accepts(params):
     assert [list(b) for b in bodies] == [params.features.columns] * 2
     assert bodies[0]["hr"] == 8 and isinstance(bodies[0]["hr"], int) and bodies[1]["temp"] is None
     Record = record_model(params)
-    assert [Record(**b).model_dump() for b in bodies] == [Record(**GOOD).model_dump(), Record(**{**GOOD, "temp": None}).model_dump()]
+    assert [Record(**b).model_dump() for b in bodies] == [
+        Record(**GOOD).model_dump(),
+        Record(**{**GOOD, "temp": None}).model_dump(),
+    ]

@@ -23,10 +23,18 @@ def _text_table(**cols) -> pa.Table:
 
 def _bike_rows(n: int = 10, **override) -> pa.Table:
     cols = {
-        "season": ["1"] * n, "mnth": ["Jan"] * n, "day": [str(i + 1) for i in range(n)],
-        "hr": [str(i % 24) for i in range(n)], "holiday": ["0"] * n, "weekday": ["6"] * n,
-        "workingday": ["0"] * n, "weathersit": ["clear"] * n, "temp": ["0.24"] * n,
-        "atemp": ["0.28"] * n, "hum": ["0.81"] * n, "windspeed": ["0"] * n,
+        "season": ["1"] * n,
+        "mnth": ["Jan"] * n,
+        "day": [str(i + 1) for i in range(n)],
+        "hr": [str(i % 24) for i in range(n)],
+        "holiday": ["0"] * n,
+        "weekday": ["6"] * n,
+        "workingday": ["0"] * n,
+        "weathersit": ["clear"] * n,
+        "temp": ["0.24"] * n,
+        "atemp": ["0.28"] * n,
+        "hum": ["0.81"] * n,
+        "windspeed": ["0"] * n,
         "bikers": [str(10 + i) for i in range(n)],
     }
     cols.update(override)
@@ -35,7 +43,9 @@ def _bike_rows(n: int = 10, **override) -> pa.Table:
 
 def test_clean_types_and_normalises_categories():
     rows = _bike_rows(4, mnth=[" jan", "JAN", "Jan ", "feb"], weathersit=["Clear", "clear", " CLEAR", "tornado"])
-    out = clean_rows(rows, PARAMS.table_schema, PARAMS.data, PARAMS.clean.model_copy(update={"max_quarantine_fraction": 1.0}))
+    out = clean_rows(
+        rows, PARAMS.table_schema, PARAMS.data, PARAMS.clean.model_copy(update={"max_quarantine_fraction": 1.0})
+    )
     df = out.rows.to_pandas()
     assert df["temp"].dtype == np.float64
     assert list(df["mnth"]) == ["Jan", "Jan", "Jan", "Feb"]
@@ -93,10 +103,21 @@ def test_cyclical_encoder_wraps_around_and_handles_labels():
 
 
 def test_preprocessor_is_fitted_on_train_rows_only():
-    train = pd.DataFrame({"temp": [0.0, 1.0], "atemp": [0.0, 1.0], "hum": [0.5, 0.5], "windspeed": [0.1, 0.1],
-                          "season": [1.0, 2.0], "holiday": [0.0, 0.0], "workingday": [1.0, 0.0],
-                          "weathersit": ["clear", "clear"], "hr": [0.0, 12.0], "mnth": ["Jan", "Feb"],
-                          "weekday": [1.0, 2.0]})
+    train = pd.DataFrame(
+        {
+            "temp": [0.0, 1.0],
+            "atemp": [0.0, 1.0],
+            "hum": [0.5, 0.5],
+            "windspeed": [0.1, 0.1],
+            "season": [1.0, 2.0],
+            "holiday": [0.0, 0.0],
+            "workingday": [1.0, 0.0],
+            "weathersit": ["clear", "clear"],
+            "hr": [0.0, 12.0],
+            "mnth": ["Jan", "Feb"],
+            "weekday": [1.0, 2.0],
+        }
+    )
     pre = build_preprocessor(PARAMS.features, PARAMS.table_schema).fit(train)
     later = train.assign(temp=[10.0, 20.0], weathersit=["heavy rain/snow", None])
     out = pd.DataFrame(pre.transform(later), columns=pre.get_feature_names_out())
@@ -107,8 +128,9 @@ def test_preprocessor_is_fitted_on_train_rows_only():
 
 
 def test_time_split_never_trains_on_the_future():
-    df = pd.DataFrame({"day": np.repeat(np.arange(1, 11), 24), "hr": np.tile(np.arange(24), 10),
-                       "bikers": np.arange(240.0)}).sample(frac=1, random_state=0)
+    df = pd.DataFrame(
+        {"day": np.repeat(np.arange(1, 11), 24), "hr": np.tile(np.arange(24), 10), "bikers": np.arange(240.0)}
+    ).sample(frac=1, random_state=0)
     parts = split_rows(df, PARAMS.split, "bikers", stratify=False)
     key = lambda f: f["day"] * 24 + f["hr"]  # noqa: E731
     assert key(parts.train).max() < key(parts.val).min()
@@ -130,8 +152,14 @@ def test_split_refuses_too_few_rows():
 
 
 def test_duplicates_found_exactly_including_missing_values():
-    rows = _bike_rows(6, day=["1", "1", "1", "2", "1", "1"], hr=["0"] * 6, bikers=["3"] * 6,
-                      temp=[None, None, "0.5", None, "0.5", "0.25"], weathersit=["clear"] * 5 + ["CLEAR"])
+    rows = _bike_rows(
+        6,
+        day=["1", "1", "1", "2", "1", "1"],
+        hr=["0"] * 6,
+        bikers=["3"] * 6,
+        temp=[None, None, "0.5", None, "0.5", "0.25"],
+        weathersit=["clear"] * 5 + ["CLEAR"],
+    )
     out = clean_rows(rows, PARAMS.table_schema, PARAMS.data, PARAMS.clean)
     # rows 1 (= row 0, both temp missing) and 4 (= row 2) are duplicates; row 5 differs in temp
     assert out.report["duplicates_dropped"] == 2

@@ -54,8 +54,12 @@ def test_concurrent_trainings_divide_the_cores(tmp_path, sample_csv, params_of):
     Probe.seen.clear()
     with training_slot():
         fit_model(model, rows, params)
-        other = subprocess.Popen([sys.executable, "-c", HOLD_SLOT.format(repo=str(REPO))], stdout=subprocess.PIPE,
-                                 text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        other = subprocess.Popen(
+            [sys.executable, "-c", HOLD_SLOT.format(repo=str(REPO))],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         try:
             assert other.stdout.readline().strip() == "holding"
             fit_model(model, rows, params)

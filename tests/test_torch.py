@@ -17,6 +17,7 @@ import torch
 
 from conftest import REPO, WINE, bikeshare_sample, venv_bin, write_params
 from pipelines import stages
+from pipelines.layout import Layout
 from pipelines.model_io import dumps_model, load_model, loads_model
 from pipelines.torch_model import TorchMLPRegressor
 
@@ -52,7 +53,7 @@ def test_learns_bikeshare_better_than_naive_baseline_and_reloads(bike):
     history = mlp.history_
     assert {"train_loss", "early_stopping_rmse", "lr", "epoch_seconds", "samples_per_s"} <= set(history[0])
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    test = pd.read_parquet(stages.Layout.of(bike).split_file("test"))
+    test = pd.read_parquet(Layout.of(bike).split_file("test"))
     again = loads_model(dumps_model(model))
     np.testing.assert_array_equal(again.predict(test[meta["features"]]), model.predict(test[meta["features"]]))
 
@@ -69,8 +70,9 @@ def test_state_dict_round_trips_with_weights_only(tmp_path):
 
 def test_early_stopping_keeps_the_best_weights():
     X, y = _data(1500)
-    mlp = TorchMLPRegressor(hidden_sizes=[256, 256], epochs=300, patience=3, lr=0.05, dropout=0.0,
-                            batch_size=64, device="cpu").fit(X, y)
+    mlp = TorchMLPRegressor(
+        hidden_sizes=[256, 256], epochs=300, patience=3, lr=0.05, dropout=0.0, batch_size=64, device="cpu"
+    ).fit(X, y)
     val = [h["early_stopping_rmse"] for h in mlp.history_]
     assert mlp.stopped_early_ and len(val) < 300
     assert mlp.best_epoch_ == int(np.argmin(val)) and mlp.best_epoch_ == len(val) - 1 - 3
@@ -118,23 +120,46 @@ def test_classification_on_wine(tmp_path):
     from pipelines.config import load_params
 
     hp = {"torch_mlp": {"epochs": 80, "batch_size": 32, "hidden_sizes": [32], "device": "cpu"}}
-    params = load_params(write_params(tmp_path, WINE, base="params.wine.yaml",
-                                      train={"model": "torch_mlp", "hyperparams": hp}))
+    params = load_params(
+        write_params(tmp_path, WINE, base="params.wine.yaml", train={"model": "torch_mlp", "hyperparams": hp})
+    )
     metrics = stages.run_all(params, echo=lambda s: None)["evaluate"]["test"]
     assert metrics["accuracy"] > 0.9 and metrics["roc_auc"] > 0.95
 
 
 def test_ddp_two_cpu_processes_agree(tmp_path, bike):
-    params = write_params(tmp_path, bike.data.source, train={
-        "model": "torch_mlp", "hyperparams": {"torch_mlp": {"epochs": 6, "hidden_sizes": [32], "device": "cpu"}}})
+    params = write_params(
+        tmp_path,
+        bike.data.source,
+        train={
+            "model": "torch_mlp",
+            "hyperparams": {"torch_mlp": {"epochs": 6, "hidden_sizes": [32], "device": "cpu"}},
+        },
+    )
     for stage in ("ingest", "clean", "validate", "split"):
-        subprocess.run([venv_bin("loopline"), "stage", stage, "--params", str(params)], check=True,
-                       capture_output=True, cwd=REPO)
+        subprocess.run(
+            [venv_bin("loopline"), "stage", stage, "--params", str(params)], check=True, capture_output=True, cwd=REPO
+        )
     report = tmp_path / "report"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([venv_bin("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "pipelines.torch_ddp",
-                           "--params", str(params), "--report", str(report)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            venv_bin("torchrun"),
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "pipelines.torch_ddp",
+            "--params",
+            str(params),
+            "--report",
+            str(report),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     digests = [(report / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
@@ -170,6 +195,7 @@ def test_cpu_training_is_the_same_in_every_process_and_thread_count(tmp_path):
     """Same data, params and seed give the same weights: in separate processes, with one or
     two threads, and for two fits of the same model running at once on one checkpoint folder
     (the second trains without a checkpoint rather than resume from the first's)."""
+
     def launch(threads: int) -> subprocess.Popen:
         script = DETERMINISM.format(repo=str(REPO), threads=threads, ckpt=str(tmp_path / "ckpt"))
         return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)

@@ -13,14 +13,28 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (REPO, bikeshare_sample, champion, client_of, free_port, stop, tracking_section, venv_bin,
-                      wait_for_http, write_params)
+from conftest import (
+    REPO,
+    bikeshare_sample,
+    champion,
+    client_of,
+    free_port,
+    stop,
+    tracking_section,
+    venv_bin,
+    wait_for_http,
+    write_params,
+)
 
 pytestmark = pytest.mark.slow
 
-SMALL_SEARCH = {"families": ["linear", "hist_gradient_boosting"], "n_trials": 2,
-                "space": {"hist_gradient_boosting": {"max_iter": {"choices": [30, 60]},
-                                                     "learning_rate": {"low": 0.05, "high": 0.2}}}}
+SMALL_SEARCH = {
+    "families": ["linear", "hist_gradient_boosting"],
+    "n_trials": 2,
+    "space": {
+        "hist_gradient_boosting": {"max_iter": {"choices": [30, 60]}, "learning_rate": {"low": 0.05, "high": 0.2}}
+    },
+}
 
 
 def flow_params(tmp: Path, source: Path, store: Path | None = None, **sections) -> Path:
@@ -45,24 +59,23 @@ def first_run(prefect_api, tmp_path_factory):
 
 def test_first_run_tracks_everything_and_becomes_champion(first_run):
     tmp, _, result = first_run
-    trained, decision = result["trained"], result["decision"]
-    assert result["cached"] == [] and not result["training_cached"]
-    assert decision["promoted"] and decision["version"] == "1" and "first model" in decision["reason"]
-    assert [c["name"] for c in trained["candidates"]] == ["linear", "hist_gradient_boosting", "trial-0", "trial-1"]
-    assert trained["test"]["rmse"] < trained["test"]["baseline_rmse"]
+    trained, decision = result.trained, result.decision
+    assert result.cached == [] and not result.training_cached
+    assert decision.promoted and decision.version == "1" and "first model" in decision.reason
+    assert [c.name for c in trained.candidates] == ["linear", "hist_gradient_boosting", "trial-0", "trial-1"]
+    assert trained.test["rmse"] < trained.test["baseline_rmse"]
 
     client = client_of(tmp)
-    parent = client.get_run(trained["parent_run_id"])
+    parent = client.get_run(trained.parent_run_id)
     tags = parent.data.tags
     assert tags["git_commit"] != "unknown" and len(tags["data.clean_md5"]) == 32
     assert tags["data.rows_train"] == "1400" and tags["prefect.flow_run_id"]
     assert tags["loopline.decision"] == "promoted"
     assert parent.data.params["search.n_trials"] == "2"
-    assert parent.data.metrics["test_rmse"] == pytest.approx(trained["test"]["rmse"])
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{trained['parent_run_id']}'")
+    assert parent.data.metrics["test_rmse"] == pytest.approx(trained.test["rmse"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{trained.parent_run_id}'")
     assert len(children) == 4 and all("val_rmse" in c.data.metrics for c in children)
-    artifacts = {a.path for a in client.list_artifacts(trained["best_run_id"], "plots")}
+    artifacts = {a.path for a in client.list_artifacts(trained.best_run_id, "plots")}
     assert {"plots/predicted_vs_actual.png", "plots/feature_importance.png"} <= artifacts
     assert champion(client) == "1"
     assert str(client.get_model_version_by_alias("bikes", "challenger").version) == "1"
@@ -91,9 +104,9 @@ def test_second_run_on_unchanged_inputs_skips_training(first_run):
 
     tmp, params, result = first_run
     again = training_flow(params_path=str(params))
-    assert again["cached"] == ["params", "ingest", "clean", "validate", "split"]
-    assert again["training_cached"] and again["decision"]["outcome"] == "skipped"
-    assert again["trained"]["parent_run_id"] == result["trained"]["parent_run_id"]
+    assert again.cached == ["params", "ingest", "clean", "validate", "split"]
+    assert again.training_cached and again.decision.outcome == "skipped"
+    assert again.trained.parent_run_id == result.trained.parent_run_id
     assert len(client_of(tmp).search_model_versions("name='bikes'")) == 1
 
 
@@ -107,10 +120,10 @@ def test_an_identical_model_is_nothing_new_even_without_the_cache(first_run):
     tmp, params, result = first_run
     shutil.rmtree(tmp / "data" / "cache")
     again = training_flow(params_path=str(params))
-    assert not again["training_cached"] and again["decision"]["outcome"] == "nothing new"
-    assert "identical to champion v1" in again["decision"]["reason"]
+    assert not again.training_cached and again.decision.outcome == "nothing new"
+    assert "identical to champion v1" in again.decision.reason
     assert len(client_of(tmp).search_model_versions("name='bikes'")) == 1
-    parent = client_of(tmp).get_run(again["trained"]["parent_run_id"])
+    parent = client_of(tmp).get_run(again.trained.parent_run_id)
     assert parent.data.tags["loopline.decision"] == "nothing new"
 
 
@@ -121,10 +134,10 @@ def test_param_change_retrains_only_what_depends_on_it(first_run):
     changed = flow_params(tmp, tmp / "bikeshare_sample.csv", search={**SMALL_SEARCH, "n_trials": 3})
     assert changed == params
     again = training_flow(params_path=str(changed))
-    assert again["cached"] == ["params", "ingest", "clean", "validate", "split"]
-    assert not again["training_cached"]
-    assert again["decision"]["version"] == "2"
-    assert len(again["trained"]["candidates"]) == 5
+    assert again.cached == ["params", "ingest", "clean", "validate", "split"]
+    assert not again.training_cached
+    assert again.decision.version == "2"
+    assert len(again.trained.candidates) == 5
 
 
 def test_worse_model_leaves_champion_and_records_decision(first_run):
@@ -133,16 +146,20 @@ def test_worse_model_leaves_champion_and_records_decision(first_run):
     tmp, _, _ = first_run
     client = client_of(tmp)
     before = champion(client)
-    worse = flow_params(tmp, tmp / "bikeshare_sample.csv", search={"families": ["linear"], "n_trials": 0},
-                        train={"hyperparams": {"linear": {"alpha": 1e5}}})
+    worse = flow_params(
+        tmp,
+        tmp / "bikeshare_sample.csv",
+        search={"families": ["linear"], "n_trials": 0},
+        train={"hyperparams": {"linear": {"alpha": 1e5}}},
+    )
     result = training_flow(params_path=str(worse))
-    decision = result["decision"]
-    assert not decision["promoted"] and decision["champion_before"] == before
+    decision = result.decision
+    assert not decision.promoted and decision.champion_before == before
     assert champion(client) == before
-    new = client.get_model_version("bikes", decision["version"])
+    new = client.get_model_version("bikes", decision.version)
     assert new.tags["loopline.decision"] == "rejected" and "does not beat" in new.tags["loopline.decision_reason"]
     assert "defended" in client.get_model_version("bikes", before).tags["loopline.last_challenge"]
-    assert str(client.get_model_version_by_alias("bikes", "challenger").version) == decision["version"]
+    assert str(client.get_model_version_by_alias("bikes", "challenger").version) == decision.version
 
 
 def test_cli_promote_and_rollback_are_audited(first_run, capsys):
@@ -171,22 +188,29 @@ def test_cli_promote_and_rollback_are_audited(first_run, capsys):
 def test_loopline_ui_serves_runs_over_the_mlflow_rest_api(first_run):
     tmp, params, result = first_run
     port = free_port()
-    proc = subprocess.Popen([venv_bin("loopline"), "ui", "--params", str(params), "--port", str(port)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [venv_bin("loopline"), "ui", "--params", str(params), "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for_http(f"{base}/health", proc=proc)
-        run_id = result["trained"]["parent_run_id"]
+        run_id = result.trained.parent_run_id
         with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}") as resp:
             run = json.load(resp)["run"]
         tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-        assert tags["data.clean_md5"] == result["trained"]["data_md5"]
-        assert metrics["test_rmse"] == pytest.approx(result["trained"]["test"]["rmse"])
-        body = json.dumps({"experiment_ids": [run["info"]["experiment_id"]],
-                           "filter": f"tags.mlflow.parentRunId = '{run_id}'"}).encode()
-        req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=body,
-                                     headers={"Content-Type": "application/json"})
+        assert tags["data.clean_md5"] == result.trained.data_md5
+        assert metrics["test_rmse"] == pytest.approx(result.trained.test["rmse"])
+        body = json.dumps(
+            {"experiment_ids": [run["info"]["experiment_id"]], "filter": f"tags.mlflow.parentRunId = '{run_id}'"}
+        ).encode()
+        req = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req) as resp:
             assert len(json.load(resp)["runs"]) == 4
     finally:
@@ -200,18 +224,21 @@ def test_torch_candidate_logs_epoch_curves_and_registers_a_servable_model(prefec
     from pipelines.tracking import load_model_version, plain_frame
 
     hp = {"torch_mlp": {"epochs": 12, "hidden_sizes": [32], "device": "cpu", "patience": 20}}
-    params = flow_params(tmp_path, bikeshare_sample(tmp_path), search={"families": ["torch_mlp"], "n_trials": 0},
-                         train={"hyperparams": hp})
+    params = flow_params(
+        tmp_path,
+        bikeshare_sample(tmp_path),
+        search={"families": ["torch_mlp"], "n_trials": 0},
+        train={"hyperparams": hp},
+    )
     result = training_flow(params_path=str(params))
     client = client_of(tmp_path)
-    run_id = result["trained"]["best_run_id"]
+    run_id = result.trained.best_run_id
     curve = client.get_metric_history(run_id, "early_stopping_rmse")
     assert [m.step for m in curve] == list(range(12))
     assert len(client.get_metric_history(run_id, "train_loss")) == 12
     assert client.get_run(run_id).data.tags["device"] == "cpu"
-    assert {"torch/state_dict.pt", "torch/preprocess.skops"} <= {
-        a.path for a in client.list_artifacts(run_id, "torch")}
-    model, meta = load_model_version(client, "bikes", result["decision"]["version"])
+    assert {"torch/state_dict.pt", "torch/preprocess.skops"} <= {a.path for a in client.list_artifacts(run_id, "torch")}
+    model, meta = load_model_version(client, "bikes", result.decision.version)
     test = pd.read_parquet(tmp_path / "data" / "processed" / "test.parquet")
     assert model.predict(plain_frame(test[meta["features"]])).shape == (len(test),)
 
@@ -252,14 +279,19 @@ def _env(prefect_api: str) -> dict:
 
 def test_sigkill_during_training_leaves_registry_and_next_run_completes(prefect_api, tmp_path):
     store = tmp_path
-    slow = {"families": ["linear"], "n_trials": 40,
-            "space": {"random_forest": {"n_estimators": {"choices": [60, 80]}}}}
+    slow = {"families": ["linear"], "n_trials": 40, "space": {"random_forest": {"n_estimators": {"choices": [60, 80]}}}}
     params = flow_params(tmp_path, bikeshare_sample(tmp_path), search=slow)
     client = client_of(store)
-    proc = subprocess.Popen([venv_bin("loopline"), "train", "--params", str(params)], cwd=REPO,
-                            env=_env(prefect_api), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [venv_bin("loopline"), "train", "--params", str(params)],
+        cwd=REPO,
+        env=_env(prefect_api),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 180
+
     def logged_runs() -> int:
         if not (store / "mlflow.db").exists():
             return 0
@@ -277,8 +309,14 @@ def test_sigkill_during_training_leaves_registry_and_next_run_completes(prefect_
     assert killed, "the killed training left no open run to clean up"
 
     fast = flow_params(tmp_path, tmp_path / "bikeshare_sample.csv", search={**slow, "n_trials": 2})
-    done = subprocess.run([venv_bin("loopline"), "train", "--params", str(fast)], cwd=REPO, env=_env(prefect_api),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [venv_bin("loopline"), "train", "--params", str(fast)],
+        cwd=REPO,
+        env=_env(prefect_api),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "v1: promoted to champion" in done.stdout
     assert champion(client) == "1"
@@ -296,13 +334,24 @@ def test_two_concurrent_trainings_cannot_both_become_champion(prefect_api, tmp_p
     for i, rows in enumerate((1500, 2000)):
         work = tmp_path / f"w{i}"
         work.mkdir()
-        params = flow_params(work, bikeshare_sample(work, rows=rows), store=store,
-                             search={"families": ["hist_gradient_boosting"], "n_trials": 0})
-        procs.append(subprocess.Popen([venv_bin("loopline"), "train", "--params", str(params)], cwd=REPO,
-                                      env=_env(prefect_api), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        params = flow_params(
+            work,
+            bikeshare_sample(work, rows=rows),
+            store=store,
+            search={"families": ["hist_gradient_boosting"], "n_trials": 0},
+        )
+        procs.append(
+            subprocess.Popen(
+                [venv_bin("loopline"), "train", "--params", str(params)],
+                cwd=REPO,
+                env=_env(prefect_api),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=400) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     client = client_of(store)
     versions = client.search_model_versions("name='bikes'")

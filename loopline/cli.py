@@ -1,17 +1,23 @@
-"""The `loopline` command. Heavy libraries are imported inside commands so `--help` is fast."""
+"""The `loopline` command, above every layer: it runs the flows, the service and the stages.
+Heavy libraries are imported inside commands so `--help` is fast."""
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="loopline: data → validated features → tracked models → served predictions.",
-                  rich_markup_mode=None,  # typer 0.29's Rich help prints "<bool>" beside --help with click 8.5
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="loopline: data → validated features → tracked models → served predictions.",
+    rich_markup_mode=None,  # typer 0.29's Rich help prints "<bool>" beside --help with click 8.5
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
 STAGE_NAMES = ("params", "ingest", "clean", "validate", "split", "train", "evaluate")
@@ -48,7 +54,8 @@ def _console_without_expected_errors() -> None:
 
     for handler in logging.getLogger().handlers:
         if type(handler).__name__ == "PrefectConsoleHandler" and not any(
-                isinstance(f, SkipExpected) for f in handler.filters):
+            isinstance(f, SkipExpected) for f in handler.filters
+        ):
             handler.addFilter(SkipExpected())
 
 
@@ -56,14 +63,18 @@ def _metrics_table(metrics: dict) -> str:
     keys = [k for k in metrics["test"] if k != "rows"]
     lines = [f"{'metric':<22}{'val':>12}{'test':>12}"]
     for k in keys:
-        lines.append(f"{k:<22}{metrics['val'].get(k, float('nan')):>12.4f}{metrics['test'].get(k, float('nan')):>12.4f}")
+        lines.append(
+            f"{k:<22}{metrics['val'].get(k, float('nan')):>12.4f}{metrics['test'].get(k, float('nan')):>12.4f}"
+        )
     lines.append(f"{'rows':<22}{metrics['val']['rows']:>12}{metrics['test']['rows']:>12}")
     return "\n".join(lines)
 
 
 @app.command()
-def stage(name: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGE_NAMES)}.")],
-          params: ParamsOption = Path("params.yaml")) -> None:
+def stage(
+    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGE_NAMES)}.")],
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
     """Run one pipeline stage (what each dvc.yaml stage calls)."""
     if name not in STAGE_NAMES:
         raise typer.BadParameter(f"unknown stage {name!r}; choose one of {', '.join(STAGE_NAMES)}")
@@ -83,76 +94,57 @@ def run(params: ParamsOption = Path("params.yaml")) -> None:
 
 
 @app.command()
-def train(params: ParamsOption = Path("params.yaml"),
-          force: Annotated[bool, typer.Option(help="Ignore cached stage results and retrain.")] = False,
-          as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False) -> None:
+def train(
+    params: ParamsOption = Path("params.yaml"),
+    force: Annotated[bool, typer.Option(help="Ignore cached stage results and retrain.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
+) -> None:
     """Run the training flow (Prefect): data stages, candidate search, guarded promotion."""
     _params(params)  # a malformed file fails here, before any Prefect start-up
     from flows.training import training_flow
+    from pipelines.training import render_training
 
     _console_without_expected_errors()
     result = training_flow(params_path=str(params), force=force)
     if as_json:
-        typer.echo(json.dumps(result, default=str))
+        typer.echo(json.dumps(asdict(result), default=str))
         return
-    trained, decision = result["trained"], result["decision"]
-    metric = trained["metric"]
-    typer.echo(f"\ncached stages: {', '.join(result['cached']) or 'none'}")
-    typer.echo(f"{'candidate':<24}{'family':<26}{'val ' + metric:>12}")
-    for c in trained["candidates"]:
-        typer.echo(f"{c['name']:<24}{c['family']:<26}{c['val']:>12.4f}")
-    typer.echo(f"best: {trained['best']}  test {metric}={trained['test'][metric]:.4f} "
-               f"(naive baseline {trained['test']['baseline_' + metric]:.4f})")
-    if result["training_cached"]:
-        typer.echo(f"training skipped: {decision['reason']}")
-    else:
-        typer.echo(f"{decision['model_name']} v{decision['version']}: {decision['outcome']} — {decision['reason']}")
+    typer.echo("\n" + render_training(result))
 
 
 @app.command()
-def monitor(params: ParamsOption = Path("params.yaml"),
-            retrain: Annotated[bool, typer.Option(help="Start the training flow when the policy says so "
-                                                       "(--no-retrain: decide and record only).")] = True,
-            as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False) -> None:
+def monitor(
+    params: ParamsOption = Path("params.yaml"),
+    retrain: Annotated[
+        bool,
+        typer.Option(help="Start the training flow when the policy says so (--no-retrain: decide and record only)."),
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
+) -> None:
     """Run the monitoring flow: accept landed batches, measure drift and live metrics, retrain if needed."""
     _params(params)
     from flows.monitoring import monitoring_flow
-    from pipelines.arrivals import describe_batch
+    from pipelines.measure import render_monitoring
 
     _console_without_expected_errors()
     result = monitoring_flow(params_path=str(params), trigger="subflow" if retrain else "none")
     if as_json:
-        typer.echo(json.dumps(result, default=str))
+        payload = asdict(result)
+        payload["verdict"] |= {"outcome": result.verdict.outcome, "reason": result.verdict.reason()}
+        typer.echo(json.dumps(payload, default=str))
         return
-    for b in result["batches"]:
-        typer.echo(f"batch {b['file']}: {describe_batch(b)}")
-    measured, verdict = result["measured"], result["verdict"]
-    if measured["status"] != "measured":
-        typer.echo(measured["detail"])
-    else:
-        drift, live = measured["drift"], measured["live"]
-        typer.echo(f"champion v{measured['champion']}; window {', '.join(measured['window'])} "
-                   f"({measured['window_rows']} rows); drift share {drift['share']:.0%} "
-                   f"({', '.join(drift['drifted']) or 'no feature'}); prediction drift {drift['prediction_score']:.3f}")
-        if live is not None:
-            champion = measured["champion_metric"]
-            typer.echo(f"live {live['metric']} {live['value']:.4f} on {live['rows']} labelled predictions "
-                       f"(naive baseline {live['baseline']:.4f}, champion's test {live['metric']} "
-                       + (f"{champion:.4f})" if champion is not None else "unknown)"))
-        typer.echo(f"Evidently report: {measured['report']}")
-    typer.echo(f"decision: {verdict['outcome']} — {verdict['reason']}")
-    if result.get("training"):
-        t = result["training"]
-        typer.echo(f"training: v{t.get('version')} {t['outcome']} — {t.get('reason', '')}")
+    typer.echo(render_monitoring(result))
 
 
 @app.command()
-def replay(params: ParamsOption = Path("params.yaml"),
-           workdir: Annotated[Path, typer.Option(help="Scratch directory for the replay (recreated).")] = Path("data/replay"),
-           period: Annotated[str, typer.Option(help="Batch size: month or week.")] = "month",
-           train_months: Annotated[int, typer.Option(help="Months of data the first champion is trained on.")] = 3,
-           periods: Annotated[int | None, typer.Option(help="Stop after this many batches.")] = None,
-           chart: Annotated[Path | None, typer.Option(help="Also copy the timeline PNG here.")] = None) -> None:
+def replay(
+    params: ParamsOption = Path("params.yaml"),
+    workdir: Annotated[Path, typer.Option(help="Scratch directory for the replay (recreated).")] = Path("data/replay"),
+    period: Annotated[str, typer.Option(help="Batch size: month or week.")] = "month",
+    train_months: Annotated[int, typer.Option(help="Months of data the first champion is trained on.")] = 3,
+    periods: Annotated[int | None, typer.Option(help="Stop after this many batches.")] = None,
+    chart: Annotated[Path | None, typer.Option(help="Also copy the timeline PNG here.")] = None,
+) -> None:
     """Replay 2011: first champion on Jan-Mar, then each later batch served, labelled, monitored, retrained."""
     if period not in ("month", "week"):
         raise typer.BadParameter(f"--period must be month or week, not {period!r}")
@@ -163,8 +155,10 @@ def replay(params: ParamsOption = Path("params.yaml"),
 
     frame = run_replay(workdir, params, period, train_months, periods, chart, echo=typer.echo)  # type: ignore[arg-type]
     retrains = frame[frame["decision"] == "retrain"]
-    typer.echo(f"\n{len(frame)} batches, {len(retrains)} retrains, {int(frame['promoted'].sum())} promotions; "
-               f"timeline: {workdir / 'timeline.png'} and timeline.csv")
+    typer.echo(
+        f"\n{len(frame)} batches, {len(retrains)} retrains, {int(frame['promoted'].sum())} promotions; "
+        f"timeline: {workdir / 'timeline.png'} and timeline.csv"
+    )
 
 
 @app.command()
@@ -177,8 +171,10 @@ def deploy(params: ParamsOption = Path("params.yaml")) -> None:
 
 
 @app.command()
-def promote(version: Annotated[str, typer.Argument(help="The model version to make champion.")],
-            params: ParamsOption = Path("params.yaml")) -> None:
+def promote(
+    version: Annotated[str, typer.Argument(help="The model version to make champion.")],
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
     """Make a registered model version the champion by hand (audited)."""
     from pipelines.registry import promote as promote_version
     from pipelines.tracking import registry_client, tracking_uri
@@ -214,29 +210,58 @@ def ui(params: ParamsOption = Path("params.yaml"), port: int = 5000, host: str =
     p = _params(params)
     artifacts = str(Path(p.tracking.artifact_root).resolve())
     mlflow = str(Path(sys.executable).with_name("mlflow"))  # the one installed beside loopline
-    os.execv(mlflow, [mlflow, "server", "--backend-store-uri", tracking_uri(p),
-                         "--default-artifact-root", artifacts, "--host", host, "--port", str(port),
-                         "--workers", "1"])
+    os.execv(
+        mlflow,
+        [
+            mlflow,
+            "server",
+            "--backend-store-uri",
+            tracking_uri(p),
+            "--default-artifact-root",
+            artifacts,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+    )
 
 
 @app.command()
-def serve(params: ParamsOption = Path("params.yaml"),
-          port: Annotated[int | None, typer.Option(help="Default: serve.port.")] = None,
-          host: Annotated[str | None, typer.Option(help="Default: serve.host.")] = None,
-          bento: Annotated[str | None, typer.Option(help="Serve a Bento built by `loopline package` "
-                                                         "(e.g. loopline:latest) instead of the registry.")] = None) -> None:
+def serve(
+    params: ParamsOption = Path("params.yaml"),
+    port: Annotated[int | None, typer.Option(help="Default: serve.port.")] = None,
+    host: Annotated[str | None, typer.Option(help="Default: serve.host.")] = None,
+    bento: Annotated[
+        str | None,
+        typer.Option(help="Serve a Bento built by `loopline package` (e.g. loopline:latest) instead of the registry."),
+    ] = None,
+) -> None:
     """Serve the champion over HTTP with BentoML (POST /predict, /predict_batch; /docs)."""
     import os
 
-    from pipelines.stages import Layout
+    from pipelines.layout import Layout
 
     p = _params(params)
     env = {**os.environ, "LOOPLINE_PARAMS": str(params.resolve())}
     if bento is not None:  # the Bento's own working dir is not ours: log predictions here
         env["LOOPLINE_PREDICTION_LOG"] = str(Layout.of(p).prediction_log.resolve())
     bentoml = str(Path(sys.executable).with_name("bentoml"))
-    os.execve(bentoml, [bentoml, "serve", bento or "serving.service:Predictor", "--host", host or p.serve.host,
-                        "--port", str(port or p.serve.port)], env)
+    os.execve(
+        bentoml,
+        [
+            bentoml,
+            "serve",
+            bento or "serving.service:Predictor",
+            "--host",
+            host or p.serve.host,
+            "--port",
+            str(port or p.serve.port),
+        ],
+        env,
+    )
 
 
 @app.command()
@@ -245,22 +270,27 @@ def package(params: ParamsOption = Path("params.yaml")) -> None:
     from serving.package import build_bento
 
     tag, model_tag, version, built = build_bento(_params(params))
-    typer.echo(f"bento {tag}: {model_tag} (registry version {version}; {'built' if built else 'unchanged, reused'}); "
-               f"serve it with `loopline serve --bento {tag}`, containerize it with `bentoml containerize {tag}`")
+    typer.echo(
+        f"bento {tag}: {model_tag} (registry version {version}; {'built' if built else 'unchanged, reused'}); "
+        f"serve it with `loopline serve --bento {tag}`, containerize it with `bentoml containerize {tag}`"
+    )
 
 
 @app.command()
-def score(input_path: Annotated[Path, typer.Argument(metavar="INPUT.csv", help="Records to score (CSV or Parquet).")],
-          output_path: Annotated[Path, typer.Argument(metavar="OUTPUT.parquet", help="Where to write predictions.")],
-          params: ParamsOption = Path("params.yaml")) -> None:
+def score(
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT.csv", help="Records to score (CSV or Parquet).")],
+    output_path: Annotated[Path, typer.Argument(metavar="OUTPUT.parquet", help="Where to write predictions.")],
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
     """Batch predictions with the champion (a Prefect flow): same checks and preprocessing as serving."""
     _params(params)
     from flows.scoring import scoring_flow
 
     _console_without_expected_errors()
     result = scoring_flow(params_path=str(params), input_path=str(input_path), output_path=str(output_path))
-    typer.echo(f"scored {result['rows']} rows with {result['model_name']} v{result['model_version']} "
-               f"-> {result['output']}")
+    typer.echo(
+        f"scored {result['rows']} rows with {result['model_name']} v{result['model_version']} -> {result['output']}"
+    )
 
 
 @app.command("check-params")
@@ -280,8 +310,11 @@ def main() -> None:
 
     # Set here, not only by the Makefile: a user running `loopline` from a shell gets no
     # usage reporting and no telemetry errors from the temporary Prefect API either.
-    for var, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("BENTOML_DO_NOT_TRACK", "true"),
-                       ("GIT_PYTHON_REFRESH", "quiet")):
+    for var, value in (
+        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+        ("BENTOML_DO_NOT_TRACK", "true"),
+        ("GIT_PYTHON_REFRESH", "quiet"),
+    ):
         os.environ.setdefault(var, value)
 
     try:

@@ -1,0 +1,272 @@
+"""One monitoring run's work, as the monitoring flow's tasks call it:
+
+- `measure`: the latest window of accepted batches against the champion's reference rows
+  (drift, prediction drift), the live metric of served predictions that have ground truth,
+  and how many rows no training has seen;
+- `record`: the run in the monitoring experiment (decision and reasons as tags, scores as
+  metrics, the Evidently report as an artifact).
+
+State between runs (last retrain, data the last training saw) is read from MLflow. Results
+are dataclasses with one renderer (`render_monitoring`) for the CLI and the Prefect artifact.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+
+from pipelines import names
+from pipelines.arrivals import BatchOutcome
+from pipelines.config import Params
+from pipelines.errors import LooplineError
+from pipelines.layout import Layout
+from pipelines.monitor import Drift, LiveMetric, Verdict
+
+
+@dataclass(frozen=True)
+class Measurement:
+    status: Literal["measured", "no champion", "no data"]
+    detail: str = ""  # why nothing was measured
+    champion: str | None = None  # the champion's version
+    champion_run: str | None = None
+    champion_metric: float | None = None  # its test metric, as registered
+    metric: str = ""
+    window: list[str] = field(default_factory=list)  # the accepted batches measured
+    window_rows: int = 0
+    reference_rows: int = 0
+    drift: Drift | None = None  # without its HTML, which is in `report`
+    live: LiveMetric | None = None
+    new_rows: int = 0  # rows no training has seen
+    report: str = ""  # the Evidently report's path
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Retrain:
+    """What the retrain a monitoring run started came to."""
+
+    outcome: str
+    version: str | None = None
+    promoted: bool = False
+    reason: str = ""
+    data_version: str | None = None
+    candidate: str | None = None
+    flow_run_id: str | None = None  # a retrain started through the deployment
+
+
+@dataclass(frozen=True)
+class MonitoringResult:
+    at: str
+    batches: list[BatchOutcome]
+    measured: Measurement
+    verdict: Verdict
+    mlflow_run_id: str | None = None
+    training: Retrain | None = None
+
+
+def reference_rows(client, run_id: str, params: Params) -> pd.DataFrame:
+    """The champion's training rows, downloaded once per run id."""
+    from pipelines.storage import atomic_path
+
+    cached = Layout.of(params).monitoring / "reference" / f"{run_id}.parquet"
+    if not cached.is_file():
+        try:
+            local = client.download_artifacts(run_id, names.REFERENCE_ARTIFACT, str(cached.parent))
+        except Exception as err:  # MLflow raises several types for a missing artifact
+            raise LooplineError(
+                "monitor",
+                f"the champion's run {run_id} has no {names.REFERENCE_ARTIFACT} "
+                f"(trained before loopline logged references?): {err}",
+            ) from None
+        with atomic_path(cached) as tmp:
+            Path(local).replace(tmp)
+    return pd.read_parquet(cached)
+
+
+def last_training_arrival(client, experiment_id: str) -> str | None:
+    """The last accepted batch the newest training run read (None: no training run says)."""
+    for run in client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=20):
+        if names.LAST_ARRIVAL in run.data.tags:
+            return run.data.tags[names.LAST_ARRIVAL]
+    return None
+
+
+def last_retrain(client, experiment_id: str) -> datetime | None:
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{names.DECISION}` = 'retrain'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return datetime.fromisoformat(runs[0].data.tags[names.AT]) if runs else None
+
+
+def measure(params: Params) -> Measurement:
+    """Drift of the latest window against the champion's reference, the live metric of the
+    served predictions that have ground truth, and how many rows no training has seen."""
+    from pipelines.arrivals import arrival_files, arrival_rows, read_arrivals, typed_rows
+    from pipelines.monitor import PREDICTION, live_metrics, measure_drift
+    from pipelines.prediction_log import read_prediction_log
+    from pipelines.registry import CHAMPION, alias_version
+    from pipelines.storage import write_text
+    from pipelines.tracking import client_for, load_model_version
+
+    layout = Layout.of(params)
+    client, training_id = client_for(params)
+    name = params.tracking.model_name
+    version = alias_version(client, name, CHAMPION)
+    if version is None:
+        return Measurement("no champion", f"{name} has no champion yet: run `loopline train`")
+    files = arrival_files(layout.arrivals)
+    if not files:
+        return Measurement("no data", f"no accepted batch in {layout.arrivals} yet")
+    started = time.perf_counter()
+    window_files = files[-params.monitor.window_batches :]
+    id_column = [params.monitor.id_column] if params.monitor.id_column else []
+    window = typed_rows(read_arrivals(window_files, [*params.table_schema.columns, *id_column]), params)
+    model, meta = load_model_version(client, name, version)
+    champion = client.get_model_version(name, version)
+    reference = reference_rows(client, champion.run_id, params)
+    features = params.features.columns
+    reference[PREDICTION] = model.predict(reference[features])
+    window[PREDICTION] = model.predict(window[features])
+    drift = measure_drift(reference, window, params)
+    report = layout.monitoring / "reports" / f"{datetime.now(UTC):%Y%m%dT%H%M%S%f}-v{version}.html"
+    write_text(drift.html, report)
+
+    live = None
+    if layout.prediction_log.is_file() and id_column:
+        live = live_metrics(window, read_prediction_log(layout.prediction_log, []), params, meta["baseline"])
+    metric, _ = params.metric
+    tested = champion.tags.get(names.version_metric_tag(metric))
+    seen = last_training_arrival(client, training_id)
+    unseen = [f for f in files if seen is None or seen == "none" or f.name > seen]
+    return Measurement(
+        "measured",
+        champion=version,
+        champion_run=champion.run_id,
+        champion_metric=float(tested) if tested is not None else None,
+        metric=metric,
+        window=[f.name for f in window_files],
+        window_rows=len(window),
+        reference_rows=len(reference),
+        drift=replace(drift, html=""),
+        live=live,
+        new_rows=arrival_rows(unseen),
+        report=str(report.resolve()),
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def _metrics(measured: Measurement) -> dict[str, float]:
+    if measured.drift is None:
+        return {}
+    drift, metric = measured.drift, measured.metric
+    values = {
+        "drift_share": drift.share,
+        "prediction_drift_score": drift.prediction_score,
+        "window_rows": measured.window_rows,
+        "new_rows": measured.new_rows,
+        **{f"drift_score.{c}": v for c, v in drift.scores.items()},
+    }
+    if measured.champion_metric is not None:
+        values[f"champion_test_{metric}"] = measured.champion_metric
+    if measured.live is not None:
+        values |= {
+            f"live_{metric}": measured.live.value,
+            f"live_baseline_{metric}": measured.live.baseline,
+            "live_rows": measured.live.rows,
+        }
+    return values
+
+
+def record(params: Params, result: MonitoringResult) -> str:
+    """One run in the monitoring experiment: drift scores, live metrics, decision and reasons
+    as tags, the Evidently report as an artifact. Returns its run id."""
+    from pipelines.tracking import client_for, log_dict_batch, monitoring_experiment
+
+    client, experiment_id = client_for(params, monitoring_experiment(params))
+    measured, verdict = result.measured, result.verdict
+    tags = {
+        names.DECISION: verdict.outcome,
+        names.REASON: verdict.reason()[:5000],
+        names.AT: result.at,
+        names.STATUS: measured.status,
+        names.BATCHES: ", ".join(b.file for b in result.batches) or "none",
+        names.REJECTED: ", ".join(b.file for b in result.batches if b.status == "rejected") or "none",
+    }
+    if measured.drift is not None:
+        tags |= {
+            names.CHAMPION_VERSION: measured.champion or "",
+            names.WINDOW: ", ".join(measured.window),
+            names.DRIFTED: ", ".join(measured.drift.drifted) or "none",
+        }
+    metrics = {
+        "batches_accepted": sum(b.status == "accepted" for b in result.batches),
+        "batches_rejected": sum(b.status == "rejected" for b in result.batches),
+        **_metrics(measured),
+    }
+    run = client.create_run(experiment_id, run_name=f"monitoring-{result.at}", tags=tags)
+    log_dict_batch(client, run.info.run_id, metrics=metrics)
+    if measured.report:
+        client.log_artifact(run.info.run_id, measured.report, "drift")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def record_retrain(params: Params, run_id: str, retrain: Retrain) -> None:
+    """What the retrain came to, as tags on the monitoring run that started it."""
+    from pipelines.tracking import client_for, monitoring_experiment
+
+    client, _ = client_for(params, monitoring_experiment(params))
+    for key, value in vars(retrain).items():
+        if value is not None:
+            client.set_tag(run_id, names.training_tag(key), str(value)[:5000])
+
+
+def render_monitoring(result: MonitoringResult) -> str:
+    """The monitoring flow's result as Markdown that also reads as plain text: the CLI prints
+    it, the Prefect artifact shows it."""
+    measured, verdict = result.measured, result.verdict
+    blocks = ["  \n".join(f"batch {b.file}: {b.describe()}" for b in result.batches)]
+    if measured.drift is None:
+        blocks.append(measured.detail)
+    else:
+        drift, live, metric = measured.drift, measured.live, measured.metric
+        blocks.append(
+            f"champion v{measured.champion}; window {', '.join(measured.window)} "
+            f"({measured.window_rows} rows) vs {measured.reference_rows} reference rows; "
+            f"{measured.new_rows} rows no training has seen  \n"
+            f"drift share {drift.share:.0%} ({', '.join(drift.drifted) or 'no feature'}); "
+            f"prediction drift score {drift.prediction_score:.3f}"
+        )
+        blocks.append(
+            "\n".join(
+                [
+                    "| feature | test | score | drifted |",
+                    "|---|---|---:|---:|",
+                    *(
+                        f"| {c} | {drift.methods.get(c, '')} | {s:.4f} | {'yes' if c in drift.drifted else ''} |"
+                        for c, s in drift.scores.items()
+                    ),
+                ]
+            )
+        )
+        if live is not None:
+            tested = f"{measured.champion_metric:.4f}" if measured.champion_metric is not None else "unknown"
+            blocks.append(
+                f"live {metric} {live.value:.4f} on {live.rows} labelled predictions "
+                f"(naive baseline {live.baseline:.4f}, champion's test {metric} {tested})"
+            )
+        blocks.append(f"Evidently report: {measured.report}")
+    blocks.append(f"decision: {verdict.outcome} — {verdict.reason()}")
+    if result.training is not None:
+        t = result.training
+        version = f"v{t.version} " if t.version else ""
+        blocks.append(f"training: {version}{t.outcome}" + (f" — {t.reason}" if t.reason else ""))
+    return "\n\n".join(block for block in blocks if block)

@@ -1,0 +1,61 @@
+"""Names that several layers must spell alike: MLflow tags, metrics and artifacts, and the
+Prefect deployments. A reader of the MLflow UI or of `prefect deployment ls` finds these."""
+
+from __future__ import annotations
+
+# Prefect deployments served by `loopline deploy`; monitoring starts a retrain through the first.
+TRAINING_DEPLOYMENT = "scheduled-training"
+MONITORING_DEPLOYMENT = "scheduled-monitoring"
+
+# Artifacts logged beside the model.
+MODEL_ARTIFACT = "model"
+REFERENCE_ARTIFACT = "reference/reference.parquet"  # the champion's training rows, for drift
+
+# Lineage tags of every training run (parent and candidates).
+GIT_COMMIT = "git_commit"
+CLEAN_MD5 = "data.clean_md5"
+SOURCE = "data.source"
+SOURCE_MD5 = "data.source_md5"
+INGESTED_MD5 = "data.ingested_md5"
+ARRIVAL_BATCHES = "data.arrival_batches"
+LAST_ARRIVAL = "data.last_arrival"  # the last accepted batch the training read
+DVC_LOCK_MD5 = "data.dvc_lock_md5"
+FLOW_RUN_ID = "prefect.flow_run_id"
+PARAMS_FILE = "loopline.params_file"
+OWNER = "loopline.owner"  # host:pid of the process that created the run
+END_REASON = "loopline.end_reason"
+
+# Training runs.
+FAMILY = "loopline.family"
+BEST_CANDIDATE = "loopline.best_candidate"
+BEST_RUN_ID = "loopline.best_run_id"
+DECISION = "loopline.decision"
+DECISION_REASON = "loopline.decision_reason"
+MODEL_VERSION = "loopline.model_version"
+
+# Registered model versions.
+DATA_MD5 = "loopline.data_md5"
+VERSION_GIT_COMMIT = "loopline.git_commit"
+CANDIDATE = "loopline.candidate"
+TRAINING_FINGERPRINT = "loopline.training_fingerprint"
+
+# Monitoring runs.
+AT = "loopline.at"
+REASON = "loopline.reason"
+STATUS = "loopline.status"
+BATCHES = "loopline.batches"
+REJECTED = "loopline.rejected"
+CHAMPION_VERSION = "loopline.champion_version"
+WINDOW = "loopline.window"
+DRIFTED = "loopline.drifted"
+REPLAY = "loopline.replay"
+
+
+def version_metric_tag(metric: str) -> str:
+    """The registered version's test metric, as a tag (monitoring compares live error with it)."""
+    return f"loopline.test_{metric}"
+
+
+def training_tag(key: str) -> str:
+    """What a retrain started by monitoring reported, on the monitoring run."""
+    return f"loopline.training_{key}"

@@ -1,0 +1,355 @@
+"""Training as the training flow runs it, in two steps, each one call from a flow task:
+
+- `search_and_log`: every candidate trained and scored (a nested MLflow run each), the best
+  model logged with its test metrics, plots and reference rows into the parent run;
+- `register_best`: the best model registered as `challenger` and promoted to `champion` only
+  if it beats the champion re-scored on the same test rows.
+
+Results are dataclasses with one renderer (`render_training`), which the CLI and the Prefect
+artifact both print.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipelines import names
+from pipelines.config import Params
+from pipelines.layout import Layout
+from pipelines.lineage import code_files, fingerprint
+from pipelines.stages import model_metadata, read_split
+
+SEARCH_PARAMS = ["data", "features", "train", "search", "promotion", "tracking"]
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class CandidateRun:
+    name: str
+    family: str
+    run_id: str
+    val: float  # the promotion metric on the validation rows
+    fit_seconds: float
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A finished search: the parent MLflow run, the best candidate and its logged model."""
+
+    parent_run_id: str
+    best_run_id: str
+    best: str
+    family: str
+    fingerprint: str
+    model_uri: str
+    metric: str
+    val: dict[str, float]
+    test: dict[str, float]
+    candidates: list[CandidateRun]
+    data_md5: str
+    git_commit: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What became of a search's best model."""
+
+    outcome: str  # promoted to champion | kept the champion | nothing new | skipped
+    reason: str
+    model_name: str
+    version: str | None = None
+    promoted: bool = False
+    registered: bool = False
+    champion_before: str | None = None
+    metric: str = ""
+    challenger_value: float | None = None
+    champion_value: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What the training flow returns."""
+
+    stages: dict[str, dict[str, Any]]
+    cached: list[str]  # data stages answered from Prefect's cache
+    trained: Trained
+    training_cached: bool  # the search was cached and its model already registered
+    decision: Registration
+    timings: dict[str, float]
+    data_version: str | None = None
+
+
+def training_fingerprint(params: Params) -> str:
+    """What a search's result depends on: the splits' bytes, the code it runs (this module
+    and every loopline module it imports) and the params it reads. Tagged on every
+    registered version: the same fingerprint is the same model."""
+    layout = Layout.of(params)
+    splits = [layout.split_file(name) for name in SPLITS]
+    return fingerprint([*splits, *code_files(__name__)], SEARCH_PARAMS, params, salt="search")
+
+
+def lineage_tags(params: Params, params_path: str, flow_run_id: str, rows: dict[str, int]) -> dict[str, Any]:
+    """Where a training's data and code came from, tagged on its parent and candidate runs."""
+    from pipelines.arrivals import arrival_files
+    from pipelines.lineage import dvc_lock_md5, git_commit
+    from pipelines.storage import file_md5
+    from pipelines.tracking import run_owner
+
+    layout = Layout.of(params)
+    arrivals = arrival_files(layout.arrivals)
+    return {
+        names.GIT_COMMIT: git_commit(),
+        names.CLEAN_MD5: file_md5(layout.clean),
+        names.SOURCE: str(params.data.source),
+        names.SOURCE_MD5: file_md5(params.data.source),
+        names.INGESTED_MD5: file_md5(layout.ingested),
+        names.ARRIVAL_BATCHES: len(arrivals),
+        names.LAST_ARRIVAL: arrivals[-1].name if arrivals else "none",
+        names.DVC_LOCK_MD5: dvc_lock_md5(layout.clean) or "none",
+        **{f"data.rows_{split}": n for split, n in rows.items()},
+        names.FLOW_RUN_ID: flow_run_id,
+        names.PARAMS_FILE: params_path,
+        names.OWNER: run_owner(),
+    }
+
+
+class _CandidateLogger:
+    """Logs each candidate as a nested run of the parent as the search reports it."""
+
+    def __init__(self, client, experiment_id: str, parent_id: str, lineage: dict[str, Any], metric: str):
+        self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
+        self.lineage, self.metric = lineage, metric
+        self.runs: list[CandidateRun] = []
+
+    def __call__(self, c) -> None:
+        from pipelines.tracking import flatten, log_dict_batch, log_history
+
+        tags = {"mlflow.parentRunId": self.parent_id, **self.lineage, names.FAMILY: c.family}
+        run_id = self.client.create_run(self.experiment_id, run_name=c.name, tags=tags).info.run_id
+        estimator = c.model[-1]
+        device = {"device": estimator.device_, "gpu_name": estimator.gpu_name_} if hasattr(estimator, "device_") else {}
+        log_dict_batch(
+            self.client,
+            run_id,
+            params=flatten("", {"family": c.family, **c.hyperparams}),
+            metrics={f"val_{k}": v for k, v in c.val.items()} | {"fit_seconds": c.fit_seconds},
+            tags=device,
+        )
+        if hasattr(estimator, "history_"):
+            log_history(self.client, run_id, estimator.history_)
+        self.client.set_terminated(run_id)
+        self.runs.append(CandidateRun(c.name, c.family, run_id, c.val[self.metric], round(c.fit_seconds, 2)))
+
+
+def search_and_log(params: Params, params_path: str, flow_run_id: str, warn=print) -> Trained:
+    """Train every candidate (a nested MLflow run each); log the best model with its test
+    metrics and plots into the parent run. Registration is a separate step."""
+    from pipelines.search import search_candidates
+    from pipelines.tracking import client_for, close_orphaned_runs, flatten, log_dict_batch
+
+    train, val, test = (read_split(params, name, "search") for name in SPLITS)
+    client, experiment_id = client_for(params)
+    for run_id in close_orphaned_runs(client, experiment_id):
+        warn(f"MLflow run {run_id} was left running by a training that was killed; marked KILLED")
+    metric, _ = params.metric
+    lineage = lineage_tags(params, params_path, flow_run_id, {"train": len(train), "val": len(val), "test": len(test)})
+    parent_id = client.create_run(experiment_id, run_name=f"training-{flow_run_id[:8]}", tags=lineage).info.run_id
+    log_dict_batch(
+        client, parent_id, params=flatten("", params.model_dump(mode="json", by_alias=True, exclude={"table_schema"}))
+    )
+    log_candidate = _CandidateLogger(client, experiment_id, parent_id, lineage, metric)
+    timings: dict[str, float] = {}
+    try:
+        started = time.perf_counter()
+        best, _ = search_candidates(params, train, val, on_candidate=log_candidate)
+        timings["search: fit and score candidates"] = time.perf_counter() - started
+        started = time.perf_counter()
+        best_run = next(c.run_id for c in log_candidate.runs if c.name == best.name)
+        model_uri, test_metrics = _log_best(client, parent_id, best_run, best, params, train, test)
+        client.set_terminated(parent_id)
+        timings["search: test scoring, MLflow model, plots"] = time.perf_counter() - started
+    except BaseException:
+        client.set_terminated(parent_id, status="FAILED")
+        raise
+    return Trained(
+        parent_run_id=parent_id,
+        best_run_id=best_run,
+        best=best.name,
+        family=best.family,
+        fingerprint=training_fingerprint(params),
+        model_uri=model_uri,
+        metric=metric,
+        val=best.val,
+        test=test_metrics,
+        candidates=log_candidate.runs,
+        data_md5=lineage[names.CLEAN_MD5],
+        git_commit=lineage[names.GIT_COMMIT],
+        timings=timings,
+    )
+
+
+def _log_best(
+    client, parent_id: str, best_run: str, best, params: Params, train: pd.DataFrame, test: pd.DataFrame
+) -> tuple[str, dict[str, float]]:
+    """The best candidate's model, weights, reference rows, test metrics and plots."""
+    from pipelines.evaluate import score
+    from pipelines.tracking import diagnostic_figures, log_dict_batch, log_figures, log_model, log_torch_weights
+
+    features, target, task = params.features.columns, params.data.target, params.data.task
+    metadata = model_metadata(params, best.family, best.model, train, best.hyperparams)
+    test_metrics, predictions = score(best.model, test, features, target, task, metadata["baseline"])
+    model_uri = log_model(client, best_run, best.model, train[features].head(5), metadata)
+    if hasattr(best.model[-1], "state_dict"):
+        log_torch_weights(client, best_run, best.model)
+    log_reference(client, best_run, train, params)
+    log_dict_batch(client, best_run, metrics={f"test_{k}": v for k, v in test_metrics.items()})
+    log_dict_batch(
+        client,
+        parent_id,
+        metrics={f"val_{k}": v for k, v in best.val.items()} | {f"test_{k}": v for k, v in test_metrics.items()},
+        tags={names.BEST_CANDIDATE: best.name, names.BEST_RUN_ID: best_run},
+    )
+    log_figures(
+        client, best_run, diagnostic_figures(best.model, test, predictions, features, target, task, params.train.seed)
+    )
+    return model_uri, test_metrics
+
+
+def log_reference(client, run_id: str, train: pd.DataFrame, params: Params) -> None:
+    """The rows the model was trained on (feature columns and target; a seeded sample above
+    monitor.reference_rows), beside the model: monitoring compares new data with them."""
+    rows = train[[*params.features.columns, params.data.target]]
+    if len(rows) > params.monitor.reference_rows:
+        rows = rows.sample(params.monitor.reference_rows, random_state=params.train.seed).sort_index()
+    artifact = Path(names.REFERENCE_ARTIFACT)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / artifact.name
+        rows.to_parquet(path, index=False)
+        client.log_artifact(run_id, str(path), str(artifact.parent))
+
+
+def _set_tags(client, run_id: str, tags: dict[str, str]) -> None:
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def register_best(params: Params, trained: Trained) -> Registration:
+    """Register the best model as `challenger`; promote it to `champion` only if it beats the
+    champion re-scored on the same test rows. A model identical to the champion (same
+    training fingerprint) is not registered again."""
+    from pipelines.evaluate import score
+    from pipelines.registry import CHAMPION, alias_version, promote_if_better, register
+    from pipelines.tracking import client_for, load_model_version, tracking_uri
+
+    client, _ = client_for(params)
+    name = params.tracking.model_name
+    metric, higher = params.metric
+    value = trained.test[metric]
+    champion = alias_version(client, name, CHAMPION)
+    if (
+        champion is not None
+        and client.get_model_version(name, champion).tags.get(names.TRAINING_FINGERPRINT) == trained.fingerprint
+    ):
+        reason = (
+            f"identical to champion v{champion}: same data, params and code (training fingerprint "
+            f"{trained.fingerprint[:12]}); nothing new to register"
+        )
+        _set_tags(client, trained.parent_run_id, {names.DECISION: "nothing new", names.DECISION_REASON: reason})
+        return Registration(
+            outcome="nothing new",
+            reason=reason,
+            model_name=name,
+            version=champion,
+            champion_before=champion,
+            metric=metric,
+            challenger_value=value,
+            champion_value=value,
+        )
+    tags = {
+        names.DATA_MD5: trained.data_md5,
+        names.VERSION_GIT_COMMIT: trained.git_commit,
+        names.version_metric_tag(metric): str(value),
+        names.CANDIDATE: trained.best,
+        names.TRAINING_FINGERPRINT: trained.fingerprint,
+    }
+    version = register(client, name, trained.model_uri, trained.best_run_id, tags)
+    test = read_split(params, "test", "register")
+
+    def score_version(v: str) -> float:
+        model, meta = load_model_version(client, name, v)
+        metrics, _ = score(model, test, meta["features"], params.data.target, params.data.task, meta["baseline"])
+        return metrics[metric]
+
+    decision = promote_if_better(
+        client,
+        name,
+        version,
+        metric,
+        higher,
+        params.promotion.min_improvement,
+        value,
+        score_version,
+        tracking_uri(params),
+    )
+    _set_tags(
+        client,
+        trained.parent_run_id,
+        {
+            names.DECISION: "promoted" if decision.promoted else "rejected",
+            names.DECISION_REASON: decision.reason,
+            names.MODEL_VERSION: version,
+        },
+    )
+    return Registration(
+        outcome="promoted to champion" if decision.promoted else "kept the champion",
+        reason=decision.reason,
+        model_name=name,
+        version=version,
+        promoted=decision.promoted,
+        registered=True,
+        champion_before=decision.champion_before,
+        metric=metric,
+        challenger_value=decision.challenger_value,
+        champion_value=decision.champion_value,
+    )
+
+
+def skipped(trained: Trained, model_name: str) -> Registration:
+    """The decision when the search was cached and its model is registered already."""
+    return Registration(
+        outcome="skipped",
+        model_name=model_name,
+        metric=trained.metric,
+        reason=f"data and params unchanged since MLflow run {trained.parent_run_id}: nothing new to register",
+    )
+
+
+def render_training(result: TrainingResult) -> str:
+    """The training flow's result as Markdown that also reads as plain text: the CLI prints
+    it, the Prefect artifact shows it."""
+    trained, decision, metric = result.trained, result.decision, result.trained.metric
+    rows = [f"| {c.name} | {c.family} | {c.val:.4f} | {c.fit_seconds} |" for c in trained.candidates]
+    outcome = (
+        f"training skipped: {decision.reason}"
+        if decision.outcome == "skipped"
+        else f"{decision.model_name} v{decision.version}: {decision.outcome} — {decision.reason}"
+    )
+    return "\n\n".join(
+        [
+            f"cached stages: {', '.join(result.cached) or 'none'}"
+            + (" (and the search)" if result.training_cached else ""),
+            f"data: clean.parquet md5 `{trained.data_md5}`; git commit `{trained.git_commit}`; "
+            f"MLflow parent run `{trained.parent_run_id}`",
+            "\n".join([f"| candidate | family | val {metric} | fit s |", "|---|---|---:|---:|", *rows]),
+            f"best: {trained.best}  test {metric}={trained.test[metric]:.4f} "
+            f"(naive baseline {trained.test[f'baseline_{metric}']:.4f})",
+            outcome,
+        ]
+    )
