@@ -4,7 +4,8 @@ when PREFECT_API_URL is unset; in both, a run created by the server's scheduler 
 triggered by hand) must appear and complete. This is the guard against the next
 incompatible pin: prefect 3.8 with SQLAlchemy 2.1 created no scheduled run at all. On the
 real server, a monitoring run then retrains through the training deployment. Last, each
-`loopline deploy` must stop within seconds on SIGTERM / SIGINT to its group."""
+`loopline deploy` must stop within seconds on SIGTERM / SIGINT to its group, cancelling a
+run in progress without a traceback."""
 
 from __future__ import annotations
 
@@ -102,6 +103,43 @@ def stops_within(proc: subprocess.Popen, sig: int, seconds: float) -> float:
     return time.monotonic() - started
 
 
+async def read_flow_run(api_url: str, flow_run_id):
+    from prefect.client.orchestration import PrefectClient
+
+    async with PrefectClient(api=api_url) as client:
+        return await client.read_flow_run(flow_run_id)
+
+
+def training_runs_in_progress(api_urls: list[str], timeout: float = 120) -> list:
+    """A training run started by hand on each API and now running (its process busy
+    training): their ids. The schedules are paused first: a run whose process is starting
+    when the stop comes is killed by the signal (Crashed, with its traceback) rather than
+    cancelled, which is Prefect's engine and not what this checks."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    ids = []
+    for api_url in api_urls:
+        asyncio.run(pause_training_schedule(api_url))
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            ids.append(run_deployment("training/scheduled-training", timeout=0, parameters={"force": True}).id)
+    deadline = time.monotonic() + timeout
+    for api_url, run_id in zip(api_urls, ids, strict=True):
+        while not (state := asyncio.run(read_flow_run(api_url, run_id)).state) or not state.is_running():
+            assert time.monotonic() < deadline and not (state and state.is_final()), state
+            time.sleep(0.5)
+    time.sleep(2)  # inside the flows: their data stages are running
+    return ids
+
+
+async def pause_training_schedule(api_url: str) -> None:
+    from prefect.client.orchestration import PrefectClient
+
+    async with PrefectClient(api=api_url) as client:
+        deployment = await client.read_deployment_by_name("training/scheduled-training")
+        await client.pause_deployment(deployment.id)
+
+
 async def read_deployment(name: str):
     from prefect.client.orchestration import get_client
 
@@ -153,6 +191,7 @@ def test_scheduled_runs_fire_and_deploy_stops_cleanly(prefect_api, tmp_path):
         assert training.parameters["params_path"] == str(own_dir / "params.yaml")
         assert monitoring.parameters == {"params_path": str(own_dir / "params.yaml"), "trigger": "deployment"}
         monitoring_retrains_through_the_training_deployment(own_dir)
+        in_progress = training_runs_in_progress([prefect_api, local_api])  # both stopped below while they run
     finally:
         stopped = [stops_within(on_server, signal.SIGTERM, 15), stops_within(on_local, signal.SIGINT, 15)]
     assert on_server.returncode == 0 and on_local.returncode == 0, (
@@ -160,6 +199,8 @@ def test_scheduled_runs_fire_and_deploy_stops_cleanly(prefect_api, tmp_path):
         local_log.read_text()[-2000:],
     )
     assert "Traceback" not in server_log.read_text() + local_log.read_text()
+    final = asyncio.run(read_flow_run(prefect_api, in_progress[0]))  # the local API stopped with its deploy
+    assert final.state is not None and final.state.is_cancelled(), final.state  # cancelled by the runner, not crashed
     print(f"loopline deploy stopped in {stopped[0]:.1f}s (SIGTERM) and {stopped[1]:.1f}s (SIGINT)")
     from urllib.request import urlopen
 
