@@ -9,7 +9,7 @@ FIND_LINKS ?= /opt/wheels
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast lint lock replay bench bench-scale bench-flow bench-torch bench-serve bench-soak bench-monitor bench-concurrent
+.PHONY: install run test test-fast lint lock replay backtest bench bench-bootstrap bench-scale bench-flow bench-torch bench-serve bench-soak bench-monitor bench-concurrent
 
 install: $(STAMP)
 
@@ -48,7 +48,7 @@ test-fast: install
 
 # Re-resolve requirements.lock from pyproject.toml (needs the package index).
 lock: install
-	$(BIN)/uv pip compile pyproject.toml --extra dev -c constraints.txt --python-version 3.11 \
+	$(BIN)/uv pip compile pyproject.toml --extra dev -c constraints.txt --override overrides.txt --python-version 3.11 \
 		--find-links $(FIND_LINKS) --no-emit-find-links -o requirements.lock
 
 # The closed loop over 2011: Jan-Mar champion, then monthly batches served, labelled,
@@ -56,7 +56,16 @@ lock: install
 replay: install
 	$(BIN)/loopline replay --chart bench/results/replay-2011.png
 
-bench: bench-scale bench-flow bench-torch bench-serve bench-soak bench-monitor bench-concurrent
+# The 2011 back-test: every policy in backtest.policies side by side (trainings shared);
+# the table and chart shown in the README.
+backtest: install
+	$(BIN)/loopline backtest --chart bench/results/backtest-2011.png
+
+bench: bench-scale bench-flow bench-torch bench-serve bench-soak bench-monitor bench-concurrent bench-bootstrap
+
+# Promotion evidence: the moving-block bootstrap of 100k test rows x 1,000 resamples.
+bench-bootstrap: install
+	$(BIN)/python bench/bootstrap.py --rows 100000 --resamples 1000
 
 # Scale benchmark: synthetic Bikeshare-shaped data at 1M and 10M rows.
 bench-scale: install

@@ -46,13 +46,14 @@ def decide_task(params: Params, measured: Measurement, at: datetime) -> Verdict:
     from pipelines.tracking import client_for, monitoring_experiment
 
     if measured.drift is None:  # nothing measured: nothing to decide on
-        return decide(params.monitor, now=at)
+        return Verdict(False, [], [], unmeasured=f"{measured.status}: {measured.detail}")
     client, monitoring_id = client_for(params, monitoring_experiment(params))
     return decide(
         params.monitor,
         now=at,
         drift=measured.drift,
         live=measured.live,
+        estimate=measured.estimate,
         champion_metric=measured.champion_metric,
         higher_is_better=params.metric[1],
         new_rows=measured.new_rows,

@@ -152,7 +152,8 @@ def run_replay(
             row = timeline[-1]
             echo(
                 f"  {label}: served v{row['served_version']}, live {metric} {row['live']:.1f} "
-                f"(naive {row['baseline']:.1f}), drift {row['drift_share']:.0%} -> {row['decision']}"
+                f"(naive {row['baseline']:.1f}, estimated {row['estimated']:.1f}), weighted drift "
+                f"{row['weighted_drift']:.0%} -> {row['decision']}"
                 + (f"; v{row['retrained_version']} {result.training.outcome}" if result.training else "")
             )
     frame = pd.DataFrame(timeline)
@@ -170,7 +171,7 @@ def run_replay(
 
 def _timeline_row(label: str, rows: int, result: MonitoringResult) -> dict[str, Any]:
     measured, training, live = result.measured, result.training, result.measured.live
-    drift = measured.drift
+    drift, estimate = measured.drift, measured.estimate
     return {
         "period": label,
         "rows": rows,
@@ -179,6 +180,8 @@ def _timeline_row(label: str, rows: int, result: MonitoringResult) -> dict[str, 
         "baseline": live.baseline if live else float("nan"),
         "champion_test": measured.champion_metric,
         "drift_share": drift.share if drift else float("nan"),
+        "weighted_drift": drift.weighted_share if drift else float("nan"),
+        "estimated": estimate.value if estimate and estimate.value is not None else float("nan"),
         "drifted": " ".join(drift.drifted) if drift else "",
         "prediction_drift": drift.prediction_score if drift else float("nan"),
         "decision": result.verdict.outcome,
@@ -205,6 +208,7 @@ def timeline_figure(frame: pd.DataFrame, metric: str, drift_threshold: float):
     top.step(
         x, frame["champion_test"], where="mid", color="#ff7f0e", alpha=0.8, label=f"serving champion's test {metric}"
     )
+    top.plot(x, frame["estimated"], "d:", color="#9467bd", label=f"{metric} estimated without labels (NannyML)")
     for i, row in frame.iterrows():
         top.annotate(
             f"v{row['served_version']}",
@@ -229,7 +233,12 @@ def timeline_figure(frame: pd.DataFrame, metric: str, drift_threshold: float):
     top.set_ylabel(f"{metric} (bikers per hour)")
     top.legend(loc="upper right", fontsize=8)
     top.set_title("loopline replay of 2011: serving, monitoring and retraining")
-    bottom.bar(x, frame["drift_share"], color="#d62728", alpha=0.7, label="share of drifted features (Evidently)")
+    bottom.bar(
+        x, frame["drift_share"], color="none", edgecolor="#d62728", label="share of drifted features (Evidently)"
+    )
+    bottom.bar(
+        x, frame["weighted_drift"], color="#d62728", alpha=0.7, label="importance-weighted, calendar not counted"
+    )
     bottom.axhline(drift_threshold, color="black", linewidth=0.8, linestyle="--", label="monitor.drift_share")
     bottom.set_ylim(0, 1)
     bottom.set_ylabel("drift share")

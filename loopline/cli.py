@@ -162,6 +162,25 @@ def replay(
 
 
 @app.command()
+def backtest(
+    params: ParamsOption = Path("params.yaml"),
+    workdir: Annotated[Path, typer.Option(help="Scratch directory for the back-test (recreated).")] = Path(
+        "data/backtest"
+    ),
+    periods: Annotated[int | None, typer.Option(help="Stop after this many monthly batches.")] = None,
+    policy: Annotated[list[str] | None, typer.Option(help="Run only this policy (repeatable).")] = None,
+    chart: Annotated[Path | None, typer.Option(help="Also copy the chart PNG here (and the table as CSV).")] = None,
+) -> None:
+    """Replay 2011 under every policy in `backtest.policies`: live error, retrains, promotions, training time."""
+    _params(params)
+    from flows.backtest import run_backtest
+
+    _console_without_expected_errors()
+    run_backtest(workdir, params, periods, policy, chart, echo=typer.echo)
+    typer.echo(f"chart: {workdir / 'backtest.png'}; table: summary.csv, summary.md; per month: timeline.csv")
+
+
+@app.command()
 def deploy(params: ParamsOption = Path("params.yaml")) -> None:
     """Serve the scheduled training and monitoring deployments (cron from `schedule:`) until stopped."""
     _params(params)

@@ -36,6 +36,10 @@ class ColumnSpec(_Section):
     # What clean does with a missing value: keep it (imputed inside the model) or
     # quarantine the row. The target's missing values are always quarantined.
     missing: Literal["keep", "quarantine"] = "keep"
+    # The column drifts by construction (a calendar field, a counter): its drift is measured
+    # and reported, but does not count toward the retrain trigger unless
+    # monitor.count_expected_drift. Cyclical features are expected to drift without it.
+    expected_drift: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> ColumnSpec:
@@ -150,9 +154,17 @@ class PromotionConfig(_Section):
     # The metric candidates are ranked and the champion judged by; default by task
     # (rmse for regression, f1 for classification).
     metric: str | None = None
-    # A challenger replaces the champion only if better by this relative margin on the
-    # same test rows (0.01 = 1% better).
+    # A challenger replaces the champion only if the lower bound of the (1 - alpha) bootstrap
+    # interval of its relative improvement on the same test rows exceeds this margin
+    # (0.01 = surely at least 1% better; 0: surely better at all).
     min_improvement: float = Field(0.0, ge=0.0)
+    # The paired bootstrap of the metric difference (pipelines/evidence.py): time-blocked
+    # (moving blocks of block_length rows) when split.order_by orders the rows in time,
+    # plain paired otherwise. block_length 0: the cube root of the test rows.
+    alpha: float = Field(0.1, gt=0.0, lt=1.0)
+    resamples: int = Field(1000, ge=100)
+    block_length: int = Field(0, ge=0)
+    seed: int = 0
 
 
 class TrackingConfig(_Section):
@@ -181,11 +193,24 @@ class MonitorConfig(_Section):
     id_column: str | None = "request_id"
     # The window compared with the champion's reference: the latest N accepted batches.
     window_batches: int = Field(1, ge=1)
-    # Retrain when at least this share of the features drift (Evidently's per-column tests)...
+    # Retrain when the drifted features carry at least this share of the model's feature
+    # importance (permutation importance at training time; Evidently's per-column tests say
+    # which drifted; features expected to drift count for nothing unless
+    # count_expected_drift)...
     drift_share: float = Field(0.5, gt=0.0, le=1.0)
+    # false: every counted feature weighs the same (the share of drifted features).
+    weight_by_importance: bool = True
+    count_expected_drift: bool = False
     # ... or when the served predictions' live metric is this much worse (relative) than
     # the champion's test metric, once ground truth has arrived for them.
-    max_degradation: float = Field(0.25, gt=0.0)
+    max_degradation: float = Field(0.35, gt=0.0)
+    # ... or when the metric NannyML estimates without labels (DLE for regression, CBPE for
+    # classification, fitted at training time on rows the model did not train on) is this
+    # much worse than the champion's test metric...
+    max_estimated_degradation: float = Field(0.25, gt=0.0)
+    estimate_performance: bool = True
+    # A window with fewer rows is not measured: "not enough rows" is recorded, no retrain.
+    min_window_rows: int = Field(50, ge=1)
     # ... and only with at least this many rows the last training did not see, and not
     # within cooldown_hours of the last retrain the monitor started.
     min_new_rows: int = Field(100, ge=0)
@@ -215,6 +240,42 @@ class ServeConfig(_Section):
     request_timeout_s: float = Field(30.0, gt=0.0)
 
 
+class PolicyConfig(_Section):
+    """One retraining policy of the back-test."""
+
+    name: str
+    # never | every_batch | scheduled (every `every` batches) | monitor (the monitoring
+    # decision, with `monitor:` overridden by this policy's `monitor` keys)
+    retrain: Literal["never", "every_batch", "scheduled", "monitor"]
+    every: int = Field(1, ge=1)
+    monitor: dict[str, Any] = {}
+    # How a retrained model is promoted: the bootstrap evidence of `promotion:`, or the
+    # point metric alone (better on the test rows by any margin).
+    gate: Literal["bootstrap", "point"] = "bootstrap"
+
+
+DEFAULT_POLICIES = [
+    PolicyConfig(name="never", retrain="never"),
+    PolicyConfig(name="every-batch", retrain="every_batch"),
+    PolicyConfig(name="monitor", retrain="monitor"),
+]
+
+
+class BacktestConfig(_Section):
+    # The first champion trains on this many months; every later month is a batch.
+    train_months: int = Field(3, ge=1, le=11)
+    policies: list[PolicyConfig] = DEFAULT_POLICIES
+
+    @model_validator(mode="after")
+    def _check(self) -> BacktestConfig:
+        names = [p.name for p in self.policies]
+        if not names:
+            raise ValueError("policies lists no policy")
+        if len(set(names)) != len(names):
+            raise ValueError(f"policy names must differ: {names}")
+        return self
+
+
 class PathsConfig(_Section):
     data: Path = Path("data")
     models: Path = Path("models")
@@ -234,6 +295,11 @@ class Params(_Section):
     schedule: ScheduleConfig = ScheduleConfig()
     serve: ServeConfig = ServeConfig()
     monitor: MonitorConfig = MonitorConfig()
+    backtest: BacktestConfig = BacktestConfig()
+
+    def policy_monitor(self, policy: PolicyConfig) -> MonitorConfig:
+        """`monitor:` with a back-test policy's overrides."""
+        return MonitorConfig.model_validate({**self.monitor.model_dump(), **policy.monitor})
 
     @property
     def metric(self) -> tuple[str, bool]:
@@ -276,6 +342,16 @@ class Params(_Section):
         if self.monitor.id_column is not None and self.monitor.id_column in cols:
             raise ValueError(
                 f"monitor.id_column {self.monitor.id_column!r} is also in schema.columns; an identifier is not data"
+            )
+        for i, policy in enumerate(self.backtest.policies):
+            try:
+                self.policy_monitor(policy)
+            except ValidationError as err:
+                where = f"backtest.policies.{i}.monitor ({policy.name})"
+                raise ValueError(_describe(err, where)) from None
+        if self.promotion.metric == "roc_auc":
+            raise ValueError(
+                "promotion.metric roc_auc has no bootstrap comparison; use f1, accuracy, precision or recall"
             )
         metric = self.promotion.metric
         valid = {

@@ -76,3 +76,14 @@ def score(
     result.update({f"baseline_{k}": v for k, v in base.items()})
     result["rows"] = len(df)
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}, rows
+
+
+def feature_importance(model: Any, rows: pd.DataFrame, features: list[str], target: str, task: str, seed: int):
+    """Permutation importance of each input column on `rows` (a seeded sample of at most
+    2,000): sklearn's result object, whose mean drop in score per feature is what the drift
+    trigger weighs features by and what the importance plot shows."""
+    from sklearn.inspection import permutation_importance
+
+    sample = rows.sample(n=min(len(rows), 2000), random_state=seed)
+    y = sample[target] if task == "regression" else sample[target].astype(str)
+    return permutation_importance(model, sample[features], y, n_repeats=3, random_state=seed, n_jobs=1)

@@ -24,13 +24,14 @@ from pipelines import names
 from pipelines.arrivals import BatchOutcome
 from pipelines.config import Params
 from pipelines.errors import LooplineError
+from pipelines.estimate import Estimate
 from pipelines.layout import Layout
 from pipelines.monitor import Drift, LiveMetric, Verdict
 
 
 @dataclass(frozen=True)
 class Measurement:
-    status: Literal["measured", "no champion", "no data"]
+    status: Literal["measured", "no champion", "no data", "not enough rows"]
     detail: str = ""  # why nothing was measured
     champion: str | None = None  # the champion's version
     champion_run: str | None = None
@@ -41,6 +42,7 @@ class Measurement:
     reference_rows: int = 0
     drift: Drift | None = None  # without its HTML, which is in `report`
     live: LiveMetric | None = None
+    estimate: Estimate | None = None  # NannyML's label-free estimate (or why there is none)
     new_rows: int = 0  # rows no training has seen
     report: str = ""  # the Evidently report's path
     seconds: float = 0.0
@@ -69,23 +71,55 @@ class MonitoringResult:
     training: Retrain | None = None
 
 
-def reference_rows(client, run_id: str, params: Params) -> pd.DataFrame:
-    """The champion's training rows, downloaded once per run id."""
+def _artifact(client, run_id: str, artifact: str, params: Params, required: bool = True) -> Path | None:
+    """One of the files logged beside the champion's model, downloaded once per run id."""
+    import tempfile
+
     from pipelines.storage import atomic_path
 
-    cached = Layout.of(params).monitoring / "reference" / f"{run_id}.parquet"
+    name = Path(artifact).name
+    cached = Layout.of(params).monitoring / "reference" / f"{run_id}-{name}"
     if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
         try:
-            local = client.download_artifacts(run_id, names.REFERENCE_ARTIFACT, str(cached.parent))
+            with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
+                local = client.download_artifacts(run_id, artifact, tmp)
+                with atomic_path(cached) as target:
+                    Path(local).replace(target)
         except Exception as err:  # MLflow raises several types for a missing artifact
+            if not required:
+                return None
             raise LooplineError(
                 "monitor",
-                f"the champion's run {run_id} has no {names.REFERENCE_ARTIFACT} "
-                f"(trained before loopline logged references?): {err}",
+                f"the champion's run {run_id} has no {artifact} (trained before loopline logged it?): {err}",
             ) from None
-        with atomic_path(cached) as tmp:
-            Path(local).replace(tmp)
-    return pd.read_parquet(cached)
+    return cached
+
+
+def reference_rows(client, run_id: str, params: Params) -> pd.DataFrame:
+    """The champion's training rows."""
+    path = _artifact(client, run_id, names.REFERENCE_ARTIFACT, params)
+    assert path is not None
+    return pd.read_parquet(path)
+
+
+def champion_importance(client, run_id: str, params: Params) -> dict[str, float] | None:
+    """The champion's permutation importance per feature (None: logged before loopline kept it)."""
+    import json
+
+    path = _artifact(client, run_id, names.IMPORTANCE_ARTIFACT, params, required=False)
+    return json.loads(path.read_text()) if path is not None else None
+
+
+def champion_estimator(client, run_id: str, params: Params):
+    """The champion's fitted NannyML estimator, or why there is none."""
+    from pipelines.estimate import loads_estimator
+
+    path = _artifact(client, run_id, names.ESTIMATOR_ARTIFACT, params, required=False)
+    if path is not None:
+        return loads_estimator(path.read_bytes()), ""
+    why = client.get_run(run_id).data.tags.get(names.ESTIMATE, "the champion was trained without one")
+    return None, f"no performance estimator: {why}"
 
 
 def last_training_arrival(client, experiment_id: str) -> str | None:
@@ -129,13 +163,24 @@ def measure(params: Params) -> Measurement:
     window_files = files[-params.monitor.window_batches :]
     id_column = [params.monitor.id_column] if params.monitor.id_column else []
     window = typed_rows(read_arrivals(window_files, [*params.table_schema.columns, *id_column]), params)
-    model, meta = load_model_version(client, name, version)
     champion = client.get_model_version(name, version)
+    if len(window) < params.monitor.min_window_rows:
+        return Measurement(
+            "not enough rows",
+            f"the window ({', '.join(f.name for f in window_files)}) has {len(window)} rows, fewer than "
+            f"monitor.min_window_rows {params.monitor.min_window_rows}: too few to measure drift or estimate",
+            champion=version,
+            window_rows=len(window),
+        )
+    model, meta = load_model_version(client, name, version)
     reference = reference_rows(client, champion.run_id, params)
     features = params.features.columns
     reference[PREDICTION] = model.predict(reference[features])
     window[PREDICTION] = model.predict(window[features])
-    drift = measure_drift(reference, window, params)
+    drift = measure_drift(reference, window, params, champion_importance(client, champion.run_id, params))
+    estimate = None
+    if params.monitor.estimate_performance:
+        estimate = _estimate(client, champion.run_id, model, window, params)
     report = layout.monitoring / "reports" / f"{datetime.now(UTC):%Y%m%dT%H%M%S%f}-v{version}.html"
     write_text(drift.html, report)
 
@@ -157,10 +202,21 @@ def measure(params: Params) -> Measurement:
         reference_rows=len(reference),
         drift=replace(drift, html=""),
         live=live,
+        estimate=estimate,
         new_rows=arrival_rows(unseen),
         report=str(report.resolve()),
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+def _estimate(client, run_id: str, model, window: pd.DataFrame, params: Params) -> Estimate:
+    from pipelines.estimate import estimate
+
+    estimator, why = champion_estimator(client, run_id, params)
+    if estimator is None:
+        metric, _ = params.metric
+        return Estimate(metric, "DLE" if params.data.task == "regression" else "CBPE", None, why, len(window))
+    return estimate(estimator, model, window, params.monitor.min_window_rows)
 
 
 def _metrics(measured: Measurement) -> dict[str, float]:
@@ -169,10 +225,12 @@ def _metrics(measured: Measurement) -> dict[str, float]:
     drift, metric = measured.drift, measured.metric
     values = {
         "drift_share": drift.share,
+        "weighted_drift_share": drift.weighted_share,
         "prediction_drift_score": drift.prediction_score,
         "window_rows": measured.window_rows,
         "new_rows": measured.new_rows,
         **{f"drift_score.{c}": v for c, v in drift.scores.items()},
+        **{f"drift_weight.{c}": v for c, v in drift.weights.items()},
     }
     if measured.champion_metric is not None:
         values[f"champion_test_{metric}"] = measured.champion_metric
@@ -182,6 +240,11 @@ def _metrics(measured: Measurement) -> dict[str, float]:
             f"live_baseline_{metric}": measured.live.baseline,
             "live_rows": measured.live.rows,
         }
+    estimate = measured.estimate
+    if estimate is not None and estimate.value is not None:
+        values[f"estimated_{metric}"] = estimate.value
+    if estimate is not None and estimate.reference is not None:
+        values[f"estimator_reference_{metric}"] = estimate.reference
     return values
 
 
@@ -205,6 +268,7 @@ def record(params: Params, result: MonitoringResult) -> str:
             names.CHAMPION_VERSION: measured.champion or "",
             names.WINDOW: ", ".join(measured.window),
             names.DRIFTED: ", ".join(measured.drift.drifted) or "none",
+            names.ESTIMATE: _describe_estimate(measured.estimate, measured.champion_metric)[:5000],
         }
     metrics = {
         "batches_accepted": sum(b.status == "accepted" for b in result.batches),
@@ -229,6 +293,18 @@ def record_retrain(params: Params, run_id: str, retrain: Retrain) -> None:
             client.set_tag(run_id, names.training_tag(key), str(value)[:5000])
 
 
+def _describe_estimate(estimate: Estimate | None, champion_metric: float | None) -> str:
+    if estimate is None:
+        return "not estimated (monitor.estimate_performance is false)"
+    if estimate.value is None:
+        return f"no {estimate.method} estimate of {estimate.metric}: {estimate.detail}; drift and labels only"
+    tested = f"{champion_metric:.4f}" if champion_metric is not None else "unknown"
+    return (
+        f"{estimate.method} estimates {estimate.metric} {estimate.value:.4f} on {estimate.rows} rows without labels "
+        f"(champion's test {estimate.metric} {tested}; {estimate.reference:.4f} on the rows it was fitted on)"
+    )
+
+
 def render_monitoring(result: MonitoringResult) -> str:
     """The monitoring flow's result as Markdown that also reads as plain text: the CLI prints
     it, the Prefect artifact shows it."""
@@ -243,15 +319,17 @@ def render_monitoring(result: MonitoringResult) -> str:
             f"({measured.window_rows} rows) vs {measured.reference_rows} reference rows; "
             f"{measured.new_rows} rows no training has seen  \n"
             f"drift share {drift.share:.0%} ({', '.join(drift.drifted) or 'no feature'}); "
+            f"importance-weighted {drift.weighted_share:.0%} ({drift.weighting}); "
             f"prediction drift score {drift.prediction_score:.3f}"
         )
         blocks.append(
             "\n".join(
                 [
-                    "| feature | test | score | drifted |",
-                    "|---|---|---:|---:|",
+                    "| feature | test | score | drifted | weight |",
+                    "|---|---|---:|---:|---:|",
                     *(
-                        f"| {c} | {drift.methods.get(c, '')} | {s:.4f} | {'yes' if c in drift.drifted else ''} |"
+                        f"| {c} | {drift.methods.get(c, '')} | {s:.4f} | {'yes' if c in drift.drifted else ''} "
+                        f"| {drift.weights.get(c, 0.0):.0%} |"
                         for c, s in drift.scores.items()
                     ),
                 ]
@@ -263,6 +341,7 @@ def render_monitoring(result: MonitoringResult) -> str:
                 f"live {metric} {live.value:.4f} on {live.rows} labelled predictions "
                 f"(naive baseline {live.baseline:.4f}, champion's test {metric} {tested})"
             )
+        blocks.append(_describe_estimate(measured.estimate, measured.champion_metric))
         blocks.append(f"Evidently report: {measured.report}")
     blocks.append(f"decision: {verdict.outcome} — {verdict.reason()}")
     if result.training is not None:

@@ -8,7 +8,7 @@ returned (the prediction log) with ground truth that arrived later, joined by re
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -17,6 +17,7 @@ import pandas as pd
 
 from pipelines.config import MonitorConfig, Params
 from pipelines.errors import LooplineError
+from pipelines.estimate import Estimate
 
 STAGE = "monitor"
 PREDICTION = "prediction"
@@ -31,9 +32,46 @@ class Drift:
     prediction_score: float
     prediction_drifted: bool
     html: str = field(repr=False)
+    # What the trigger reads: each feature's weight (its share of the champion's importance
+    # among the features that count; 0 for features expected to drift) and the weight of
+    # the drifted ones.
+    weights: dict[str, float] = field(default_factory=dict)
+    weighted_share: float = 0.0
+    weighting: str = ""  # how the weights were set, in words
+
+    @property
+    def counted_drifted(self) -> list[str]:
+        return [c for c in self.drifted if self.weights.get(c, 0.0) > 0]
 
     def summary(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "html"}
+
+
+def expected_drift(params: Params) -> list[str]:
+    """Features that drift by construction: the cyclical ones (hour, month, weekday) and
+    the columns `schema:` marks `expected_drift: true`."""
+    schema = params.table_schema.columns
+    return [c for c in params.features.columns if c in params.features.cyclical or schema[c].expected_drift]
+
+
+def drift_weights(params: Params, importance: dict[str, float] | None) -> tuple[dict[str, float], str]:
+    """Each feature's weight in the drift trigger (summing to 1 over the counted features),
+    and how they were set."""
+    cfg, features = params.monitor, params.features.columns
+    expected = [] if cfg.count_expected_drift else expected_drift(params)
+    counted = [c for c in features if c not in expected]
+    how = f"{', '.join(expected)} expected to drift, not counted; " if expected else ""
+    raw = {c: 1.0 for c in counted}
+    if cfg.weight_by_importance and importance:
+        raw = {c: max(float(importance.get(c, 0.0)), 0.0) for c in counted}
+        how += "weighted by the champion's permutation importance"
+    else:
+        how += "equal weights" + ("" if cfg.weight_by_importance is False else " (the champion logged no importance)")
+    total = sum(raw.values())
+    if total <= 0:  # nothing the model uses is counted: equal weights keep drift visible
+        raw, how = {c: 1.0 for c in counted}, how + " (all zero: equal weights)"
+        total = float(len(counted)) or 1.0
+    return {c: raw.get(c, 0.0) / total for c in features}, how
 
 
 def _evidently_frame(df: pd.DataFrame, columns: list[str], categorical: list[str]) -> pd.DataFrame:
@@ -43,9 +81,12 @@ def _evidently_frame(df: pd.DataFrame, columns: list[str], categorical: list[str
     return out
 
 
-def measure_drift(reference: pd.DataFrame, current: pd.DataFrame, params: Params) -> Drift:
+def measure_drift(
+    reference: pd.DataFrame, current: pd.DataFrame, params: Params, importance: dict[str, float] | None = None
+) -> Drift:
     """Per-feature drift and prediction drift of `current` against `reference`; both frames
-    hold the feature columns and a `prediction` column."""
+    hold the feature columns and a `prediction` column. `importance`: the champion's
+    permutation importance per feature, which weighs each feature's drift."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
     from evidently.presets import DataDriftPreset
@@ -90,14 +131,29 @@ def measure_drift(reference: pd.DataFrame, current: pd.DataFrame, params: Params
     }
     if share is None:
         raise LooplineError(STAGE, "Evidently returned no drifted-columns share")
-    return Drift(
-        share=share,
-        drifted=[c for c in features if c in drifted],
-        scores={c: scores[c] for c in features},
-        methods={c: methods[c] for c in features},
-        prediction_score=scores[PREDICTION],
-        prediction_drifted=PREDICTION in drifted,
-        html=snapshot.get_html_str(as_iframe=False),
+    return reweigh(
+        Drift(
+            share=share,
+            drifted=[c for c in features if c in drifted],
+            scores={c: scores[c] for c in features},
+            methods={c: methods[c] for c in features},
+            prediction_score=scores[PREDICTION],
+            prediction_drifted=PREDICTION in drifted,
+            html=snapshot.get_html_str(as_iframe=False),
+        ),
+        params,
+        importance,
+    )
+
+
+def reweigh(drift: Drift, params: Params, importance: dict[str, float] | None) -> Drift:
+    """The same measured drift, weighed for the trigger by `params.monitor` and `importance`."""
+    weights, weighting = drift_weights(params, importance)
+    return replace(
+        drift,
+        weights=weights,
+        weighted_share=float(sum(weights.get(c, 0.0) for c in drift.drifted)),
+        weighting=weighting,
     )
 
 
@@ -157,12 +213,15 @@ class Verdict:
     retrain: bool
     triggers: list[str]  # thresholds crossed
     held_back: list[str]  # why not now, although a threshold was crossed
+    unmeasured: str = ""  # why nothing was measured (no champion, no data, not enough rows)
 
     @property
     def outcome(self) -> str:
         return "retrain" if self.retrain else ("held back" if self.triggers else "no action")
 
     def reason(self) -> str:
+        if self.unmeasured:
+            return f"nothing measured: {self.unmeasured}"
         if not self.triggers:
             return "no threshold crossed"
         return "; ".join(self.triggers) + ("" if self.retrain else " — but " + "; ".join(self.held_back))
@@ -174,6 +233,7 @@ def decide(
     now: datetime,
     drift: Drift | None = None,
     live: LiveMetric | None = None,
+    estimate: Estimate | None = None,
     champion_metric: float | None = None,
     higher_is_better: bool = True,
     new_rows: int = 0,
@@ -181,10 +241,12 @@ def decide(
 ) -> Verdict:
     """The retraining policy of `monitor:` applied to one monitoring run's measurements."""
     triggers: list[str] = []
-    if drift is not None and drift.share >= cfg.drift_share:
+    if drift is not None and drift.weighted_share >= cfg.drift_share:
+        top = sorted(drift.counted_drifted, key=lambda c: -drift.weights[c])
         triggers.append(
-            f"{len(drift.drifted)} of {len(drift.scores)} features drifted ({drift.share:.0%} ≥ "
-            f"monitor.drift_share {cfg.drift_share:.0%}: {', '.join(drift.drifted)})"
+            f"drifted features carry {drift.weighted_share:.0%} of the weight ≥ monitor.drift_share "
+            f"{cfg.drift_share:.0%} ({', '.join(f'{c} {drift.weights[c]:.0%}' for c in top)}; "
+            f"{len(drift.drifted)} of {len(drift.scores)} features drifted; {drift.weighting})"
         )
     if live is not None and champion_metric is not None:
         worse = degradation(live.value, champion_metric, higher_is_better)
@@ -193,6 +255,14 @@ def decide(
                 f"live {live.metric} {live.value:.4g} on {live.rows} labelled predictions is "
                 f"{worse:.0%} worse than the champion's test {live.metric} {champion_metric:.4g} "
                 f"(monitor.max_degradation {cfg.max_degradation:.0%})"
+            )
+    if estimate is not None and estimate.value is not None and champion_metric is not None:
+        worse = degradation(estimate.value, champion_metric, higher_is_better)
+        if worse >= cfg.max_estimated_degradation:
+            triggers.append(
+                f"{estimate.method} estimates {estimate.metric} {estimate.value:.4g} on {estimate.rows} unlabelled "
+                f"rows, {worse:.0%} worse than the champion's test {estimate.metric} {champion_metric:.4g} "
+                f"(monitor.max_estimated_degradation {cfg.max_estimated_degradation:.0%})"
             )
     held: list[str] = []
     if new_rows < cfg.min_new_rows:

@@ -10,6 +10,8 @@ MONITORING_DEPLOYMENT = "scheduled-monitoring"
 # Artifacts logged beside the model.
 MODEL_ARTIFACT = "model"
 REFERENCE_ARTIFACT = "reference/reference.parquet"  # the champion's training rows, for drift
+IMPORTANCE_ARTIFACT = "reference/importance.json"  # permutation importance per feature: drift weights
+ESTIMATOR_ARTIFACT = "reference/estimator.pkl"  # NannyML's fitted DLE / CBPE, for label-free estimates
 
 # Lineage tags of every training run (parent and candidates).
 GIT_COMMIT = "git_commit"
@@ -49,6 +51,13 @@ CHAMPION_VERSION = "loopline.champion_version"
 WINDOW = "loopline.window"
 DRIFTED = "loopline.drifted"
 REPLAY = "loopline.replay"
+ESTIMATE = "loopline.estimate"  # the label-free estimate, or why there is none
+
+# Promotion evidence, on the challenger's version, the champion's version and the training run.
+EVIDENCE_INTERVAL = "loopline.evidence.interval"
+EVIDENCE_ROWS = "loopline.evidence.rows"
+EVIDENCE_VERDICT = "loopline.evidence.verdict"
+EVIDENCE_METHOD = "loopline.evidence.method"
 
 
 def version_metric_tag(metric: str) -> str:

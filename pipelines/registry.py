@@ -14,12 +14,12 @@ import hashlib
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from pipelines.errors import LooplineError
+from pipelines.evidence import Comparison
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -80,53 +80,43 @@ class Decision:
     promoted: bool
     version: str
     champion_before: str | None
-    metric: str
-    challenger_value: float
-    champion_value: float | None
     reason: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    evidence: Comparison | None = None  # None: there was no champion to compare with
 
 
-def is_better(new: float, old: float, higher_is_better: bool, min_improvement: float) -> bool:
-    """`new` beats `old` by at least `min_improvement`, relative to |old|."""
-    margin = abs(old) * min_improvement
-    return new > old + margin if higher_is_better else new < old - margin
+def evidence_tags(evidence: Comparison) -> dict[str, str]:
+    """The comparison as tags, set on both versions and on the training run."""
+    from pipelines import names
+
+    return {
+        names.EVIDENCE_INTERVAL: f"{evidence.metric} improvement {evidence.improvement:+.2%}, "
+        f"{1 - evidence.alpha:.0%} interval {evidence.interval}",
+        names.EVIDENCE_ROWS: str(evidence.rows),
+        names.EVIDENCE_VERDICT: "better" if evidence.better else "not surely better",
+        names.EVIDENCE_METHOD: f"{evidence.method}, {evidence.resamples} resamples",
+    }
 
 
 def promote_if_better(
-    client,
-    name: str,
-    version: str,
-    metric: str,
-    higher_is_better: bool,
-    min_improvement: float,
-    challenger_value: float,
-    score_version: Callable[[str], float],
-    tracking_uri: str,
+    client, name: str, version: str, judge: Callable[[str], Comparison], tracking_uri: str
 ) -> Decision:
-    """Make `version` champion if there is none, or if it beats the champion, which
-    `score_version` re-scores on the same test rows the challenger was scored on."""
+    """Make `version` champion if there is none, or if `judge` (the challenger against the
+    champion version it is given, on the same rows) finds it surely better."""
     with registry_lock(tracking_uri):
         current = alias_version(client, name, CHAMPION)
-        champion_value: float | None = None
+        evidence: Comparison | None = None
         if current is None:
             promoted, reason = True, "first model: no champion yet"
         else:
-            champion_value = float(score_version(current))
-            promoted = is_better(challenger_value, champion_value, higher_is_better, min_improvement)
-            relation = "beats" if promoted else "does not beat"
-            reason = (
-                f"challenger {metric}={challenger_value:.4f} {relation} champion v{current} "
-                f"{metric}={champion_value:.4f} on the same test rows "
-                f"(min_improvement {min_improvement:.1%})"
-            )
-        decision = Decision(promoted, version, current, metric, challenger_value, champion_value, reason)
+            evidence = judge(current)
+            promoted = evidence.better
+            reason = f"v{version} against champion v{current}: {evidence.describe()}"
+        decision = Decision(promoted, version, current, reason, evidence)
         tags = {
             f"{TAG}decision": "promoted" if promoted else "rejected",
-            f"{TAG}decision_reason": reason,
+            f"{TAG}decision_reason": reason[:5000],
             f"{TAG}decided_at": _now(),
+            **(evidence_tags(evidence) if evidence else {}),
         }
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
@@ -134,10 +124,15 @@ def promote_if_better(
             if current is not None:
                 client.set_model_version_tag(name, version, f"{TAG}previous_champion", current)
             client.set_registered_model_alias(name, CHAMPION, version)
-        if current is not None:
+        if current is not None and evidence is not None:
             client.set_model_version_tag(
-                name, current, f"{TAG}last_challenge", f"v{version}: {'lost' if promoted else 'defended'} ({reason})"
+                name,
+                current,
+                f"{TAG}last_challenge",
+                f"v{version}: {'lost' if promoted else 'defended'} ({reason})"[:5000],
             )
+            for key, value in evidence_tags(evidence).items():
+                client.set_model_version_tag(name, current, key.replace("evidence.", "last_challenge."), value)
         return decision
 
 

@@ -267,7 +267,14 @@ def load_model_version(client, name: str, version: str) -> tuple[Any, dict[str, 
 
 
 def diagnostic_figures(
-    model: Any, test: pd.DataFrame, predictions: pd.DataFrame, features: list[str], target: str, task: str, seed: int
+    model: Any,
+    test: pd.DataFrame,
+    predictions: pd.DataFrame,
+    features: list[str],
+    target: str,
+    task: str,
+    seed: int,
+    importance: Any = None,
 ) -> dict[str, Any]:
     """matplotlib figures for a run: predicted vs actual and residuals (regression) or the
     confusion matrix (classification), and permutation feature importance."""
@@ -275,8 +282,9 @@ def diagnostic_figures(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.inspection import permutation_importance
     from sklearn.metrics import ConfusionMatrixDisplay
+
+    from pipelines.evaluate import feature_importance
 
     figures: dict[str, Any] = {}
     if task == "regression":
@@ -294,9 +302,7 @@ def diagnostic_figures(
         ax.set_title("Confusion matrix (test rows)")
         figures["confusion_matrix.png"] = fig
 
-    sample = test.sample(n=min(len(test), 2000), random_state=seed)
-    y = sample[target] if task == "regression" else sample[target].astype(str)
-    result = permutation_importance(model, sample[features], y, n_repeats=3, random_state=seed, n_jobs=1)
+    result = importance if importance is not None else feature_importance(model, test, features, target, task, seed)
     order = np.argsort(result.importances_mean)
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(features) + 1.2))
     ax.barh(np.array(features)[order], result.importances_mean[order], xerr=result.importances_std[order])

@@ -11,6 +11,7 @@ artifact both print.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import pandas as pd
 
 from pipelines import names
 from pipelines.config import Params
+from pipelines.evidence import Comparison
 from pipelines.layout import Layout
 from pipelines.lineage import code_files, fingerprint
 from pipelines.stages import model_metadata, read_split
@@ -71,6 +73,7 @@ class Registration:
     metric: str = ""
     challenger_value: float | None = None
     champion_value: float | None = None
+    evidence: Comparison | None = None  # the bootstrap comparison with the champion
 
 
 @dataclass(frozen=True)
@@ -151,10 +154,13 @@ class _CandidateLogger:
 def search_and_log(params: Params, params_path: str, flow_run_id: str, warn=print) -> Trained:
     """Train every candidate (a nested MLflow run each); log the best model with its test
     metrics and plots into the parent run. Registration is a separate step."""
+    from pipelines.evidence import block_length
     from pipelines.search import search_candidates
     from pipelines.tracking import client_for, close_orphaned_runs, flatten, log_dict_batch
 
     train, val, test = (read_split(params, name, "search") for name in SPLITS)
+    if params.split.order_by:  # the promotion's block length must fit the test rows: say so before training
+        block_length(params.promotion, len(test))
     client, experiment_id = client_for(params)
     for run_id in close_orphaned_runs(client, experiment_id):
         warn(f"MLflow run {run_id} was left running by a training that was killed; marked KILLED")
@@ -172,7 +178,7 @@ def search_and_log(params: Params, params_path: str, flow_run_id: str, warn=prin
         timings["search: fit and score candidates"] = time.perf_counter() - started
         started = time.perf_counter()
         best_run = next(c.run_id for c in log_candidate.runs if c.name == best.name)
-        model_uri, test_metrics = _log_best(client, parent_id, best_run, best, params, train, test)
+        model_uri, test_metrics = _log_best(client, parent_id, best_run, best, params, train, val, test)
         client.set_terminated(parent_id)
         timings["search: test scoring, MLflow model, plots"] = time.perf_counter() - started
     except BaseException:
@@ -196,10 +202,18 @@ def search_and_log(params: Params, params_path: str, flow_run_id: str, warn=prin
 
 
 def _log_best(
-    client, parent_id: str, best_run: str, best, params: Params, train: pd.DataFrame, test: pd.DataFrame
+    client,
+    parent_id: str,
+    best_run: str,
+    best,
+    params: Params,
+    train: pd.DataFrame,
+    val: pd.DataFrame,
+    test: pd.DataFrame,
 ) -> tuple[str, dict[str, float]]:
-    """The best candidate's model, weights, reference rows, test metrics and plots."""
-    from pipelines.evaluate import score
+    """The best candidate's model, weights, test metrics and plots, and what monitoring
+    reads beside it: reference rows, feature importance, the performance estimator."""
+    from pipelines.evaluate import feature_importance, score
     from pipelines.tracking import diagnostic_figures, log_dict_batch, log_figures, log_model, log_torch_weights
 
     features, target, task = params.features.columns, params.data.target, params.data.task
@@ -209,6 +223,10 @@ def _log_best(
     if hasattr(best.model[-1], "state_dict"):
         log_torch_weights(client, best_run, best.model)
     log_reference(client, best_run, train, params)
+    importance = feature_importance(best.model, test, features, target, task, params.train.seed)
+    log_monitoring_aids(
+        client, best_run, best.model, dict(zip(features, importance.importances_mean, strict=True)), val, test, params
+    )
     log_dict_batch(client, best_run, metrics={f"test_{k}": v for k, v in test_metrics.items()})
     log_dict_batch(
         client,
@@ -216,9 +234,8 @@ def _log_best(
         metrics={f"val_{k}": v for k, v in best.val.items()} | {f"test_{k}": v for k, v in test_metrics.items()},
         tags={names.BEST_CANDIDATE: best.name, names.BEST_RUN_ID: best_run},
     )
-    log_figures(
-        client, best_run, diagnostic_figures(best.model, test, predictions, features, target, task, params.train.seed)
-    )
+    figures = diagnostic_figures(best.model, test, predictions, features, target, task, params.train.seed, importance)
+    log_figures(client, best_run, figures)
     return model_uri, test_metrics
 
 
@@ -235,6 +252,26 @@ def log_reference(client, run_id: str, train: pd.DataFrame, params: Params) -> N
         client.log_artifact(run_id, str(path), str(artifact.parent))
 
 
+def log_monitoring_aids(
+    client, run_id: str, model, importance: dict[str, float], val: pd.DataFrame, test: pd.DataFrame, params: Params
+) -> None:
+    """Beside the reference rows: the permutation importance per feature (the drift
+    trigger's weights) and NannyML's performance estimator fitted on the held-out rows (or,
+    as a tag, why there is none)."""
+    from pipelines.estimate import fit_estimator
+
+    estimator, detail = fit_estimator(model, pd.concat([val, test], ignore_index=True), params)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(names.IMPORTANCE_ARTIFACT).name
+        path.write_text(json.dumps({k: float(v) for k, v in importance.items()}, indent=1))
+        client.log_artifact(run_id, str(path), str(Path(names.IMPORTANCE_ARTIFACT).parent))
+        if estimator is not None:
+            path = Path(tmp) / Path(names.ESTIMATOR_ARTIFACT).name
+            path.write_bytes(estimator.dumps())
+            client.log_artifact(run_id, str(path), str(Path(names.ESTIMATOR_ARTIFACT).parent))
+    client.set_tag(run_id, names.ESTIMATE, detail)
+
+
 def _set_tags(client, run_id: str, tags: dict[str, str]) -> None:
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
@@ -244,8 +281,8 @@ def register_best(params: Params, trained: Trained) -> Registration:
     """Register the best model as `challenger`; promote it to `champion` only if it beats the
     champion re-scored on the same test rows. A model identical to the champion (same
     training fingerprint) is not registered again."""
-    from pipelines.evaluate import score
-    from pipelines.registry import CHAMPION, alias_version, promote_if_better, register
+    from pipelines.evidence import compare
+    from pipelines.registry import CHAMPION, alias_version, evidence_tags, promote_if_better, register
     from pipelines.tracking import client_for, load_model_version, tracking_uri
 
     client, _ = client_for(params)
@@ -281,30 +318,31 @@ def register_best(params: Params, trained: Trained) -> Registration:
     }
     version = register(client, name, trained.model_uri, trained.best_run_id, tags)
     test = read_split(params, "test", "register")
+    challenger_model, challenger_meta = load_model_version(client, name, version)
+    challenger_predictions = predictions_of(challenger_model, challenger_meta, test)
 
-    def score_version(v: str) -> float:
-        model, meta = load_model_version(client, name, v)
-        metrics, _ = score(model, test, meta["features"], params.data.target, params.data.task, meta["baseline"])
-        return metrics[metric]
+    def judge(champion_version: str):
+        model, meta = load_model_version(client, name, champion_version)
+        return compare(
+            test[params.data.target].to_numpy(),
+            predictions_of(model, meta, test),
+            challenger_predictions,
+            metric=metric,
+            higher_is_better=higher,
+            cfg=params.promotion,
+            ordered=bool(params.split.order_by),
+        )
 
-    decision = promote_if_better(
-        client,
-        name,
-        version,
-        metric,
-        higher,
-        params.promotion.min_improvement,
-        value,
-        score_version,
-        tracking_uri(params),
-    )
+    decision = promote_if_better(client, name, version, judge, tracking_uri(params))
+    evidence = decision.evidence
     _set_tags(
         client,
         trained.parent_run_id,
         {
             names.DECISION: "promoted" if decision.promoted else "rejected",
-            names.DECISION_REASON: decision.reason,
+            names.DECISION_REASON: decision.reason[:5000],
             names.MODEL_VERSION: version,
+            **(evidence_tags(evidence) if evidence else {}),
         },
     )
     return Registration(
@@ -316,9 +354,15 @@ def register_best(params: Params, trained: Trained) -> Registration:
         registered=True,
         champion_before=decision.champion_before,
         metric=metric,
-        challenger_value=decision.challenger_value,
-        champion_value=decision.champion_value,
+        challenger_value=evidence.challenger if evidence else value,
+        champion_value=evidence.champion if evidence else None,
+        evidence=evidence,
     )
+
+
+def predictions_of(model, meta: dict[str, Any], rows: pd.DataFrame):
+    """A registered model's predictions on `rows` (its own input columns)."""
+    return model.predict(rows[meta["features"]])
 
 
 def skipped(trained: Trained, model_name: str) -> Registration:

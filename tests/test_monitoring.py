@@ -155,7 +155,10 @@ def test_injected_drift_retrains_on_a_new_data_version(ws):
     ws.land(ws.drifted(400, seed=3), "hot")
     result = ws.monitor()
     verdict = result.verdict
-    assert verdict.outcome == "retrain" and "features drifted" in verdict.reason(), str(result.measured)
+    assert verdict.outcome == "retrain", str(result.measured)
+    # the evidence is named: the importance-weighted drift, or NannyML's estimate without labels
+    assert "of the weight" in verdict.reason() or "DLE estimates rmse" in verdict.reason(), verdict.reason()
+    assert result.measured.estimate.value is not None and result.measured.drift.weighted_share > 0.3
     training = result.training
     assert {"temp", "atemp", "windspeed", "season", "mnth"} <= set(result.measured.drift.drifted)
     assert training.version == "2" and ws.versions() == ["1", "2"]
@@ -187,10 +190,21 @@ def test_worse_retrain_leaves_the_champion(ws):
     training = result.training
     assert result.verdict.outcome == "retrain"
     assert training.outcome == "kept the champion" and not training.promoted
-    assert "does not beat" in training.reason, training.reason
+    assert "not surely better" in training.reason and "interval" in training.reason, training.reason
     assert ws.champion() == champion and training.version not in (champion, None)
     tags = ws.client().get_run(result.mlflow_run_id).data.tags
     assert tags["loopline.training_outcome"] == "kept the champion"
+
+
+def test_window_too_small_is_recorded_not_measured(ws):
+    versions = ws.versions()
+    ws.land(ws.drifted(20, seed=7), "tiny")  # accepted, but below monitor.min_window_rows
+    result = ws.monitor(now=datetime.now(UTC) + timedelta(days=4))
+    assert result.batches[0].accepted and result.measured.status == "not enough rows"
+    assert result.verdict.outcome == "no action" and "20 rows" in result.verdict.reason()
+    assert result.training is None and ws.versions() == versions
+    tags = ws.client().get_run(result.mlflow_run_id).data.tags
+    assert tags["loopline.status"] == "not enough rows" and "min_window_rows" in tags["loopline.reason"]
 
 
 def test_monitor_command_reports_batches_drift_and_decision(ws, capsys):

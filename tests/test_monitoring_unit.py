@@ -27,6 +27,8 @@ def _drift(share: float, n: int = 10) -> Drift:
         prediction_score=0.0,
         prediction_drifted=False,
         html="",
+        weights={f"f{i}": 1 / n for i in range(n)},
+        weighted_share=share,
     )
 
 
@@ -38,7 +40,9 @@ def test_policy_triggers_and_holds_back():
     calm = decide(cfg, drift=_drift(0.2), **CHAMPION, new_rows=500)
     assert not calm.retrain and calm.outcome == "no action"
     drifted = decide(cfg, drift=_drift(0.6), **CHAMPION, new_rows=500)
-    assert drifted.retrain and "6 of 10 features drifted" in drifted.reason()
+    assert (
+        drifted.retrain and "6 of 10 features drifted" in drifted.reason() and "60% of the weight" in drifted.reason()
+    )
     live = LiveMetric(metric="rmse", value=70.0, baseline=120.0, rows=300, served_versions={"1": 300})
     worse = decide(cfg, drift=_drift(0.1), live=live, **CHAMPION, new_rows=500)
     assert worse.retrain and "40% worse" in worse.reason()

@@ -1,22 +1,11 @@
-"""The promotion rule and the registry lock, without a tracking server."""
+"""The registry lock, without a tracking server."""
 
 from __future__ import annotations
 
 import multiprocessing
 import time
 
-from pipelines.registry import is_better, lock_path, registry_lock
-
-
-def test_lower_is_better_metric_needs_the_margin():
-    assert is_better(90.0, 100.0, higher_is_better=False, min_improvement=0.05)
-    assert not is_better(96.0, 100.0, higher_is_better=False, min_improvement=0.05)
-    assert not is_better(100.0, 100.0, higher_is_better=False, min_improvement=0.0)  # a tie keeps the champion
-
-
-def test_higher_is_better_metric_needs_the_margin():
-    assert is_better(0.95, 0.90, higher_is_better=True, min_improvement=0.01)
-    assert not is_better(0.905, 0.90, higher_is_better=True, min_improvement=0.01)
+from pipelines.registry import lock_path, registry_lock
 
 
 def test_lock_lives_beside_sqlite_store(tmp_path):

@@ -157,8 +157,17 @@ def test_worse_model_leaves_champion_and_records_decision(first_run):
     assert not decision.promoted and decision.champion_before == before
     assert champion(client) == before
     new = client.get_model_version("bikes", decision.version)
-    assert new.tags["loopline.decision"] == "rejected" and "does not beat" in new.tags["loopline.decision_reason"]
-    assert "defended" in client.get_model_version("bikes", before).tags["loopline.last_challenge"]
+    assert new.tags["loopline.decision"] == "rejected" and "not surely better" in new.tags["loopline.decision_reason"]
+    assert new.tags["loopline.evidence.verdict"] == "not surely better"
+    assert "interval" in new.tags["loopline.evidence.interval"] and int(new.tags["loopline.evidence.rows"]) > 0
+    assert "moving-block bootstrap" in new.tags["loopline.evidence.method"]  # the split is ordered by day and hour
+    defended = client.get_model_version("bikes", before).tags
+    assert "defended" in defended["loopline.last_challenge"] and "loopline.last_challenge.interval" in defended
+    run_tags = client.get_run(result.trained.parent_run_id).data.tags
+    assert run_tags["loopline.evidence.interval"] == new.tags["loopline.evidence.interval"]
+    champion_run = client.get_run(client.get_model_version("bikes", before).run_id)
+    artifacts = {a.path for a in client.list_artifacts(champion_run.info.run_id, "reference")}
+    assert {"reference/importance.json", "reference/estimator.pkl"} <= artifacts, artifacts
     assert str(client.get_model_version_by_alias("bikes", "challenger").version) == decision.version
 
 
