@@ -143,23 +143,20 @@ class Shared:
 
 
 def _live(shared: Shared, champion: Model, batch: int):
-    from pipelines.evaluate import classification_metrics, regression_metrics
-    from pipelines.monitor import LiveMetric
+    """The live metric of what the champion served on the batch, by the monitoring flow's own
+    join of labelled rows to logged predictions (each row its own request id)."""
+    from pipelines.monitor import live_metrics
 
     params = shared.params
     rows = shared.batches[batch][1]
-    metric, _ = params.metric
-    predicted = shared.predict(champion, batch)
-    if params.data.task == "regression":
-        y = rows[params.data.target].to_numpy(dtype="float64")
-        value = regression_metrics(y, predicted.astype("float64"))[metric]
-        base = regression_metrics(y, np.full_like(y, float(champion.baseline)))[metric]
-    else:
-        y = rows[params.data.target].astype(str).to_numpy()
-        classes = sorted(set(y) | set(predicted.astype(str)))
-        value = classification_metrics(y, predicted.astype(str), None, classes)[metric]
-        base = classification_metrics(y, np.full(len(y), str(champion.baseline), dtype=object), None, classes)[metric]
-    return LiveMetric(metric, value, base, len(rows), {champion.name: len(rows)})
+    ids = [f"{batch}-{i}" for i in range(len(rows))]
+    id_column = params.monitor.id_column
+    assert id_column is not None  # run_backtest sets one
+    window = rows[[params.data.target]].assign(**{id_column: ids})
+    log = pd.DataFrame({"request_id": ids, PREDICTION: shared.predict(champion, batch), "model_version": champion.name})
+    live = live_metrics(window, log, params, champion.baseline)
+    assert live is not None  # every row is served and labelled
+    return live
 
 
 def _gate(shared: Shared, policy: PolicyConfig, champion: Model, challenger: Model) -> tuple[bool, str]:
@@ -315,6 +312,7 @@ def run_backtest(
     base = yaml.safe_load(Path(params_path).read_text())
     raw = replay_params(base, workdir)
     raw["tracking"]["experiment"] = "backtest-2011"
+    raw["monitor"]["id_column"] = raw["monitor"].get("id_column") or "request_id"  # served rows joined by id
     raw["data"]["source"] = str(Path(base["data"]["source"]).resolve())
     run_path = workdir / "params.yaml"
     run_path.write_text(yaml.safe_dump(raw, sort_keys=False))
