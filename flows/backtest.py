@@ -6,7 +6,7 @@ live error is the error of the predictions actually served), then its labels arr
 policy decides whether to retrain; a retrained model replaces the champion only through the
 policy's gate. The `monitor` policies decide with the monitoring flow's own functions
 (Evidently drift weighed by importance, NannyML's estimate, the live metric, `decide`), and
-the bootstrap gate is the registry's (`pipelines.evidence.compare`).
+the bootstrap gate is the registry's (`pipelines.evidence.judge_on`).
 
 Work is shared between policies, not repeated: a training is a function of its data prefix
 (the same months and params give the same model), so each prefix trains once; the drift and
@@ -42,6 +42,7 @@ class Model:
     model: Any
     baseline: float | str
     test: pd.DataFrame
+    fitted: list[pd.DataFrame]  # the rows it trained and validated on
     test_metric: float
     reference: pd.DataFrame  # training rows with the model's predictions: the drift reference
     importance: dict[str, float]
@@ -98,6 +99,7 @@ class Shared:
             model=best.model,
             baseline=baseline,
             test=parts.test,
+            fitted=[parts.train, parts.val],
             test_metric=float(tested[metric]),
             reference=reference,
             importance=dict(zip(features, map(float, importance.importances_mean), strict=True)),
@@ -159,10 +161,11 @@ def _live(shared: Shared, champion: Model, batch: int):
     return live
 
 
-def _gate(shared: Shared, policy: PolicyConfig, champion: Model, challenger: Model) -> tuple[bool, str]:
-    """Whether the challenger replaces the champion, judged on the challenger's test rows."""
+def _gate(shared: Shared, policy: PolicyConfig, champion: Model, challenger: Model, batch: int) -> tuple[bool, str]:
+    """Whether the challenger replaces the champion, judged on the challenger's test rows and
+    (bootstrap gate) on the rows of the batch that triggered the retrain that it did not fit on."""
     from pipelines.evaluate import score
-    from pipelines.evidence import compare
+    from pipelines.evidence import judge_on, unseen
 
     params = shared.params
     features, target, task = params.features.columns, params.data.target, params.data.task
@@ -172,16 +175,25 @@ def _gate(shared: Shared, policy: PolicyConfig, champion: Model, challenger: Mod
         old, _ = score(champion.model, test, features, target, task, champion.baseline)
         better = old[metric] > challenger.test_metric if not higher else old[metric] < challenger.test_metric
         return better, f"point: {metric} {challenger.test_metric:.2f} vs champion {old[metric]:.2f}"
-    evidence = compare(
-        test[target].to_numpy(),
-        champion.model.predict(test[features]),
-        challenger.model.predict(test[features]),
+    label, rows = shared.batches[batch]
+    recent = unseen(rows, challenger.fitted, [*features, target])
+    evidence = judge_on(
+        (test[target].to_numpy(), champion.model.predict(test[features]), challenger.model.predict(test[features])),
+        (
+            recent[target].to_numpy(),
+            champion.model.predict(recent[features]),
+            challenger.model.predict(recent[features]),
+        )
+        if len(recent) >= params.promotion.recent_min_rows
+        else None,
+        f"{len(recent)} rows of {label}",
         metric=metric,
         higher_is_better=higher,
         cfg=params.promotion,
         ordered=bool(params.split.order_by),
     )
-    return evidence.better, f"bootstrap: improvement {evidence.improvement:+.1%}, interval {evidence.interval}"
+    on_recent = evidence.recent.interval if evidence.recent else "none"
+    return evidence.better, f"bootstrap: test {evidence.test.interval}, recent {on_recent}: {evidence.verdict}"
 
 
 def run_policy(shared: Shared, policy: PolicyConfig) -> list[dict[str, Any]]:
@@ -241,7 +253,7 @@ def run_policy(shared: Shared, policy: PolicyConfig) -> list[dict[str, Any]]:
         }
         if retrain:
             challenger = shared.model(i + 1)
-            promoted, why = _gate(shared, policy, champion, challenger)
+            promoted, why = _gate(shared, policy, champion, challenger, i)
             row |= {"promoted": promoted, "trained": challenger.name, "train_seconds": challenger.seconds, "gate": why}
             trained_prefix, last_retrain = i + 1, now
             champion = challenger if promoted else champion

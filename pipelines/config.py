@@ -165,6 +165,24 @@ class PromotionConfig(_Section):
     resamples: int = Field(1000, ge=100)
     block_length: int = Field(0, ge=0)
     seed: int = 0
+    # The second piece of evidence: the latest monitoring window's labelled rows (the last
+    # monitor.window_batches accepted batches) that the champion never read and the
+    # challenger neither trained nor validated on, when there are at least recent_min_rows.
+    # How it combines with the test rows (which must always show the challenger surely
+    # better): test — recent rows are recorded, not used; veto — the challenger is refused
+    # when it is surely worse on the recent rows (interval wholly below 0); both — it must be
+    # surely better on the recent rows too. Too few recent rows: the test rows decide alone.
+    recent_rule: Literal["test", "veto", "both"] = "veto"
+    recent_min_rows: int = Field(100, ge=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> PromotionConfig:
+        if self.block_length > self.recent_min_rows:
+            raise ValueError(
+                f"recent_min_rows ({self.recent_min_rows}) must be at least block_length ({self.block_length}): "
+                "recent rows are resampled in blocks of block_length rows"
+            )
+        return self
 
 
 class TrackingConfig(_Section):

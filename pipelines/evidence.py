@@ -6,14 +6,20 @@ errors for rmse, per-class hit counts for f1, ...). A resample is then one gathe
 mean per component, and the metric of both models on every resample is computed at once.
 The resampling itself is arch's: `MovingBlockBootstrap` when the rows are in time order
 (neighbouring hours share errors, so rows are drawn in blocks), `IIDBootstrap` otherwise.
+
+A promotion weighs two comparisons (`Evidence`): on the challenger's test rows, and on the
+latest monitoring window's labelled rows that neither model was fit on, combined by
+`promotion.recent_rule`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
+import pandas as pd
 
 from pipelines.config import PromotionConfig
 from pipelines.errors import LooplineError
@@ -44,6 +50,11 @@ class Comparison:
         return self.low > self.min_improvement
 
     @property
+    def worse(self) -> bool:
+        """Surely worse: the whole interval of the improvement is below 0."""
+        return self.high < 0
+
+    @property
     def interval(self) -> str:
         return f"[{self.low:+.2%}, {self.high:+.2%}]"
 
@@ -55,6 +66,72 @@ class Comparison:
             f"{self.interval} ({self.method}, {self.resamples} resamples); {relation} than "
             f"promotion.min_improvement {self.min_improvement:.1%}"
         )
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a promotion is decided on: the comparison on the challenger's test rows, and the
+    one on recent labelled rows (None: there were too few, `recent_note` says why),
+    combined by `rule` (promotion.recent_rule)."""
+
+    test: Comparison
+    recent: Comparison | None
+    rule: str
+    recent_note: str
+
+    @property
+    def vetoed(self) -> bool:
+        """The test rows say better, the recent rows overrule them."""
+        if not self.test.better or self.recent is None or self.rule == "test":
+            return False
+        return self.recent.worse if self.rule == "veto" else not self.recent.better
+
+    @property
+    def better(self) -> bool:
+        return self.test.better and not self.vetoed
+
+    @property
+    def verdict(self) -> str:
+        return "better" if self.better else "vetoed by recent rows" if self.vetoed else "not surely better"
+
+    def describe(self) -> str:
+        recent = (
+            f"recent rows ({self.recent_note}): {self.recent.metric} {self.recent.challenger:.4f} vs "
+            f"{self.recent.champion:.4f}, improvement {self.recent.improvement:+.2%}, interval {self.recent.interval}"
+            if self.recent is not None
+            else f"no recent-row comparison: {self.recent_note}"
+        )
+        return f"test rows: {self.test.describe()}; {recent}; promotion.recent_rule {self.rule}: {self.verdict}"
+
+
+def unseen(rows: pd.DataFrame, seen: Sequence[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    """`rows` less those equal, on `columns`, to a row of `seen` (rows a model was fit on)."""
+    if rows.empty or not seen:
+        return rows
+    fitted = pd.concat([s[columns] for s in seen], ignore_index=True)
+    known = pd.util.hash_pandas_object(fitted, index=False).to_numpy()
+    keys = pd.util.hash_pandas_object(rows[columns].astype(fitted.dtypes.to_dict()), index=False).to_numpy()
+    return rows[~np.isin(keys, known)]
+
+
+def judge_on(
+    test: tuple[np.ndarray, np.ndarray, np.ndarray],
+    recent: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+    recent_note: str,
+    *,
+    metric: str,
+    higher_is_better: bool,
+    cfg: PromotionConfig,
+    ordered: bool,
+) -> Evidence:
+    """Both comparisons, each given as (truth, champion's predictions, challenger's); `recent`
+    None or fewer than promotion.recent_min_rows rows: the test rows decide alone, and the
+    note (which says how many recent rows there were) says so."""
+    on = partial(compare, metric=metric, higher_is_better=higher_is_better, cfg=cfg, ordered=ordered)
+    if recent is None or len(recent[0]) < cfg.recent_min_rows:
+        note = f"{recent_note}; the test rows decide alone (promotion.recent_min_rows {cfg.recent_min_rows})"
+        return Evidence(on(*test), None, cfg.recent_rule, note)
+    return Evidence(on(*test), on(*recent), cfg.recent_rule, recent_note)
 
 
 Components = tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]

@@ -58,6 +58,9 @@ EVIDENCE_INTERVAL = "loopline.evidence.interval"
 EVIDENCE_ROWS = "loopline.evidence.rows"
 EVIDENCE_VERDICT = "loopline.evidence.verdict"
 EVIDENCE_METHOD = "loopline.evidence.method"
+EVIDENCE_RECENT = "loopline.evidence.recent"  # the recent-row interval, or why there was none
+EVIDENCE_RECENT_ROWS = "loopline.evidence.recent_rows"
+EVIDENCE_RULE = "loopline.evidence.rule"  # promotion.recent_rule
 
 
 def version_metric_tag(metric: str) -> str:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipelines.errors import LooplineError
-from pipelines.evidence import Comparison
+from pipelines.evidence import Evidence
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -81,30 +81,37 @@ class Decision:
     version: str
     champion_before: str | None
     reason: str
-    evidence: Comparison | None = None  # None: there was no champion to compare with
+    evidence: Evidence | None = None  # None: there was no champion to compare with
 
 
-def evidence_tags(evidence: Comparison) -> dict[str, str]:
-    """The comparison as tags, set on both versions and on the training run."""
+def evidence_tags(evidence: Evidence) -> dict[str, str]:
+    """The comparisons as tags, set on both versions and on the training run."""
     from pipelines import names
 
+    test, recent = evidence.test, evidence.recent
     return {
-        names.EVIDENCE_INTERVAL: f"{evidence.metric} improvement {evidence.improvement:+.2%}, "
-        f"{1 - evidence.alpha:.0%} interval {evidence.interval}",
-        names.EVIDENCE_ROWS: str(evidence.rows),
-        names.EVIDENCE_VERDICT: "better" if evidence.better else "not surely better",
-        names.EVIDENCE_METHOD: f"{evidence.method}, {evidence.resamples} resamples",
+        names.EVIDENCE_INTERVAL: f"{test.metric} improvement {test.improvement:+.2%}, "
+        f"{1 - test.alpha:.0%} interval {test.interval}",
+        names.EVIDENCE_ROWS: str(test.rows),
+        names.EVIDENCE_VERDICT: evidence.verdict,
+        names.EVIDENCE_METHOD: f"{test.method}, {test.resamples} resamples",
+        names.EVIDENCE_RECENT: (
+            f"{recent.metric} improvement {recent.improvement:+.2%}, interval {recent.interval} "
+            f"({evidence.recent_note})"
+            if recent is not None
+            else f"none: {evidence.recent_note}"
+        )[:5000],
+        names.EVIDENCE_RECENT_ROWS: str(recent.rows if recent is not None else 0),
+        names.EVIDENCE_RULE: evidence.rule,
     }
 
 
-def promote_if_better(
-    client, name: str, version: str, judge: Callable[[str], Comparison], tracking_uri: str
-) -> Decision:
+def promote_if_better(client, name: str, version: str, judge: Callable[[str], Evidence], tracking_uri: str) -> Decision:
     """Make `version` champion if there is none, or if `judge` (the challenger against the
-    champion version it is given, on the same rows) finds it surely better."""
+    champion version it is given: test rows and recent rows) finds it surely better."""
     with registry_lock(tracking_uri):
         current = alias_version(client, name, CHAMPION)
-        evidence: Comparison | None = None
+        evidence: Evidence | None = None
         if current is None:
             promoted, reason = True, "first model: no champion yet"
         else:

@@ -3,7 +3,8 @@
 - `search_and_log`: every candidate trained and scored (a nested MLflow run each), the best
   model logged with its test metrics, plots and reference rows into the parent run;
 - `register_best`: the best model registered as `challenger` and promoted to `champion` only
-  if it beats the champion re-scored on the same test rows.
+  if it beats the champion re-scored on the same test rows, and on the recent labelled rows
+  as `promotion.recent_rule` says.
 
 Results are dataclasses with one renderer (`render_training`), which the CLI and the Prefect
 artifact both print.
@@ -22,7 +23,7 @@ import pandas as pd
 
 from pipelines import names
 from pipelines.config import Params
-from pipelines.evidence import Comparison
+from pipelines.evidence import Evidence
 from pipelines.layout import Layout
 from pipelines.lineage import code_files, fingerprint
 from pipelines.stages import model_metadata, read_split
@@ -73,7 +74,7 @@ class Registration:
     metric: str = ""
     challenger_value: float | None = None
     champion_value: float | None = None
-    evidence: Comparison | None = None  # the bootstrap comparison with the champion
+    evidence: Evidence | None = None  # the bootstrap comparisons with the champion
 
 
 @dataclass(frozen=True)
@@ -281,7 +282,7 @@ def register_best(params: Params, trained: Trained) -> Registration:
     """Register the best model as `challenger`; promote it to `champion` only if it beats the
     champion re-scored on the same test rows. A model identical to the champion (same
     training fingerprint) is not registered again."""
-    from pipelines.evidence import compare
+    from pipelines.evidence import judge_on
     from pipelines.registry import CHAMPION, alias_version, evidence_tags, promote_if_better, register
     from pipelines.tracking import client_for, load_model_version, tracking_uri
 
@@ -320,13 +321,23 @@ def register_best(params: Params, trained: Trained) -> Registration:
     test = read_split(params, "test", "register")
     challenger_model, challenger_meta = load_model_version(client, name, version)
     challenger_predictions = predictions_of(challenger_model, challenger_meta, test)
+    target = params.data.target
 
-    def judge(champion_version: str):
+    def judge(champion_version: str) -> Evidence:
         model, meta = load_model_version(client, name, champion_version)
-        return compare(
-            test[params.data.target].to_numpy(),
-            predictions_of(model, meta, test),
-            challenger_predictions,
+        champion_run = client.get_run(client.get_model_version(name, champion_version).run_id)
+        recent, note = recent_rows(params, champion_run.data.tags.get(names.LAST_ARRIVAL))
+        enough = len(recent) >= params.promotion.recent_min_rows
+        return judge_on(
+            (test[target].to_numpy(), predictions_of(model, meta, test), challenger_predictions),
+            (
+                recent[target].to_numpy(),
+                predictions_of(model, meta, recent),
+                predictions_of(challenger_model, challenger_meta, recent),
+            )
+            if enough
+            else None,
+            note,
             metric=metric,
             higher_is_better=higher,
             cfg=params.promotion,
@@ -354,10 +365,34 @@ def register_best(params: Params, trained: Trained) -> Registration:
         registered=True,
         champion_before=decision.champion_before,
         metric=metric,
-        challenger_value=evidence.challenger if evidence else value,
-        champion_value=evidence.champion if evidence else None,
+        challenger_value=evidence.test.challenger if evidence else value,
+        champion_value=evidence.test.champion if evidence else None,
         evidence=evidence,
     )
+
+
+def recent_rows(params: Params, champion_read: str | None) -> tuple[pd.DataFrame, str]:
+    """The latest monitoring window's labelled rows that neither model was fit on: from the
+    last monitor.window_batches accepted batches, those the champion's training never read
+    (`champion_read`: the last batch it read), less rows equal to one the challenger trained
+    or validated on. With a note that says where they came from, for the evidence."""
+    from pipelines.arrivals import arrival_files, read_arrivals, typed_rows
+    from pipelines.evidence import unseen
+
+    columns = list(params.table_schema.columns)
+    files = arrival_files(Layout.of(params).arrivals)[-params.monitor.window_batches :]
+    if champion_read is None:
+        return pd.DataFrame(columns=columns), "the champion's run does not say which batches it read"
+    files = [f for f in files if champion_read == "none" or f.name > champion_read]
+    if not files:
+        return pd.DataFrame(columns=columns), "no accepted batch since the champion's training"
+    target = params.data.target
+    rows = typed_rows(read_arrivals(files, columns), params).dropna(subset=[target])
+    fresh = unseen(
+        rows, [read_split(params, s, "register") for s in ("train", "val")], [*params.features.columns, target]
+    ).reset_index(drop=True)
+    left = f", less {len(rows) - len(fresh)} the challenger trained or validated on" if len(fresh) < len(rows) else ""
+    return fresh, f"{len(fresh)} labelled rows of {', '.join(f.name for f in files)}{left}"
 
 
 def predictions_of(model, meta: dict[str, Any], rows: pd.DataFrame):

@@ -198,6 +198,46 @@ def test_bootstrap_gate_promotes_only_a_surely_better_model():
     assert not margin.better  # 25% better is not 50% better
 
 
+def test_recent_rows_combine_with_the_test_rows_by_the_rule():
+    from pipelines.evidence import judge_on
+
+    rng = np.random.default_rng(5)
+
+    def pair(n, champion_sd, challenger_sd):
+        y = 100 + 30 * np.sin(np.arange(n) / 24) + rng.normal(0, 10, n)
+        return y, y + rng.normal(0, champion_sd, n), y + rng.normal(0, challenger_sd, n)
+
+    test = pair(2000, 20, 15)  # surely better on the test rows
+    worse_lately, even_lately = pair(600, 15, 20), pair(600, 15, 15)
+
+    def judge(recent, rule, note="600 rows of may"):
+        cfg = PromotionConfig(block_length=24, recent_rule=rule, recent_min_rows=100)
+        return judge_on(test, recent, note, metric="rmse", higher_is_better=False, cfg=cfg, ordered=True)
+
+    vetoed = judge(worse_lately, "veto")
+    assert (
+        vetoed.test.better and vetoed.recent.worse and not vetoed.better and vetoed.verdict == "vetoed by recent rows"
+    )
+    assert "600 rows of may" in vetoed.describe() and "promotion.recent_rule veto" in vetoed.describe()
+    assert judge(worse_lately, "test").better  # recorded, not used
+    assert judge(even_lately, "veto").better  # not surely worse lately: the test rows decide
+    both = judge(even_lately, "both")
+    assert not both.better and both.verdict == "vetoed by recent rows"  # not surely better lately
+    few = judge(tuple(a[:50] for a in worse_lately), "veto", "50 labelled rows of june")
+    assert few.better and few.recent is None and "the test rows decide alone" in few.recent_note
+    assert judge(None, "both").better and judge(None, "both").recent is None
+
+
+def test_unseen_rows_leave_out_the_rows_a_model_was_fit_on():
+    from pipelines.evidence import unseen
+
+    fitted = pd.DataFrame({"x": [1.0, 2.0, 3.0], "c": ["a", "b", "c"], "y": [10, 20, 30]})
+    rows = pd.DataFrame({"x": [2.0, 2.0, 4.0], "c": ["b", "z", "c"], "y": [20, 20, 40], "request_id": ["p", "q", "r"]})
+    left = unseen(rows, [fitted.iloc[:1], fitted.iloc[1:]], ["x", "c", "y"])
+    assert list(left["request_id"]) == ["q", "r"]  # only a row equal on every column is left out
+    assert unseen(rows, [], ["x"]) is rows
+
+
 def test_bootstrap_of_100k_rows_is_fast_and_classification_metrics_match_sklearn():
     from sklearn.metrics import f1_score
 
@@ -232,8 +272,11 @@ def test_bad_policy_and_promotion_params_name_the_key(tmp_path):
     )
     assert "promotion.alpha" in error(promotion={"alpha": 1.5})
     assert "promotion.alpha" in error(promotion={"alpha": 0})
+    assert "promotion.recent_rule" in error(promotion={"recent_rule": "sometimes"})
+    message = error(promotion={"block_length": 200, "recent_min_rows": 100})
+    assert "promotion" in message and "recent_min_rows (100) must be at least block_length (200)" in message
     with pytest.raises(LooplineError, match="promotion.block_length 500 is larger than the 300 rows"):
-        block_length(PromotionConfig(block_length=500), 300)
+        block_length(PromotionConfig(block_length=500, recent_min_rows=500), 300)
 
 
 def test_reduced_backtest_shares_trainings_and_writes_the_table(tmp_path, capsys):

@@ -170,6 +170,11 @@ def test_injected_drift_retrains_on_a_new_data_version(ws):
     assert new_run.data.tags["data.arrival_batches"] == "2"
     tags = ws.client().get_run(result.mlflow_run_id).data.tags
     assert tags["loopline.decision"] == "retrain" and tags["loopline.training_version"] == "2"
+    # the window's rows carry labels, but the challenger trained on them (they are winter
+    # hours, early in the ordered split): no recent-row evidence, and the tags say why
+    version = ws.client().get_model_version("bikes", "2").tags
+    assert version["loopline.evidence.recent_rows"] == "0" and version["loopline.evidence.rule"] == "veto"
+    assert "less 400 the challenger trained or validated on" in version["loopline.evidence.recent"], version
 
 
 def test_cooldown_holds_back_the_next_retrain(ws):
