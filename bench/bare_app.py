@@ -11,7 +11,7 @@ import os
 from fastapi import FastAPI
 
 from pipelines.config import load_params
-from serving.runtime import load_registry_champion, predict_frame, records_frame
+from serving.runtime import load_registry_champion, predict_records
 from serving.schema import record_model
 
 PARAMS = load_params(os.environ.get("LOOPLINE_PARAMS", "params.yaml"))
@@ -22,5 +22,5 @@ app = FastAPI()
 
 @app.post("/predict")
 def predict(record: Record) -> dict:  # type: ignore[valid-type]
-    predictions, _ = predict_frame(SERVED, records_frame([record.model_dump()], PARAMS))
+    predictions, _ = predict_records(SERVED, [record.model_dump()], PARAMS)
     return {"prediction": predictions[0], "model_version": SERVED.version}

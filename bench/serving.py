@@ -1,10 +1,14 @@
-"""BentoML service vs a bare FastAPI + uvicorn app on the same champion, side by side.
+"""The BentoML service with each engine (ONNX Runtime, the Python model) vs a bare FastAPI
++ uvicorn app on the same champion, side by side.
 
-Both serve the registry champion of the params file (run `make run` first) on loopback,
-one worker each, started fresh. The load generator (aiohttp, this process) sends a fixed
-number of single-record /predict requests at concurrency 1, 8 and 32 and records each
-latency. Then the batch endpoint: rows/s of /predict_batch vs raw model.predict on the
-same rows in this process.
+All serve the registry champion of the params file (run `make run` first) on loopback, one
+worker each, started fresh; the bare app uses the same engine choice as the service's
+default (ONNX when the champion has a form that passes parity). The load generator
+(aiohttp, this process) sends a fixed number of single-record /predict requests at
+concurrency 1, 8 and 32 and records each latency. Then, in this process, one model call per
+engine: a single record, and rows/s on a batch; and the batch endpoint: rows/s of
+/predict_batch vs the raw engine on the same rows. `--busy` repeats the HTTP runs with a
+CPU-bound process (a training of the champion's family) beside the service.
 
     python bench/serving.py [--params params.yaml] [--requests 2000] [--batch 1000]
     python bench/serving.py --soak 7              # 7 rounds of 10k requests at c=64, BentoML only
@@ -27,6 +31,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -122,6 +127,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="requests per concurrency level")
     parser.add_argument("--batch", type=int, default=1000, help="records per /predict_batch call")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--busy", action="store_true", help="a CPU-bound training runs beside the services")
     parser.add_argument("--soak", type=int, default=0, help="rounds of sustained load instead of the comparison")
     parser.add_argument("--soak-requests", type=int, default=10_000)
     parser.add_argument("--soak-concurrency", type=int, default=64)
@@ -130,7 +136,7 @@ def main() -> None:
     from pipelines.config import load_params
     from pipelines.stages import read_split
     from serving.harness import free_port, stop
-    from serving.runtime import Unavailable, load_registry_champion, predict_frame, records_frame
+    from serving.runtime import Unavailable, load_registry_champion, predict_records
     from serving.schema import request_records
 
     params = load_params(args.params)
@@ -150,12 +156,21 @@ def main() -> None:
     os.environ["LOOPLINE_PARAMS"] = env_params
     if args.soak:
         return soak(args, bodies, env_params)
+    engine_calls(served, params, records, batch_records)
+    python_params = Path(env_params).with_name(".bench-serving-python.yaml")
+    raw = yaml.safe_load(Path(env_params).read_text())
+    raw.setdefault("serve", {})["engine"] = "python"
+    python_params.write_text(yaml.safe_dump(raw))
     results: dict[str, dict[int, dict[str, float]]] = {}
-    bento_port, bare_port = free_port(), free_port()
+    bento_port, python_port, bare_port = free_port(), free_port(), free_port()
     servers = {
         "bentoml": (
             [str(BIN / "loopline"), "serve", "--params", env_params, "--port", str(bento_port)],
             f"http://127.0.0.1:{bento_port}",
+        ),
+        "bento-py": (
+            [str(BIN / "loopline"), "serve", "--params", str(python_params), "--port", str(python_port)],
+            f"http://127.0.0.1:{python_port}",
         ),
         "fastapi": (
             [
@@ -171,9 +186,18 @@ def main() -> None:
         ),
     }
     batch_rps = None
+    busy = None
+    if args.busy:  # a CPU-bound neighbour: a training on every core, restarted until the runs end
+        busy = subprocess.Popen(
+            [sys.executable, "-c", BUSY, args.params], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
     for name, (command, url) in servers.items():
-        proc = start(command, f"{url}/readyz" if name == "bentoml" else f"{url}/docs")
+        proc = start(command, f"{url}/readyz" if name != "fastapi" else f"{url}/docs")
         try:
+            if name != "fastapi":
+                with urllib.request.urlopen(urllib.request.Request(f"{url}/model", b"", method="POST")) as answer:
+                    status = json.loads(answer.read())
+                print(f"{name}: engine {status['engine']} ({status['engine_reason']})")
             results[name] = {c: asyncio.run(load(f"{url}/predict", bodies, c, args.requests)) for c in args.concurrency}
             if name == "bentoml":
                 batch = json.dumps({"records": batch_records}).encode()
@@ -188,6 +212,9 @@ def main() -> None:
                 batch_rps = calls * args.batch / (time.perf_counter() - started)
         finally:
             stop(proc)
+    if busy is not None:
+        busy.kill()
+    python_params.unlink()
 
     print(f"\n{'server':<9}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for name, levels in results.items():
@@ -196,16 +223,60 @@ def main() -> None:
     for c in args.concurrency:
         ratio = results["bentoml"][c]["rps"] / results["fastapi"][c]["rps"]
         print(f"throughput ratio bentoml/fastapi at c={c}: {ratio:.2f}")
+        engines = results["bentoml"][c]["rps"] / results["bento-py"][c]["rps"]
+        print(f"throughput ratio bentoml onnx/python at c={c}: {engines:.2f}")
 
-    batch_frame = records_frame(batch_records, params)
     started = time.perf_counter()
     for _ in range(20):
-        predict_frame(served, batch_frame)
+        predict_records(served, batch_records, params)
     raw_rps = 20 * args.batch / (time.perf_counter() - started)
     print(
-        f"\n/predict_batch ({args.batch} records): {batch_rps:,.0f} rows/s over HTTP; "
-        f"raw model.predict {raw_rps:,.0f} rows/s; HTTP/raw = {batch_rps / raw_rps:.2f}"
+        f"\n/predict_batch ({args.batch} records, engine {served.engine_name}): {batch_rps:,.0f} rows/s over "
+        f"HTTP; the raw engine {raw_rps:,.0f} rows/s; HTTP/raw = {batch_rps / raw_rps:.2f}"
     )
+
+
+BUSY = """
+import sys
+from pipelines.config import load_params
+from pipelines.stages import fit_configured_model
+params = load_params(sys.argv[1])
+params = params.model_copy(update={"train": params.train.model_copy(update={"threads": 0})})
+while True:
+    fit_configured_model(params)
+"""
+
+
+def engine_calls(served, params, records, batch_records) -> None:
+    """One model call per engine, in this process: a single record (the median of 2,000
+    calls), and rows/s on the batch."""
+    from dataclasses import replace
+
+    from serving.runtime import predict_frame, predict_records, records_frame
+
+    engines = {"onnx": served, "python": replace(served, engine=None)} if served.engine else {"python": served}
+    print(f"\n{'engine':<8}{'1 record ms':>12}{'batch rows/s':>14}")
+    figures = {}
+    for name, model in engines.items():
+        single = []
+        for record in (records * 4)[:2000]:
+            started = time.perf_counter()
+            if name == "python":
+                predict_frame(model, records_frame([record], params))
+            else:
+                predict_records(model, [record], params)
+            single.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        for _ in range(10):
+            predict_records(model, batch_records, params)
+        rows = 10 * len(batch_records) / (time.perf_counter() - started)
+        figures[name] = (float(np.median(single)) * 1000, rows)
+        print(f"{name:<8}{figures[name][0]:>12.3f}{rows:>14,.0f}")
+    if len(figures) == 2:
+        print(
+            f"onnx/python: single-record call {figures['onnx'][0] / figures['python'][0]:.3f}x the time, "
+            f"batch {figures['onnx'][1] / figures['python'][1]:.1f}x the rows/s"
+        )
 
 
 if __name__ == "__main__":

@@ -256,6 +256,15 @@ class ServeConfig(_Section):
     reload_interval_s: float = Field(10.0, ge=0.0)
     # A request whose answer has not started within this many seconds gets 504.
     request_timeout_s: float = Field(30.0, gt=0.0)
+    # Which engine runs the model: onnx (the ONNX form logged with the model, run by ONNX
+    # Runtime; the service refuses a model without one or that fails the parity check),
+    # python (the fitted pipeline), or auto (onnx when it converted and agrees with the
+    # Python model on its reference rows, else python, saying why).
+    engine: Literal["auto", "onnx", "python"] = "auto"
+    # Native threads per worker for model calls (ONNX Runtime's session, OpenMP and BLAS
+    # through threadpoolctl, torch): a training beside the service cannot make a one-row
+    # prediction wait for a busy core's worth of threads.
+    model_threads: int = Field(1, ge=1)
 
 
 class PolicyConfig(_Section):

@@ -16,6 +16,8 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from pipelines.config import FeaturesConfig, SchemaConfig
 
+DECIMALS = 12  # of the cyclical encoding's sines and cosines
+
 
 class CyclicalEncoder(TransformerMixin, BaseEstimator):
     """Encode a periodic value as (sin, cos) so that hour 23 sits next to hour 0.
@@ -42,8 +44,12 @@ class CyclicalEncoder(TransformerMixin, BaseEstimator):
         return np.column_stack([frame[c].astype(str).map(lookup).to_numpy(dtype="float64") for c in frame.columns])
 
     def transform(self, X):
-        angle = 2.0 * np.pi * self._positions(X) / self.period
-        out = np.concatenate([np.sin(angle), np.cos(angle)], axis=1)
+        angle = self._positions(X) * (2.0 * np.pi / self.period)
+        # Rounded, so positions with mathematically equal sines or cosines (hours 5 and 19
+        # share a cosine) get the same value, not two that differ in the last bit: a tree
+        # would otherwise split between them on rounding noise, and a compiled copy of the
+        # model, whose sine may differ from numpy's in that bit, would split differently.
+        out = np.round(np.concatenate([np.sin(angle), np.cos(angle)], axis=1), DECIMALS)
         return np.nan_to_num(out, nan=0.0)
 
     def get_feature_names_out(self, input_features=None):

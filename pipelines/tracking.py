@@ -200,8 +200,11 @@ def plain_frame(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def log_model(client, run_id: str, model: Any, example: pd.DataFrame, metadata: dict[str, Any]) -> str:
-    """Save the fitted pipeline as an MLflow model into `run_id`; returns its runs:/ URI."""
+def log_model(
+    client, run_id: str, model: Any, example: pd.DataFrame, metadata: dict[str, Any], files: dict[str, bytes]
+) -> str:
+    """Save the fitted pipeline as an MLflow model into `run_id`, with `files` (its ONNX
+    form) in the model's directory; returns its runs:/ URI."""
     import mlflow.sklearn
     import sklearn
     import skops
@@ -230,6 +233,8 @@ def log_model(client, run_id: str, model: Any, example: pd.DataFrame, metadata: 
                 f"numpy=={np.__version__}",
             ],
         )
+        for name, data in files.items():
+            (local / name).write_bytes(data)
         client.log_artifacts(run_id, str(local), MODEL_ARTIFACT)
     return f"runs:/{run_id}/{MODEL_ARTIFACT}"
 
@@ -250,6 +255,15 @@ def log_torch_weights(client, run_id: str, model: Any) -> None:
 def load_model_version(client, name: str, version: str) -> tuple[Any, dict[str, Any]]:
     """A registered sklearn model and its metadata, loaded through loopline's type allowlist
     (not the trusted-type list stored beside it, which a tampered artifact could widen)."""
+    model, metadata, _ = load_model_files(client, name, version)
+    return model, metadata
+
+
+def load_model_files(
+    client, name: str, version: str, extra: tuple[str, ...] = ()
+) -> tuple[Any, dict[str, Any], dict[str, bytes]]:
+    """`load_model_version`, and the files named in `extra` that were logged in the model's
+    directory (those it has)."""
     from mlflow.models import Model
 
     from pipelines.model_io import loads_model
@@ -263,7 +277,8 @@ def load_model_version(client, name: str, version: str) -> tuple[Any, dict[str, 
             raise LooplineError("registry", f"{name} v{version} has no model.skops (not a loopline sklearn model)")
         model = loads_model(skops_file.read_bytes(), f"{name} v{version}")
         metadata = Model.load(str(local / "MLmodel")).metadata or {}
-    return model, metadata
+        files = {f: (local / f).read_bytes() for f in extra if (local / f).is_file()}
+    return model, metadata, files
 
 
 def diagnostic_figures(

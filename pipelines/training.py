@@ -215,12 +215,15 @@ def _log_best(
     """The best candidate's model, weights, test metrics and plots, and what monitoring
     reads beside it: reference rows, feature importance, the performance estimator."""
     from pipelines.evaluate import feature_importance, score
+    from pipelines.onnx_engine import compile_model
     from pipelines.tracking import diagnostic_figures, log_dict_batch, log_figures, log_model, log_torch_weights
 
     features, target, task = params.features.columns, params.data.target, params.data.task
     metadata = model_metadata(params, best.family, best.model, train, best.hyperparams)
     test_metrics, predictions = score(best.model, test, features, target, task, metadata["baseline"])
-    model_uri = log_model(client, best_run, best.model, train[features].head(5), metadata)
+    files, compiled = compile_model(best.model, params, train)
+    metadata["onnx"] = compiled
+    model_uri = log_model(client, best_run, best.model, train[features].head(5), metadata, files)
     if hasattr(best.model[-1], "state_dict"):
         log_torch_weights(client, best_run, best.model)
     log_reference(client, best_run, train, params)

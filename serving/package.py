@@ -47,8 +47,9 @@ def build_bento(params: Params) -> tuple[str, str, str, bool]:
     from bentoml.exceptions import NotFound
 
     from pipelines.model_io import save_model
+    from pipelines.onnx_engine import ONNX_FILE, PARITY_FILE
     from pipelines.registry import CHAMPION, alias_version
-    from pipelines.tracking import load_model_version, registry_client
+    from pipelines.tracking import load_model_files, registry_client
 
     client = registry_client(params)
     name = params.tracking.model_name
@@ -62,7 +63,7 @@ def build_bento(params: Params) -> tuple[str, str, str, bool]:
         return tag, tag, version, False  # the same model, code and params: built before
     except NotFound:
         pass
-    model, meta = load_model_version(client, name, version)
+    model, meta, files = load_model_files(client, name, version, (ONNX_FILE, PARITY_FILE))
     meta = {**meta, "model_name": name, "model_version": version, "run_id": run_id}
     try:
         stored = bentoml.models.get(tag)
@@ -73,6 +74,8 @@ def build_bento(params: Params) -> tuple[str, str, str, bool]:
             metadata={"model_name": name, "model_version": version, "run_id": run_id},
         ) as stored:
             save_model(model, meta, stored.path)
+            for file, data in files.items():  # the ONNX form: a packaged model starts without converting
+                Path(stored.path_of(file)).write_bytes(data)
             Path(stored.path_of("params.json")).write_text(
                 json.dumps(params.model_dump(mode="json", by_alias=True), indent=2), encoding="utf-8"
             )

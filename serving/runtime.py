@@ -62,9 +62,25 @@ class ServedModel:
     features: list[str]
     classes: list[str]
     loaded_at: str
+    engine: Any = None  # the OnnxEngine that predicts; None: the Python model does
+    engine_reason: str = ""  # why this engine serves
+
+    @property
+    def engine_name(self) -> str:
+        return "python" if self.engine is None else "onnx"
 
     @classmethod
-    def of(cls, model: Any, meta: dict[str, Any], name: str, version: str, run_id: str) -> ServedModel:
+    def of(
+        cls,
+        model: Any,
+        meta: dict[str, Any],
+        name: str,
+        version: str,
+        run_id: str,
+        params: Params,
+        files: dict[str, bytes],
+    ) -> ServedModel:
+        engine, reason = choose_engine(params, model, meta, files)
         return cls(
             model=model,
             name=name,
@@ -74,7 +90,42 @@ class ServedModel:
             features=list(meta["features"]),
             classes=[str(c) for c in meta.get("classes", [])],
             loaded_at=utc_now(),
+            engine=engine,
+            engine_reason=reason,
         )
+
+
+def choose_engine(params: Params, model: Any, meta: dict[str, Any], files: dict[str, bytes]) -> tuple[Any, str]:
+    """(the OnnxEngine, why) or (None, why the Python model serves), by `serve.engine`. The
+    ONNX form must agree with the Python model on the reference rows logged with it; with
+    serve.engine onnx a model that has no such form is refused (ChampionLoadFailed)."""
+    import io
+
+    from pipelines.onnx_engine import ONNX_FILE, PARITY_FILE, OnnxEngine, parity, string_columns
+
+    wanted = params.serve.engine
+    if wanted == "python":
+        return None, "serve.engine is python"
+    problem = None
+    if ONNX_FILE not in files or PARITY_FILE not in files:
+        problem = f"the model has no ONNX form ({meta.get('onnx', 'logged before loopline compiled models')})"
+    else:
+        try:
+            engine = OnnxEngine(
+                files[ONNX_FILE], list(meta["features"]), string_columns(params), params.serve.model_threads
+            )
+            checked = parity(
+                engine, model, pd.read_parquet(io.BytesIO(files[PARITY_FILE])), meta["task"], meta.get("classes", [])
+            )
+        except Exception as err:  # ONNX Runtime raises its own types for a graph it cannot load
+            problem = f"ONNX Runtime cannot run the model's ONNX form: {type(err).__name__}: {str(err).splitlines()[0]}"
+        else:
+            if checked.ok:
+                return engine, f"ONNX Runtime ({params.serve.model_threads} thread(s)); parity: {checked.detail}"
+            problem = f"the ONNX form disagrees with the Python model: {checked.detail}"
+    if wanted == "onnx":
+        raise ChampionLoadFailed(f"serve.engine is onnx, but {problem}")
+    return None, f"python: {problem}"
 
 
 def records_frame(records: Sequence[dict[str, Any]], params: Params) -> pd.DataFrame:
@@ -88,8 +139,30 @@ def records_frame(records: Sequence[dict[str, Any]], params: Params) -> pd.DataF
     return frame
 
 
-def predict_frame(served: ServedModel, frame: pd.DataFrame) -> tuple[list[Any], list[dict[str, float]] | None]:
-    """Predictions (floats or class labels) and, for classifiers, class probabilities."""
+Predicted = tuple[list[Any], list[dict[str, float]] | None]
+
+
+def predict_records(served: ServedModel, records: Sequence[dict[str, Any]], params: Params) -> Predicted:
+    """`predict_frame` for request records; the ONNX engine takes them as columns, no frame."""
+    if served.engine is None:
+        return predict_frame(served, records_frame(records, params))
+    return _engine_output(served, served.engine.feeds({c: [r.get(c) for r in records] for c in served.features}))
+
+
+def _engine_output(served: ServedModel, feeds: dict[str, np.ndarray]) -> Predicted:
+    out = served.engine.run(feeds)
+    if served.task == "regression":
+        return np.asarray(out, dtype="float64").tolist(), None
+    proba = np.asarray(out, dtype="float64")
+    labels = np.asarray(served.classes)[proba.argmax(axis=1)].tolist()
+    return labels, [dict(zip(served.classes, row, strict=True)) for row in proba.tolist()]
+
+
+def predict_frame(served: ServedModel, frame: pd.DataFrame) -> Predicted:
+    """Predictions (floats or class labels) and, for classifiers, class probabilities, by
+    the served engine."""
+    if served.engine is not None:
+        return _engine_output(served, served.engine.feeds({c: frame[c].to_numpy() for c in served.features}))
     model = served.model
     if served.task == "regression":
         return np.asarray(model.predict(frame), dtype="float64").tolist(), None
@@ -150,8 +223,9 @@ class RegistrySource:
 
     def __call__(self, current: ServedModel | None) -> ServedModel | None:
         """The champion if it is not the model in service (None: unchanged)."""
+        from pipelines.onnx_engine import ONNX_FILE, PARITY_FILE
         from pipelines.registry import CHAMPION, alias_version
-        from pipelines.tracking import load_model_version, tracking_uri
+        from pipelines.tracking import load_model_files, tracking_uri
 
         name = self.params.tracking.model_name
         try:
@@ -171,13 +245,13 @@ class RegistrySource:
         if current is not None and (current.version, current.run_id) == (version, run_id):
             return None
         try:
-            model, meta = load_model_version(client, name, version)
+            model, meta, files = load_model_files(client, name, version, (ONNX_FILE, PARITY_FILE))
         except Exception as err:  # a missing or damaged artifact
             raise ChampionLoadFailed(
                 f"champion v{version} of {name!r} (run {run_id}) failed to load: "
                 f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             ) from None
-        return ServedModel.of(model, meta, name, version, str(run_id))
+        return ServedModel.of(model, meta, name, version, str(run_id), self.params, files)
 
 
 def load_registry_champion(params: Params) -> ServedModel:
@@ -185,6 +259,50 @@ def load_registry_champion(params: Params) -> ServedModel:
     served = RegistrySource(params)(current=None)
     assert served is not None
     return served
+
+
+def limit_threads(threads: int) -> None:
+    """The process's native thread pools (OpenMP, BLAS, torch) held to `threads`, through
+    threadpoolctl (which sets them in the loaded libraries, not only for later ones) and
+    torch's own setting. ONNX Runtime sessions get theirs in their session options."""
+    import sys
+
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+_BUDGET = threading.local()
+MODEL_THREADS: dict[str, int] = {}  # the pools as read in the threads that called the model
+
+
+def hold_thread_budget(threads: int) -> None:
+    """`limit_threads` in the calling thread, once per thread: OpenMP's limit belongs to the
+    thread that sets it, and model calls run in worker threads. What the pools hold there is
+    kept for /model."""
+    if getattr(_BUDGET, "threads", None) == threads:
+        return
+    limit_threads(threads)
+    _BUDGET.threads = threads
+    for pool, n in native_threads().items():
+        MODEL_THREADS[pool] = max(MODEL_THREADS.get(pool, 0), n)
+
+
+def native_threads() -> dict[str, int]:
+    """The thread count of each native pool loaded in this process, as threadpoolctl reads it."""
+    import sys
+
+    from threadpoolctl import threadpool_info
+
+    pools: dict[str, int] = {}
+    for pool in threadpool_info():
+        key = f"{pool['user_api']}:{pool['internal_api']}"
+        pools[key] = max(pools.get(key, 0), int(pool["num_threads"]))
+    if "torch" in sys.modules:
+        pools["torch"] = int(sys.modules["torch"].get_num_threads())
+    return pools
 
 
 class ChampionHolder:
@@ -229,8 +347,17 @@ class ChampionHolder:
                 self.last_check = utc_now()
             if loaded is None:
                 return False
+            limit_threads(self.params.serve.model_threads)  # again: loading may have brought a new pool (torch)
             self.current = loaded
-            log.info("now serving %s v%s (run %s), was v%s", loaded.name, loaded.version, loaded.run_id, known)
+            log.info(
+                "now serving %s v%s (run %s), was v%s; engine %s: %s",
+                loaded.name,
+                loaded.version,
+                loaded.run_id,
+                known,
+                loaded.engine_name,
+                loaded.engine_reason,
+            )
             return True
 
     def start_polling(self, interval_s: float) -> None:
@@ -263,6 +390,9 @@ class ChampionHolder:
             "loaded_at": served.loaded_at if served else None,
             "last_check": self.last_check,
             "last_error": self.problem.message if self.problem else None,
+            "engine": served.engine_name if served else None,
+            "engine_reason": served.engine_reason if served else None,
+            "threads": dict(MODEL_THREADS),
         }
 
 

@@ -133,6 +133,9 @@ class ServiceStatus(BaseModel):
     loaded_at: str | None
     last_check: str | None
     last_error: str | None
+    engine: str | None  # onnx | python: what predicts
+    engine_reason: str | None  # why that engine
+    threads: dict[str, int]  # native thread pools as the threads that call the model hold them
 
 
 def request_records(frame: pd.DataFrame, params: Params) -> list[dict[str, Any]]:

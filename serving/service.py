@@ -39,8 +39,9 @@ from serving.runtime import (
     RegistrySource,
     ServedModel,
     Unavailable,
-    predict_frame,
-    records_frame,
+    hold_thread_budget,
+    limit_threads,
+    predict_records,
 )
 from serving.schema import BatchPrediction, Prediction, ServiceStatus, batch_model, record_model
 
@@ -277,6 +278,7 @@ class RequestGuard:
 
 def _load_bento_model(path: Path):
     from pipelines.model_io import load_model
+    from pipelines.onnx_engine import ONNX_FILE, PARITY_FILE
 
     def load(current: ServedModel | None) -> ServedModel | None:
         if current is not None:
@@ -285,7 +287,8 @@ def _load_bento_model(path: Path):
             model, meta = load_model(path)
         except Exception as err:
             raise ChampionLoadFailed(f"the Bento's model {path} failed to load: {type(err).__name__}: {err}") from None
-        return ServedModel.of(model, meta, meta["model_name"], meta["model_version"], meta["run_id"])
+        files = {f: (path / f).read_bytes() for f in (ONNX_FILE, PARITY_FILE) if (path / f).is_file()}
+        return ServedModel.of(model, meta, meta["model_name"], meta["model_version"], meta["run_id"], PARAMS, files)
 
     return load
 
@@ -303,6 +306,7 @@ class Predictor:
     def __init__(self) -> None:
         from pipelines.layout import Layout
 
+        limit_threads(PARAMS.serve.model_threads)
         if BENTO_MODEL:
             self.holder = ChampionHolder(PARAMS, _load_bento_model(Path(self.bento_model.path)), f"bento {BENTO_MODEL}")
         else:
@@ -333,8 +337,9 @@ class Predictor:
         self.prediction_log.flush()
 
     def _predict(self, records: list[dict[str, Any]], request_ids: list[str]):
+        hold_thread_budget(PARAMS.serve.model_threads)
         served = self.holder.require()  # one model for the whole batch, even if a reload lands meanwhile
-        predictions, probabilities = predict_frame(served, records_frame(records, PARAMS))
+        predictions, probabilities = predict_records(served, records, PARAMS)
         self.prediction_log.append(served, request_ids, records, predictions, probabilities)
         PREDICTIONS.labels(model_version=served.version).inc(len(records))
         BATCH_ROWS.observe(len(records))

@@ -117,19 +117,25 @@ def tracking_section(tmp: Path, model_name: str = "bikes") -> dict:
     }
 
 
-def register_family(params, family: str) -> str:
-    """Fit one model family on the prepared splits, log it to MLflow and register it
-    (alias `challenger`); returns the new version. The splits must exist (run_all)."""
+def register_family(params, family: str, compiled: bool = True, hyperparams: dict | None = None) -> str:
+    """Fit one model family on the prepared splits, log it to MLflow (with its ONNX form, as
+    training logs it, unless `compiled` is False: a model logged before loopline compiled
+    models) and register it (alias `challenger`); returns the new version. The splits must
+    exist (run_all)."""
     from pipelines import stages
+    from pipelines.onnx_engine import compile_model
     from pipelines.registry import register
     from pipelines.tracking import client_for, log_model
 
-    params = params.model_copy(update={"train": params.train.model_copy(update={"model": family})})
+    chosen = {**params.train.hyperparams, family: hyperparams} if hyperparams is not None else params.train.hyperparams
+    train = params.train.model_copy(update={"model": family, "hyperparams": chosen})
+    params = params.model_copy(update={"train": train})
     model, meta = stages.fit_configured_model(params)
     client, experiment_id = client_for(params)
     run_id = client.create_run(experiment_id, run_name=family).info.run_id
-    example = stages.read_split(params, "train")[params.features.columns].head(5)
-    uri = log_model(client, run_id, model, example, meta)
+    rows = stages.read_split(params, "train")
+    files, meta["onnx"] = compile_model(model, params, rows) if compiled else ({}, "logged without an ONNX form")
+    uri = log_model(client, run_id, model, rows[params.features.columns].head(5), meta, files)
     client.set_terminated(run_id)
     return register(client, params.tracking.model_name, uri, run_id, {})
 
