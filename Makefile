@@ -81,7 +81,7 @@ bench-torch: install
 
 # BentoML service vs a bare FastAPI app on the registry champion (run `make run` first).
 bench-serve: install
-	$(BIN)/python bench/serving.py --requests 2000
+	$(BIN)/python bench/serving.py --requests 2000 --busy
 
 # Sustained load: 7 rounds of 10k requests at c=64 on one service; p99 and RSS per round.
 bench-soak: install

@@ -7,8 +7,9 @@ default (ONNX when the champion has a form that passes parity). The load generat
 (aiohttp, this process) sends a fixed number of single-record /predict requests at
 concurrency 1, 8 and 32 and records each latency. Then, in this process, one model call per
 engine: a single record, and rows/s on a batch; and the batch endpoint: rows/s of
-/predict_batch vs the raw engine on the same rows. `--busy` repeats the HTTP runs with a
-CPU-bound process (a training of the champion's family) beside the service.
+/predict_batch vs the raw engine on the same rows. `--busy` then repeats the BentoML runs
+(both engines) with a CPU-bound process beside them (the configured model's
+training, over and over, on every core), to show what the bounded model threads keep of p99.
 
     python bench/serving.py [--params params.yaml] [--requests 2000] [--batch 1000]
     python bench/serving.py --soak 7              # 7 rounds of 10k requests at c=64, BentoML only
@@ -186,20 +187,20 @@ def main() -> None:
         ),
     }
     batch_rps = None
-    busy = None
-    if args.busy:  # a CPU-bound neighbour: a training on every core, restarted until the runs end
-        busy = subprocess.Popen(
-            [sys.executable, "-c", BUSY, args.params], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-    for name, (command, url) in servers.items():
+
+    def run(name: str, command: list[str], url: str, label: str) -> None:
+        nonlocal batch_rps
         proc = start(command, f"{url}/readyz" if name != "fastapi" else f"{url}/docs")
         try:
             if name != "fastapi":
-                with urllib.request.urlopen(urllib.request.Request(f"{url}/model", b"", method="POST")) as answer:
+                ask = urllib.request.Request(f"{url}/model", b"{}", {"Content-Type": "application/json"}, method="POST")
+                with urllib.request.urlopen(ask) as answer:
                     status = json.loads(answer.read())
-                print(f"{name}: engine {status['engine']} ({status['engine_reason']})")
-            results[name] = {c: asyncio.run(load(f"{url}/predict", bodies, c, args.requests)) for c in args.concurrency}
-            if name == "bentoml":
+                print(f"{label}: engine {status['engine']} ({status['engine_reason']})", flush=True)
+            results[label] = {
+                c: asyncio.run(load(f"{url}/predict", bodies, c, args.requests)) for c in args.concurrency
+            }
+            if label == "bentoml":
                 batch = json.dumps({"records": batch_records}).encode()
                 calls = 20
                 started = time.perf_counter()
@@ -212,19 +213,38 @@ def main() -> None:
                 batch_rps = calls * args.batch / (time.perf_counter() - started)
         finally:
             stop(proc)
-    if busy is not None:
-        busy.kill()
-    python_params.unlink()
 
-    print(f"\n{'server':<9}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    try:
+        for name, (command, url) in servers.items():
+            run(name, command, url, name)
+        if args.busy:  # again, beside a CPU-bound neighbour: a training on every core, restarted until done
+            busy = subprocess.Popen(
+                [sys.executable, "-c", BUSY, env_params], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            try:
+                for name in ("bentoml", "bento-py"):
+                    run(name, *servers[name], f"{name}+busy")
+            finally:
+                busy.kill()
+                busy.wait()
+    finally:
+        python_params.unlink()
+
+    print(f"\n{'server':<14}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for name, levels in results.items():
         for c, r in levels.items():
-            print(f"{name:<9}{c:>4}{r['rps']:>10.0f}{r['p50']:>9.1f}{r['p99']:>9.1f}{r['errors']:>8}")
+            print(f"{name:<14}{c:>4}{r['rps']:>10.0f}{r['p50']:>9.1f}{r['p99']:>9.1f}{r['errors']:>8}")
     for c in args.concurrency:
         ratio = results["bentoml"][c]["rps"] / results["fastapi"][c]["rps"]
         print(f"throughput ratio bentoml/fastapi at c={c}: {ratio:.2f}")
         engines = results["bentoml"][c]["rps"] / results["bento-py"][c]["rps"]
         print(f"throughput ratio bentoml onnx/python at c={c}: {engines:.2f}")
+        for name in ("bentoml", "bento-py"):
+            if f"{name}+busy" in results:
+                busy_p99, quiet_p99 = results[f"{name}+busy"][c]["p99"], results[name][c]["p99"]
+                print(
+                    f"p99 busy/quiet, {name} at c={c}: {busy_p99:.1f} / {quiet_p99:.1f} ms = {busy_p99 / quiet_p99:.2f}"
+                )
 
     started = time.perf_counter()
     for _ in range(20):

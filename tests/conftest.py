@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,27 @@ def champion(client, name="bikes") -> str | None:
     from pipelines.registry import CHAMPION, alias_version
 
     return alias_version(client, name, CHAMPION)
+
+
+def start_service(args: list[str], tmp: Path, port: int) -> subprocess.Popen:
+    """`loopline serve ARGS` on `port`, in `tmp`, its output in tmp/serve-PORT.log."""
+    log = open(tmp / f"serve-{port}.log", "w")  # noqa: SIM115  (the server writes it until stopped)
+    env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    return subprocess.Popen(
+        [venv_bin("loopline"), "serve", *args, "--port", str(port)],
+        cwd=tmp,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def wait_for_version(client, version: str, timeout: float = 30) -> None:
+    """Until the service (an httpx client) serves `version`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.post("/model").json()["model_version"] == version:
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"the service did not switch to v{version}")

@@ -9,7 +9,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import bikeshare_sample, free_port, register_family, stop, tracking_section, wait_for_http, write_params
+from conftest import (
+    bikeshare_sample,
+    free_port,
+    register_family,
+    start_service,
+    stop,
+    tracking_section,
+    wait_for_http,
+    wait_for_version,
+    write_params,
+)
 from pipelines.errors import LooplineError
 
 FAMILIES = {
@@ -132,7 +142,6 @@ def test_the_service_serves_every_family_by_onnx_and_a_model_without_one_by_pyth
     Runtime, matching its Python predictions; a model logged without an ONNX form is served
     by Python and /model says why; the worker's native pools hold serve.model_threads."""
     import httpx
-    from test_serving import start_service, wait_for_version
 
     from pipelines.config import load_params
     from pipelines.registry import promote

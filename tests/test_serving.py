@@ -11,7 +11,6 @@ import signal
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -23,10 +22,12 @@ from conftest import (
     free_port,
     register_family,
     run_cli,
+    start_service,
     stop,
     tracking_section,
     venv_bin,
     wait_for_http,
+    wait_for_version,
     write_params,
 )
 from serving.schema import request_records
@@ -52,19 +53,6 @@ def setup(tmp_path_factory):
     return tmp, path, params
 
 
-def start_service(args: list[str], tmp: Path, port: int) -> subprocess.Popen:
-    log = open(tmp / f"serve-{port}.log", "w")  # noqa: SIM115  (the server writes it until stopped)
-    env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
-    return subprocess.Popen(
-        [venv_bin("loopline"), "serve", *args, "--port", str(port)],
-        cwd=tmp,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
 @pytest.fixture(scope="module")
 def service(setup):
     tmp, path, _ = setup
@@ -86,15 +74,6 @@ def test_rows(setup) -> pd.DataFrame:
 
     _, _, params = setup
     return plain_frame(read_split(params, "test")[params.features.columns].head(40))
-
-
-def wait_for_version(client: httpx.Client, version: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if client.post("/model").json()["model_version"] == version:
-            return
-        time.sleep(0.3)
-    raise TimeoutError(f"the service did not switch to v{version}")
 
 
 def pyfunc_predictions(params, version: str, frame: pd.DataFrame) -> np.ndarray:
