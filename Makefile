@@ -91,6 +91,6 @@ bench-soak: install
 bench-concurrent: install
 	$(BIN)/python bench/concurrent_training.py --rows 300000
 
-# Monitoring flow time: 100k-row reference / 10k window vs 1M-row reference / 100k window.
+# Monitoring flow time against reference size (100k, 1M, 5M rows) at a 10k-row window.
 bench-monitor: install
-	$(BIN)/python bench/monitoring.py --sizes 100000:10000 1000000:100000
+	$(BIN)/python bench/monitoring.py --references 100000 1000000 5000000 --window 10000

@@ -112,7 +112,7 @@ def measure(rows: int, server_url: str) -> dict:
             "empty_flow_s": empty_s,
             "plain": plain["seconds"],
             "flow": flow["timings"],
-            "same_model": abs(plain["test_rmse"] - flow.trained.test["rmse"]) < 1e-6,
+            "same_model": abs(plain["test_rmse"] - flow["trained"]["test"]["rmse"]) < 1e-6,
         }
 
 

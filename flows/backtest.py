@@ -72,6 +72,7 @@ class Shared:
     def _train(self, prefix: int) -> Model:
         from pipelines.estimate import fit_estimator
         from pipelines.evaluate import feature_importance, naive_baseline, score
+        from pipelines.monitor import drift_reference, reference_sample
         from pipelines.search import search_candidates
         from pipelines.split import split_rows
 
@@ -86,10 +87,7 @@ class Shared:
         tested, _ = score(best.model, parts.test, features, target, task, baseline)
         importance = feature_importance(best.model, parts.test, features, target, task, params.train.seed)
         estimator, _ = fit_estimator(best.model, pd.concat([parts.val, parts.test], ignore_index=True), params)
-        reference = parts.train[features]
-        if len(reference) > params.monitor.reference_rows:
-            reference = reference.sample(params.monitor.reference_rows, random_state=params.train.seed)
-        reference = reference.assign(**{PREDICTION: best.model.predict(reference[features])})
+        reference = drift_reference(reference_sample(parts.train, params), best.model, params)
         seconds = time.perf_counter() - started
         self.echo(
             f"  trained m{prefix} on {len(data)} rows ({best.name}): test {metric} {tested[metric]:.2f}, {seconds:.1f}s"

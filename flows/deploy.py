@@ -3,8 +3,9 @@
 The training and monitoring deployments are registered with a Prefect API and their
 scheduled and triggered runs are executed by this process. Schedules need the API's
 scheduler service, which Prefect's temporary API (the one a flow starts when
-PREFECT_API_URL is unset) does not run: without PREFECT_API_URL this process starts a local
-`prefect server` of its own for as long as it serves, and stops it on exit.
+PREFECT_API_URL is unset) does not run: with no API configured and no `loopline
+prefect-server` running, this process starts a local `prefect server` of its own for as long
+as it serves, and stops it on exit.
 
 Paths in the params file are relative to the directory the process runs in: start it from
 the repository root.
@@ -13,13 +14,7 @@ the repository root.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,11 +22,12 @@ from pathlib import Path
 from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from flows.api import api_url, command_api, prefect_server
 from flows.monitoring import monitoring_flow
 from flows.training import training_flow
 from pipelines.config import load_params
 from pipelines.names import MONITORING_DEPLOYMENT, TRAINING_DEPLOYMENT
-from serving.harness import free_port, venv_bin
+from serving.harness import free_port
 
 STOP_TIMEOUT_S = 20
 
@@ -58,61 +54,21 @@ def build_deployments(params_path: str | Path = "params.yaml") -> list:
     return [training, monitoring]
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when `loopline deploy` dies, however it dies."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 @contextmanager
 def prefect_api(echo: Callable[[str], None]) -> Iterator[str]:
-    """PREFECT_API_URL when set; else a local `prefect server` (with its scheduler) started
-    for the duration of the block, its database in PREFECT_HOME as Prefect's own."""
-    configured = os.environ.get("PREFECT_API_URL")
-    if configured:
-        yield configured
-        return
+    """The configured API, or the running `loopline prefect-server`; else a local `prefect
+    server` (with its scheduler) started for the duration of the block, its database in
+    PREFECT_HOME as Prefect's own."""
+    with command_api(echo) as url:
+        if url is not None:
+            yield url
+            return
     port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    # Its own session: a Ctrl-C or SIGTERM to this process group must not take the server down
-    # before the runner has paused its schedules through it; it is stopped after the runner.
-    server = subprocess.Popen(
-        [venv_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        preexec_fn=_die_with_parent,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                from pipelines.errors import LooplineError
-
-                raise LooplineError(
-                    "deploy",
-                    f"the local Prefect server exited with {server.returncode}; "
-                    f"start one yourself (`prefect server start`) and set PREFECT_API_URL",
-                )
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except (urllib.error.URLError, OSError):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the local Prefect server on {url} did not answer within 120 s") from None
-                time.sleep(0.5)
+    with prefect_server("127.0.0.1", port, "deploy"):
+        url = api_url("127.0.0.1", port)
         echo(f"Prefect API: {url} (a local server for this process; UI at http://127.0.0.1:{port})")
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 async def _serve_until_signalled(deployments: list, echo: Callable[[str], None]) -> None:

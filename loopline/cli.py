@@ -49,7 +49,8 @@ def _console_without_expected_errors() -> None:
                 return False
             message = record.getMessage()
             if message.startswith("Starting temporary server on"):
-                record.msg, record.args = message.split("\n", 1)[0], None
+                first = message.split("\n", 1)[0]
+                record.msg, record.args = f"{first} (`loopline prefect-server` keeps one up between commands)", None
             return not any(text in message for text in self.seen)
 
     for handler in logging.getLogger().handlers:
@@ -57,6 +58,14 @@ def _console_without_expected_errors() -> None:
             isinstance(f, SkipExpected) for f in handler.filters
         ):
             handler.addFilter(SkipExpected())
+
+
+def _flow_api():
+    """The Prefect API for a command's flows (flows.api.command_api); its line goes to stderr,
+    where it cannot mix with --json output."""
+    from flows.api import command_api
+
+    return command_api(lambda line: typer.echo(line, err=True))
 
 
 def _metrics_table(metrics: dict) -> str:
@@ -105,7 +114,8 @@ def train(
     from pipelines.training import render_training
 
     _console_without_expected_errors()
-    result = training_flow(params_path=str(params), force=force)
+    with _flow_api():
+        result = training_flow(params_path=str(params), force=force)
     if as_json:
         typer.echo(json.dumps(asdict(result), default=str))
         return
@@ -127,7 +137,8 @@ def monitor(
     from pipelines.measure import render_monitoring
 
     _console_without_expected_errors()
-    result = monitoring_flow(params_path=str(params), trigger="subflow" if retrain else "none")
+    with _flow_api():
+        result = monitoring_flow(params_path=str(params), trigger="subflow" if retrain else "none")
     if as_json:
         payload = asdict(result)
         payload["verdict"] |= {"outcome": result.verdict.outcome, "reason": result.verdict.reason()}
@@ -153,7 +164,8 @@ def replay(
 
     _console_without_expected_errors()
 
-    frame = run_replay(workdir, params, period, train_months, periods, chart, echo=typer.echo)  # type: ignore[arg-type]
+    with _flow_api():
+        frame = run_replay(workdir, params, period, train_months, periods, chart, echo=typer.echo)  # type: ignore[arg-type]
     retrains = frame[frame["decision"] == "retrain"]
     typer.echo(
         f"\n{len(frame)} batches, {len(retrains)} retrains, {int(frame['promoted'].sum())} promotions; "
@@ -187,6 +199,18 @@ def deploy(params: ParamsOption = Path("params.yaml")) -> None:
     from flows.deploy import serve_deployments
 
     serve_deployments(params, echo=typer.echo)
+
+
+@app.command("prefect-server")
+def prefect_server(
+    port: Annotated[int, typer.Option(help="The API and UI port.")] = 4200,
+    host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
+) -> None:
+    """Keep a Prefect API (and its UI) up until Ctrl-C; loopline commands meanwhile use it
+    instead of starting a temporary one each (seconds saved per command)."""
+    from flows.api import keep_server
+
+    keep_server(host, port, echo=typer.echo)
 
 
 @app.command()
@@ -306,7 +330,8 @@ def score(
     from flows.scoring import scoring_flow
 
     _console_without_expected_errors()
-    result = scoring_flow(params_path=str(params), input_path=str(input_path), output_path=str(output_path))
+    with _flow_api():
+        result = scoring_flow(params_path=str(params), input_path=str(input_path), output_path=str(output_path))
     typer.echo(
         f"scored {result['rows']} rows with {result['model_name']} v{result['model_version']} -> {result['output']}"
     )

@@ -235,9 +235,24 @@ class MonitorConfig(_Section):
     cooldown_hours: float = Field(24.0, ge=0.0)
     # The champion's training rows kept as the drift reference (a seeded sample above this).
     reference_rows: int = Field(200_000, ge=100)
+    # What drift reads of them: each column's distribution in this many rows, made once
+    # per champion (pipelines/monitor.py reference_profile), so a monitoring run costs the
+    # same whatever the reference's size. 0: every reference row, every run. Above 1000,
+    # because Evidently picks its tests by the reference's size (KS and chi-square up to
+    # 1000 rows, Wasserstein and Jensen-Shannon above) and the profile must get the same.
+    reference_profile_rows: int = Field(10_000, ge=0)
     # After a retrain, record the new data version in dvc.lock and the DVC cache
     # (`dvc commit`), when loopline runs in the DVC workspace of this params file.
     dvc_commit: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> MonitorConfig:
+        if 0 < self.reference_profile_rows <= 1000:
+            raise ValueError(
+                f"reference_profile_rows {self.reference_profile_rows} must be 0 (every reference row) or above "
+                "1000: Evidently tests a reference of up to 1000 rows differently"
+            )
+        return self
 
 
 class ServeConfig(_Section):

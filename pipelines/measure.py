@@ -71,14 +71,17 @@ class MonitoringResult:
     training: Retrain | None = None
 
 
+def _cached_path(run_id: str, artifact: str, params: Params) -> Path:
+    return Layout.of(params).monitoring / "reference" / f"{run_id}-{Path(artifact).name}"
+
+
 def _artifact(client, run_id: str, artifact: str, params: Params, required: bool = True) -> Path | None:
     """One of the files logged beside the champion's model, downloaded once per run id."""
     import tempfile
 
     from pipelines.storage import atomic_path
 
-    name = Path(artifact).name
-    cached = Layout.of(params).monitoring / "reference" / f"{run_id}-{name}"
+    cached = _cached_path(run_id, artifact, params)
     if not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -100,6 +103,28 @@ def reference_rows(client, run_id: str, params: Params) -> pd.DataFrame:
     """The champion's training rows."""
     path = _artifact(client, run_id, names.REFERENCE_ARTIFACT, params)
     assert path is not None
+    return pd.read_parquet(path)
+
+
+def champion_drift_reference(client, run_id: str, model, params: Params) -> pd.DataFrame:
+    """What drift compares the window with (monitor.drift_reference): the profile logged at
+    training, or, for a champion trained with another monitor.reference_profile_rows (or
+    before profiles), one made from its reference rows now and kept in the monitoring
+    workspace under the same name, so the next run reads it."""
+    from pipelines.monitor import drift_reference
+    from pipelines.storage import atomic_path
+
+    rows = params.monitor.reference_profile_rows
+    if not rows:
+        return drift_reference(reference_rows(client, run_id, params), model, params)
+    artifact = names.profile_artifact(rows)
+    path = _artifact(client, run_id, artifact, params, required=False)
+    if path is None:
+        profile = drift_reference(reference_rows(client, run_id, params), model, params)
+        path = _cached_path(run_id, artifact, params)
+        with atomic_path(path) as target:
+            profile.to_parquet(target, index=False)
+        return profile
     return pd.read_parquet(path)
 
 
@@ -144,7 +169,7 @@ def measure(params: Params) -> Measurement:
     """Drift of the latest window against the champion's reference, the live metric of the
     served predictions that have ground truth, and how many rows no training has seen."""
     from pipelines.arrivals import arrival_files, arrival_rows, read_arrivals, typed_rows
-    from pipelines.monitor import PREDICTION, live_metrics, measure_drift
+    from pipelines.monitor import PREDICTION, REFERENCE_ROWS, live_metrics, measure_drift
     from pipelines.prediction_log import read_prediction_log
     from pipelines.registry import CHAMPION, alias_version
     from pipelines.storage import write_text
@@ -173,10 +198,8 @@ def measure(params: Params) -> Measurement:
             window_rows=len(window),
         )
     model, meta = load_model_version(client, name, version)
-    reference = reference_rows(client, champion.run_id, params)
-    features = params.features.columns
-    reference[PREDICTION] = model.predict(reference[features])
-    window[PREDICTION] = model.predict(window[features])
+    reference = champion_drift_reference(client, champion.run_id, model, params)
+    window[PREDICTION] = model.predict(window[params.features.columns])
     drift = measure_drift(reference, window, params, champion_importance(client, champion.run_id, params))
     estimate = None
     if params.monitor.estimate_performance:
@@ -199,7 +222,7 @@ def measure(params: Params) -> Measurement:
         metric=metric,
         window=[f.name for f in window_files],
         window_rows=len(window),
-        reference_rows=len(reference),
+        reference_rows=int(reference.attrs.get(REFERENCE_ROWS, len(reference))),
         drift=replace(drift, html=""),
         live=live,
         estimate=estimate,

@@ -21,6 +21,7 @@ from pipelines.estimate import Estimate
 
 STAGE = "monitor"
 PREDICTION = "prediction"
+REFERENCE_ROWS = "reference_rows"
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,62 @@ def drift_weights(params: Params, importance: dict[str, float] | None) -> tuple[
         raw, how = {c: 1.0 for c in counted}, how + " (all zero: equal weights)"
         total = float(len(counted)) or 1.0
     return {c: raw.get(c, 0.0) / total for c in features}, how
+
+
+def reference_sample(rows: pd.DataFrame, params: Params) -> pd.DataFrame:
+    """The rows a model keeps as its drift reference: a seeded sample above monitor.reference_rows."""
+    if len(rows) > params.monitor.reference_rows:
+        return rows.sample(params.monitor.reference_rows, random_state=params.train.seed).sort_index()
+    return rows
+
+
+def drift_reference(reference: pd.DataFrame, model, params: Params) -> pd.DataFrame:
+    """What drift compares every window with, for one model: its reference rows' features
+    and its predictions on them, as a profile of monitor.reference_profile_rows rows (0:
+    every row). It depends on the model alone, so it is made once per model. Its
+    attrs["reference_rows"] (kept in Parquet) says how many rows it stands for."""
+    features = params.features.columns
+    frame = reference[features].assign(**{PREDICTION: np.asarray(model.predict(reference[features]))})
+    rows = params.monitor.reference_profile_rows
+    profile = reference_profile(frame, rows) if rows else frame.reset_index(drop=True)
+    profile.attrs[REFERENCE_ROWS] = len(frame)
+    return profile
+
+
+def reference_profile(reference: pd.DataFrame, rows: int) -> pd.DataFrame:
+    """`rows` rows in which each column, on its own, has the distribution of that column of
+    `reference` (the frame itself when it has no more rows). Drift is tested column by
+    column, so this is all Evidently reads, at a cost that no longer grows with the reference:
+    - a column with at most rows/10 distinct values keeps every value, repeated in proportion
+      to its count (largest remainder, at least once): each value's share, and so every
+      binned share Jensen-Shannon and chi-square read, moves by less than 1/rows;
+    - a numeric column with more keeps `rows` evenly spaced quantiles, each a value of the
+      reference (inverted CDF): the Wasserstein distance to any window moves by at most the
+      reference's range over `rows`, its standard deviation (the norm) as little;
+    - missing values keep their share.
+    Columns are sorted independently, so a row means nothing as a whole: for drift only."""
+    if len(reference) <= rows:
+        return reference.reset_index(drop=True)
+    return pd.DataFrame({name: _column_profile(column, rows) for name, column in reference.items()})
+
+
+def _column_profile(column: pd.Series, rows: int) -> pd.Series:
+    present = column.dropna()
+    n = rows - round(rows * (1 - len(present) / len(column)))  # the rest stay missing
+    counts = present.value_counts(sort=False)
+    counts = counts[counts > 0]  # a categorical's unused categories
+    if len(counts) <= rows // 10:
+        share = counts.to_numpy() * (n / len(present))
+        repeats = np.maximum(np.floor(share).astype(np.int64), 1)
+        gap = int(n - repeats.sum())  # > 0: give the largest remainders one more; < 0: take from the largest counts
+        order = np.argsort(share - np.floor(share))[::-1] if gap > 0 else np.argsort(repeats)[::-1]
+        repeats[order[: abs(gap)]] += 1 if gap > 0 else -1
+        values = np.repeat(counts.index.to_numpy(), repeats)
+    elif pd.api.types.is_numeric_dtype(present):
+        values = np.quantile(present.to_numpy(dtype=float), (np.arange(n) + 0.5) / n, method="inverted_cdf")
+    else:  # many distinct labels: a seeded sample is the closest a fixed size gets
+        values = present.sample(n, random_state=0).sort_values().to_numpy()
+    return pd.Series(values, dtype=column.dtype).reindex(range(rows))
 
 
 def _evidently_frame(df: pd.DataFrame, columns: list[str], categorical: list[str]) -> pd.DataFrame:

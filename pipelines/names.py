@@ -13,6 +13,12 @@ REFERENCE_ARTIFACT = "reference/reference.parquet"  # the champion's training ro
 IMPORTANCE_ARTIFACT = "reference/importance.json"  # permutation importance per feature: drift weights
 ESTIMATOR_ARTIFACT = "reference/estimator.pkl"  # NannyML's fitted DLE / CBPE, for label-free estimates
 
+
+def profile_artifact(rows: int) -> str:
+    """The reference rows with the model's predictions, as drift reads them (monitor.reference_profile)."""
+    return f"reference/profile-{rows}.parquet"
+
+
 # Lineage tags of every training run (parent and candidates).
 GIT_COMMIT = "git_commit"
 CLEAN_MD5 = "data.clean_md5"

@@ -177,11 +177,9 @@ def search_and_log(params: Params, params_path: str, flow_run_id: str, warn=prin
         started = time.perf_counter()
         best, _ = search_candidates(params, train, val, on_candidate=log_candidate)
         timings["search: fit and score candidates"] = time.perf_counter() - started
-        started = time.perf_counter()
         best_run = next(c.run_id for c in log_candidate.runs if c.name == best.name)
-        model_uri, test_metrics = _log_best(client, parent_id, best_run, best, params, train, val, test)
+        model_uri, test_metrics = _log_best(client, parent_id, best_run, best, params, (train, val, test), timings)
         client.set_terminated(parent_id)
-        timings["search: test scoring, MLflow model, plots"] = time.perf_counter() - started
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
         raise
@@ -208,29 +206,37 @@ def _log_best(
     best_run: str,
     best,
     params: Params,
-    train: pd.DataFrame,
-    val: pd.DataFrame,
-    test: pd.DataFrame,
+    splits: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame],
+    timings: dict[str, float],
 ) -> tuple[str, dict[str, float]]:
     """The best candidate's model, weights, test metrics and plots, and what monitoring
-    reads beside it: reference rows, feature importance, the performance estimator."""
+    reads beside it: reference rows, feature importance, the performance estimator. The
+    fitted pipeline is the search's; the test rows are predicted once, here. Each step's
+    seconds go into `timings`."""
     from pipelines.evaluate import feature_importance, score
     from pipelines.onnx_engine import compile_model
     from pipelines.tracking import diagnostic_figures, log_dict_batch, log_figures, log_model, log_torch_weights
 
+    train, val, test = splits
     features, target, task = params.features.columns, params.data.target, params.data.task
+    clock = _Clock(timings, "log: ")
     metadata = model_metadata(params, best.family, best.model, train, best.hyperparams)
     test_metrics, predictions = score(best.model, test, features, target, task, metadata["baseline"])
+    clock("test scoring")
     files, compiled = compile_model(best.model, params, train)
     metadata["onnx"] = compiled
+    clock("ONNX form and parity")
     model_uri = log_model(client, best_run, best.model, train[features].head(5), metadata, files)
     if hasattr(best.model[-1], "state_dict"):
         log_torch_weights(client, best_run, best.model)
-    log_reference(client, best_run, train, params)
+    clock("MLflow model")
+    log_reference(client, best_run, best.model, train, params)
+    clock("drift reference and profile")
     importance = feature_importance(best.model, test, features, target, task, params.train.seed)
     log_monitoring_aids(
         client, best_run, best.model, dict(zip(features, importance.importances_mean, strict=True)), val, test, params
     )
+    clock("importance and estimator")
     log_dict_batch(client, best_run, metrics={f"test_{k}": v for k, v in test_metrics.items()})
     log_dict_batch(
         client,
@@ -240,20 +246,37 @@ def _log_best(
     )
     figures = diagnostic_figures(best.model, test, predictions, features, target, task, params.train.seed, importance)
     log_figures(client, best_run, figures)
+    clock("metrics and plots")
     return model_uri, test_metrics
 
 
-def log_reference(client, run_id: str, train: pd.DataFrame, params: Params) -> None:
+class _Clock:
+    """Seconds since the last call, recorded under a name."""
+
+    def __init__(self, timings: dict[str, float], prefix: str):
+        self.timings, self.prefix, self.last = timings, prefix, time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        now = time.perf_counter()
+        self.timings[self.prefix + step] = now - self.last
+        self.last = now
+
+
+def log_reference(client, run_id: str, model, train: pd.DataFrame, params: Params) -> None:
     """The rows the model was trained on (feature columns and target; a seeded sample above
-    monitor.reference_rows), beside the model: monitoring compares new data with them."""
-    rows = train[[*params.features.columns, params.data.target]]
-    if len(rows) > params.monitor.reference_rows:
-        rows = rows.sample(params.monitor.reference_rows, random_state=params.train.seed).sort_index()
-    artifact = Path(names.REFERENCE_ARTIFACT)
+    monitor.reference_rows), beside the model, and the profile of them with the model's
+    predictions that monitoring's drift reads (monitor.drift_reference): made here once."""
+    from pipelines.monitor import drift_reference, reference_sample
+
+    rows = reference_sample(train[[*params.features.columns, params.data.target]], params)
+    artifacts = {names.REFERENCE_ARTIFACT: rows}
+    if params.monitor.reference_profile_rows:
+        artifacts[names.profile_artifact(params.monitor.reference_profile_rows)] = drift_reference(rows, model, params)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / artifact.name
-        rows.to_parquet(path, index=False)
-        client.log_artifact(run_id, str(path), str(artifact.parent))
+        for artifact, frame in artifacts.items():
+            path = Path(tmp) / Path(artifact).name
+            frame.to_parquet(path, index=False)
+            client.log_artifact(run_id, str(path), str(Path(artifact).parent))
 
 
 def log_monitoring_aids(

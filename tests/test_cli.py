@@ -118,3 +118,78 @@ def test_expected_errors_inside_flows_print_one_line(prefect_api, tmp_path):
         assert "Traceback" not in proc.stderr and "| ERROR" not in proc.stderr, proc.stderr[-3000:]
         assert proc.stderr.strip().splitlines()[-1].startswith(expected), proc.stderr[-2000:]
     assert not (tmp_path / "out.parquet").exists()
+
+
+@pytest.mark.slow
+def test_prefect_server_is_used_by_later_commands_and_stops_cleanly(tmp_path):
+    """`loopline prefect-server` keeps one API up: `loopline train` runs its flows there
+    instead of starting a temporary API; a second server is refused; SIGTERM stops it and
+    removes its record, after which a command falls back to the temporary API."""
+    import json
+    import os
+    import signal
+    import urllib.request
+
+    from conftest import bikeshare_sample, tracking_section, write_params
+    from serving.harness import free_port
+
+    params = write_params(
+        tmp_path,
+        bikeshare_sample(tmp_path, 600),
+        tracking=tracking_section(tmp_path),
+        search={"families": ["linear"], "n_trials": 0},
+    )
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    record = tmp_path / "prefect-home" / "loopline-api.json"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+
+    def loopline(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [venv_bin("loopline"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+
+    server = subprocess.Popen(
+        [venv_bin("loopline"), "prefect-server", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not record.is_file():
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read() if server.stdout else ""
+            time.sleep(0.5)
+        assert json.loads(record.read_text()) == {"url": url, "pid": server.pid}
+        for _ in range(2):  # a training, then a fully cached one
+            proc = loopline("train", "--params", str(params))
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert f"Prefect API: {url} (loopline prefect-server)" in proc.stderr
+            assert "temporary server" not in proc.stderr + proc.stdout
+        assert "training skipped" in proc.stdout
+        request = urllib.request.Request(f"{url}/flow_runs/filter", data=b"{}", method="POST")
+        request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            runs = json.load(response)
+        assert sorted(r["state_type"] for r in runs if r["name"]) == ["COMPLETED", "COMPLETED"]
+
+        second = loopline("prefect-server", "--port", str(free_port()))
+        assert second.returncode == 2 and f"already runs at {url}" in second.stderr
+
+        os.killpg(server.pid, signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        assert not record.exists()
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    record.write_text(json.dumps({"url": url, "pid": 1}))  # a stale record: nothing answers there
+    proc = loopline("train", "--params", str(params))
+    assert proc.returncode == 0 and "Prefect API" not in proc.stderr
+    assert "Starting temporary server" in proc.stdout + proc.stderr
+    assert "`loopline prefect-server` keeps one up" in proc.stdout + proc.stderr

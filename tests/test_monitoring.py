@@ -131,6 +131,35 @@ def test_batch_like_the_reference_does_not_retrain(ws):
     }
     html = Path(measured.report).read_text()
     assert "Drifted" in html and all(f in html for f in ("temp", "weathersit", "mnth"))
+    # drift read the profile logged at training (here the whole reference: it has fewer rows)
+    rows = int(ws.client().get_run(measured.champion_run).data.tags["data.rows_train"])
+    assert measured.reference_rows == rows
+    assert (ws.root / "data/monitoring/reference" / f"{measured.champion_run}-profile-10000.parquet").is_file()
+
+
+def test_a_champion_without_a_profile_of_this_size_gets_one_made_once(ws):
+    """After monitor.reference_profile_rows changes, the champion's logged profile no longer
+    fits: one is made from its reference rows on the first run and read from the workspace after."""
+    from pipelines.config import load_params
+    from pipelines.measure import champion_drift_reference
+    from pipelines.monitor import REFERENCE_ROWS, measure_drift
+    from pipelines.tracking import client_for, load_model_version
+
+    with contextlib.chdir(ws.root):
+        base = load_params("params.yaml")
+        params = base.model_copy(update={"monitor": base.monitor.model_copy(update={"reference_profile_rows": 1100})})
+        client, _ = client_for(params)
+        version = client.get_model_version("bikes", ws.champion())
+        model, _ = load_model_version(client, "bikes", version.version)
+        kept = Path("data/monitoring/reference") / f"{version.run_id}-profile-1100.parquet"
+        assert not kept.exists()
+        profile = champion_drift_reference(client, version.run_id, model, params)
+        full = champion_drift_reference(client, version.run_id, model, base)
+        assert kept.is_file() and len(profile) == 1100 and len(full) == profile.attrs[REFERENCE_ROWS] > 1100
+        assert champion_drift_reference(client, version.run_id, model, params).equals(profile)
+        window = ws.drifted(300, seed=5)[params.features.columns]
+        window["prediction"] = model.predict(window)
+        assert measure_drift(profile, window, params).drifted == measure_drift(full, window, params).drifted
 
 
 def test_invalid_batch_is_rejected_and_reaches_nothing(ws):

@@ -88,6 +88,51 @@ def test_evidently_finds_seasonal_drift_and_not_resampling(bikes):
     assert set(hot.scores) == set(params.features.columns) and "<html" in hot.html.lower()
 
 
+def test_reference_profile_gives_the_raw_references_drift_decisions(bikes):
+    """The profile drift reads instead of the reference rows (made once per champion) gives
+    every window the same tests, the same drifted features and nearly the same scores."""
+    from pipelines.monitor import reference_profile
+
+    _, params, frame = bikes
+    typed = _typed(frame, params)
+    reference = typed.iloc[:5500]  # January to August
+    profile = reference_profile(reference, 2000)
+    assert len(profile) == 2000
+    for column in ["season", "weathersit", "hr"]:  # every value kept, in proportion
+        shares = profile[column].value_counts(normalize=True)
+        assert shares.sub(reference[column].value_counts(normalize=True)).abs().max() < 1 / 2000
+    assert profile["prediction"].std() == pytest.approx(reference["prediction"].std(), rel=0.01)
+    windows = [typed[(frame["mnth"] == month).to_numpy()] for month in ["Sept", "Oct", "Nov", "Dec"]]
+    windows.append(reference.sample(700, random_state=1))
+    decisions = set()
+    for window in windows:
+        raw, cached = measure_drift(reference, window, params), measure_drift(profile, window, params)
+        assert cached.methods == raw.methods
+        assert (cached.drifted, cached.share, cached.prediction_drifted) == (
+            raw.drifted,
+            raw.share,
+            raw.prediction_drifted,
+        )
+        for column, score in raw.scores.items():
+            assert cached.scores[column] == pytest.approx(score, abs=0.01), column
+        decisions.add(raw.share >= params.monitor.drift_share)
+    assert decisions == {True, False}  # windows on both sides of the trigger
+
+
+def test_reference_profile_keeps_missing_shares_and_small_references():
+    from pipelines.monitor import reference_profile
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=50_000)
+    values[rng.random(50_000) < 0.1] = np.nan
+    reference = pd.DataFrame({"x": values, "label": rng.choice(["a", "b", "c"], 50_000, p=[0.7, 0.2999, 0.0001])})
+    profile = reference_profile(reference, 5000)
+    assert profile["x"].isna().mean() == pytest.approx(reference["x"].isna().mean(), abs=1 / 5000)
+    assert profile["x"].dropna().is_monotonic_increasing and set(profile["x"].dropna()) <= set(reference["x"])
+    assert set(profile["label"]) == {"a", "b", "c"}  # a rare label is kept, once at least
+    assert reference_profile(reference.head(3000), 5000).equals(reference.head(3000))
+
+
 def test_live_metrics_join_served_predictions_by_request_id(bikes):
     _, params, _ = bikes
     window = pd.DataFrame({"request_id": ["a-0", "a-1", "a-2", "b-0"], "bikers": [10.0, 20.0, 30.0, 40.0]})

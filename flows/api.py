@@ -1,0 +1,161 @@
+"""Which Prefect API a command talks to, and `loopline prefect-server`, which keeps one up.
+
+A flow run with no API configured starts Prefect's temporary API inside its process, which
+costs seconds per command (≈ 6 s for an empty flow here). `loopline prefect-server` runs
+`prefect server start` (database and UI in PREFECT_HOME, as Prefect's own) and, while it
+answers, records its address in PREFECT_HOME/loopline-api.json; a later loopline command
+that finds no configured API (PREFECT_API_URL, from the environment or the Prefect profile)
+uses it. A stale record (the server was killed) is ignored: the command falls back to the
+temporary API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+from pipelines.errors import LooplineError
+from serving.harness import venv_bin
+
+RECORD = "loopline-api.json"
+START_TIMEOUT_S = 120
+STOP_TIMEOUT_S = 20
+
+
+def record_path() -> Path:
+    return Path(get_current_settings().home).expanduser() / RECORD
+
+
+def answers(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def running_api() -> str | None:
+    """The address `loopline prefect-server` recorded, if the server there answers."""
+    try:
+        url = json.loads(record_path().read_text())["url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return url if answers(url) else None
+
+
+@contextmanager
+def command_api(echo: Callable[[str], None]) -> Iterator[str | None]:
+    """For one command: the configured API; else the running `loopline prefect-server`,
+    for this process and those it starts; else None, and a flow starts the temporary API."""
+    configured = get_current_settings().api.url
+    if configured:
+        yield configured
+        return
+    url = running_api()
+    if url is None:
+        yield None
+        return
+    echo(f"Prefect API: {url} (loopline prefect-server)")
+    os.environ["PREFECT_API_URL"] = url  # for the service and processes the command starts
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the process that started it dies, however it dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def api_url(host: str, port: int) -> str:
+    return f"http://{host}:{port}/api"
+
+
+@contextmanager
+def prefect_server(host: str, port: int, command: str) -> Iterator[subprocess.Popen]:
+    """A `prefect server start` (API, UI and scheduler) at api_url(host, port) for the
+    duration of the block, in its own session: a Ctrl-C to the caller's process group
+    reaches the caller, which stops its own work first and the server last."""
+    url = api_url(host, port)
+    server = subprocess.Popen(
+        [venv_bin("prefect"), "server", "start", "--host", host, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not answers(url, timeout=2):
+            if server.poll() is not None:
+                raise LooplineError(
+                    command,
+                    f"the Prefect server on {host}:{port} exited with {server.returncode} "
+                    "(is the port taken?); start one yourself (`prefect server start`) and set PREFECT_API_URL",
+                )
+            if time.monotonic() > deadline:
+                raise LooplineError(command, f"the Prefect server on {url} did not answer within {START_TIMEOUT_S} s")
+            time.sleep(0.5)
+        yield server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def keep_server(host: str, port: int, echo: Callable[[str], None]) -> None:
+    """`loopline prefect-server`: serve the API until Ctrl-C or SIGTERM, recorded for the
+    loopline commands that run meanwhile."""
+    from pipelines.storage import write_text
+
+    existing = running_api()
+    if existing:
+        raise LooplineError("prefect-server", f"loopline's Prefect server already runs at {existing}")
+    stopping = False
+
+    def stop(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    record = record_path()
+    try:
+        with prefect_server(host, port, "prefect-server") as server:
+            url = api_url(host, port)
+            write_text(json.dumps({"url": url, "pid": os.getpid()}), record)
+            echo(
+                f"Prefect API: {url}; UI at http://{host}:{port}\n"
+                f"loopline commands with no PREFECT_API_URL use it while it runs ({record}); stop with Ctrl-C"
+            )
+            while not stopping and server.poll() is None:
+                time.sleep(0.2)
+            if not stopping:
+                raise LooplineError("prefect-server", f"the Prefect server exited with {server.returncode}")
+            echo("stopping the Prefect server")
+    finally:
+        try:
+            if json.loads(record.read_text()).get("pid") == os.getpid():
+                record.unlink()
+        except (OSError, ValueError):
+            pass
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
