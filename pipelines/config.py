@@ -269,6 +269,10 @@ class ServeConfig(_Section):
     # How often the service asks the registry whether `champion` moved (0: never; the
     # POST /admin/reload endpoint still works).
     reload_interval_s: float = Field(10.0, ge=0.0)
+    # Where every served prediction is logged for monitoring: a SQLite file (default
+    # <paths.data>/serving/predictions.db) or a PostgreSQL DSN (postgresql://…), which
+    # several service replicas share.
+    prediction_log: str | None = None
     # A request whose answer has not started within this many seconds gets 504.
     request_timeout_s: float = Field(30.0, gt=0.0)
     # Which engine runs the model: onnx (the ONNX form logged with the model, run by ONNX

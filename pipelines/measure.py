@@ -170,7 +170,7 @@ def measure(params: Params) -> Measurement:
     served predictions that have ground truth, and how many rows no training has seen."""
     from pipelines.arrivals import arrival_files, arrival_rows, read_arrivals, typed_rows
     from pipelines.monitor import PREDICTION, REFERENCE_ROWS, live_metrics, measure_drift
-    from pipelines.prediction_log import read_prediction_log
+    from pipelines.prediction_log import log_location, prediction_log_exists, read_prediction_log
     from pipelines.registry import CHAMPION, alias_version
     from pipelines.storage import write_text
     from pipelines.tracking import client_for, load_model_version
@@ -208,8 +208,9 @@ def measure(params: Params) -> Measurement:
     write_text(drift.html, report)
 
     live = None
-    if layout.prediction_log.is_file() and id_column:
-        live = live_metrics(window, read_prediction_log(layout.prediction_log, []), params, meta["baseline"])
+    served_log = log_location(params)
+    if id_column and prediction_log_exists(served_log):
+        live = live_metrics(window, read_prediction_log(served_log, []), params, meta["baseline"])
     metric, _ = params.metric
     tested = champion.tags.get(names.version_metric_tag(metric))
     seen = last_training_arrival(client, training_id)

@@ -31,7 +31,7 @@ import bentoml
 from starlette.responses import JSONResponse
 
 from pipelines.config import load_params, parse_params
-from pipelines.prediction_log import PredictionLog
+from pipelines.prediction_log import PredictionLog, log_location
 from serving.runtime import (
     ChampionHolder,
     ChampionLoadFailed,
@@ -304,7 +304,6 @@ class Predictor:
         bento_model = bentoml.models.BentoModel(BENTO_MODEL)
 
     def __init__(self) -> None:
-        from pipelines.layout import Layout
 
         limit_threads(PARAMS.serve.model_threads)
         if BENTO_MODEL:
@@ -315,8 +314,7 @@ class Predictor:
         self.holder.refresh()
         if not BENTO_MODEL:
             self.holder.start_polling(PARAMS.serve.reload_interval_s)
-        log_path = os.environ.get("LOOPLINE_PREDICTION_LOG") or Layout.of(PARAMS).prediction_log
-        self.prediction_log = PredictionLog(log_path)
+        self.prediction_log = PredictionLog(os.environ.get("LOOPLINE_PREDICTION_LOG") or log_location(PARAMS))
         self.batcher = MicroBatcher(
             self._predict_single, PARAMS.serve.max_batch_size, PARAMS.serve.batch_wait_ms / 1000
         )

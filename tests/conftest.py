@@ -85,6 +85,33 @@ def params_of():
     return load_params
 
 
+# The PostgreSQL server the PostgreSQL tests use, as a postgresql:// URL (trust authentication,
+# CREATE DATABASE allowed); where none answers, they skip with this variable's name in the message.
+POSTGRES = os.environ.get("LOOPLINE_TEST_POSTGRES", "postgresql://127.0.0.1:5432/postgres")
+
+
+@pytest.fixture
+def postgres_db():
+    """The DSN of a new, empty PostgreSQL database, dropped afterwards."""
+    import uuid
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+    from psycopg import sql
+
+    try:
+        admin = psycopg.connect(POSTGRES, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as err:
+        pytest.skip(f"no PostgreSQL at {POSTGRES} (set LOOPLINE_TEST_POSTGRES to a server's DSN): {err}")
+    name = f"loopline_test_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            yield urlunsplit(urlsplit(POSTGRES)._replace(path=f"/{name}"))
+        finally:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     """A real `prefect server start` on a free loopback port, used by every flow test."""
