@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, bikeshare_sample, tracking_section, venv_bin, write_params
+from flows.deploy import STOP_TIMEOUT_S
 
 pytestmark = pytest.mark.slow
 
@@ -197,7 +198,10 @@ def test_scheduled_runs_fire_and_deploy_stops_cleanly(prefect_api, tmp_path):
         monitoring_retrains_through_the_training_deployment(own_dir)
         in_progress = training_runs_in_progress([prefect_api, local_api])  # both stopped below while they run
     finally:
-        stopped = [stops_within(on_server, signal.SIGTERM, 15), stops_within(on_local, signal.SIGINT, 15)]
+        # The deploy bounds its stop at two STOP_TIMEOUT_S phases (runner, then its task); on a
+        # loaded two-core machine cancelling a training in progress once took more than 15 s.
+        limit = 2 * STOP_TIMEOUT_S + 5
+        stopped = [stops_within(on_server, signal.SIGTERM, limit), stops_within(on_local, signal.SIGINT, limit)]
     assert on_server.returncode == 0 and on_local.returncode == 0, (
         server_log.read_text()[-2000:],
         local_log.read_text()[-2000:],
