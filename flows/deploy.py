@@ -22,14 +22,12 @@ from pathlib import Path
 from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.api import api_url, command_api, prefect_server
+from flows.api import STOP_TIMEOUT_S, api_url, command_api, prefect_server
 from flows.monitoring import monitoring_flow
 from flows.training import training_flow
 from pipelines.config import load_params
 from pipelines.names import MONITORING_DEPLOYMENT, TRAINING_DEPLOYMENT
 from serving.harness import free_port
-
-STOP_TIMEOUT_S = 20
 
 
 def build_deployments(params_path: str | Path = "params.yaml") -> list:

@@ -114,6 +114,8 @@ def reference_profile(reference: pd.DataFrame, rows: int) -> pd.DataFrame:
 
 def _column_profile(column: pd.Series, rows: int) -> pd.Series:
     present = column.dropna()
+    if present.empty:
+        return column.iloc[:0].reset_index(drop=True).reindex(range(rows))
     n = rows - round(rows * (1 - len(present) / len(column)))  # the rest stay missing
     counts = present.value_counts(sort=False)
     counts = counts[counts > 0]  # a categorical's unused categories

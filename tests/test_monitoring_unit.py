@@ -125,8 +125,15 @@ def test_reference_profile_keeps_missing_shares_and_small_references():
     rng = np.random.default_rng(0)
     values = rng.normal(size=50_000)
     values[rng.random(50_000) < 0.1] = np.nan
-    reference = pd.DataFrame({"x": values, "label": rng.choice(["a", "b", "c"], 50_000, p=[0.7, 0.2999, 0.0001])})
+    reference = pd.DataFrame(
+        {
+            "x": values,
+            "label": rng.choice(["a", "b", "c"], 50_000, p=[0.7, 0.2999, 0.0001]),
+            "unrecorded": np.full(50_000, np.nan),
+        }
+    )
     profile = reference_profile(reference, 5000)
+    assert profile["unrecorded"].isna().all() and len(profile) == 5000
     assert profile["x"].isna().mean() == pytest.approx(reference["x"].isna().mean(), abs=1 / 5000)
     assert profile["x"].dropna().is_monotonic_increasing and set(profile["x"].dropna()) <= set(reference["x"])
     assert set(profile["label"]) == {"a", "b", "c"}  # a rare label is kept, once at least
