@@ -201,7 +201,11 @@ def test_scheduled_runs_fire_and_deploy_stops_cleanly(prefect_api, tmp_path):
         # The deploy bounds its stop at two STOP_TIMEOUT_S phases (runner, then its task); on a
         # loaded two-core machine cancelling a training in progress once took more than 15 s.
         limit = 2 * STOP_TIMEOUT_S + 5
-        stopped = [stops_within(on_server, signal.SIGTERM, limit), stops_within(on_local, signal.SIGINT, limit)]
+        stopped: list[float] = []
+        try:
+            stopped.append(stops_within(on_server, signal.SIGTERM, limit))
+        finally:  # the second deploy is stopped (and killed if need be) even when the first was not
+            stopped.append(stops_within(on_local, signal.SIGINT, limit))
     assert on_server.returncode == 0 and on_local.returncode == 0, (
         server_log.read_text()[-2000:],
         local_log.read_text()[-2000:],
