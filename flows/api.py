@@ -26,7 +26,7 @@ from pathlib import Path
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
 from pipelines.errors import LooplineError
-from serving.harness import venv_bin
+from serving.harness import stop, venv_bin, wait_for_http
 
 RECORD = "loopline-api.json"
 START_TIMEOUT_S = 120
@@ -101,25 +101,17 @@ def prefect_server(host: str, port: int, command: str) -> Iterator[subprocess.Po
         preexec_fn=_die_with_parent,
     )
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not answers(url, timeout=2):
-            if server.poll() is not None:
-                raise LooplineError(
-                    command,
-                    f"the Prefect server on {host}:{port} exited with {server.returncode} "
-                    "(is the port taken?); start one yourself (`prefect server start`) and set PREFECT_API_URL",
-                )
-            if time.monotonic() > deadline:
-                raise LooplineError(command, f"the Prefect server on {url} did not answer within {START_TIMEOUT_S} s")
-            time.sleep(0.5)
+        try:
+            wait_for_http(f"{url}/health", timeout=START_TIMEOUT_S, proc=server)
+        except (RuntimeError, TimeoutError) as err:
+            raise LooplineError(
+                command,
+                f"the Prefect server on {host}:{port} did not start: {err} (is the port taken?); "
+                "start one yourself (`prefect server start`) and set PREFECT_API_URL",
+            ) from None
         yield server
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, timeout=STOP_TIMEOUT_S)  # its whole group: `prefect server start` runs uvicorn as a child
 
 
 def keep_server(host: str, port: int, echo: Callable[[str], None]) -> None:
@@ -132,11 +124,11 @@ def keep_server(host: str, port: int, echo: Callable[[str], None]) -> None:
         raise LooplineError("prefect-server", f"loopline's Prefect server already runs at {existing}")
     stopping = False
 
-    def stop(signum, frame) -> None:
+    def on_signal(signum, frame) -> None:
         nonlocal stopping
         stopping = True
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     record = record_path()
     try:
         with prefect_server(host, port, "prefect-server") as server:
