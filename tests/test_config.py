@@ -57,6 +57,15 @@ def test_unknown_model_family():
     assert "xgboost" in _error(raw)
 
 
+def test_a_reference_profile_evidently_would_test_differently_is_refused():
+    raw = raw_params()
+    raw.setdefault("monitor", {})["reference_profile_rows"] = 500
+    msg = _error(raw)
+    assert "monitor" in msg and "reference_profile_rows 500" in msg and "above 1000" in msg
+    raw["monitor"]["reference_profile_rows"] = 0  # every reference row
+    assert parse_params(raw, "params.yaml").monitor.reference_profile_rows == 0
+
+
 def test_invalid_yaml_file(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("data: [unclosed\n")
