@@ -9,7 +9,7 @@ FIND_LINKS ?= /opt/wheels
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast lint lock replay backtest bench bench-bootstrap bench-scale bench-flow bench-torch bench-serve bench-soak bench-monitor bench-concurrent
+.PHONY: install run test test-fast lint lock replay backtest bench bench-bootstrap bench-scale bench-flow bench-torch bench-serve bench-soak bench-monitor bench-concurrent bench-dask
 
 install: $(STAMP)
 
@@ -61,7 +61,7 @@ replay: install
 backtest: install
 	$(BIN)/loopline backtest --chart bench/results/backtest-2011.png
 
-bench: bench-scale bench-flow bench-torch bench-serve bench-soak bench-monitor bench-concurrent bench-bootstrap
+bench: bench-scale bench-flow bench-torch bench-serve bench-soak bench-monitor bench-concurrent bench-bootstrap bench-dask
 
 # Promotion evidence: the moving-block bootstrap of 100k test rows x 1,000 resamples.
 bench-bootstrap: install
@@ -90,6 +90,11 @@ bench-soak: install
 # Two trainings on one machine: in series vs at once.
 bench-concurrent: install
 	$(BIN)/python bench/concurrent_training.py --rows 300000
+
+# The candidate search sequential vs on 2 Dask workers, the flow with each runner, and the
+# wall time with 8 and 32 workers worked out from the measured per-candidate times.
+bench-dask: install
+	$(BIN)/python bench/dask_search.py --workers 2
 
 # Monitoring flow time against reference size (100k, 1M, 5M rows) at a 10k-row window.
 bench-monitor: install

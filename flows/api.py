@@ -87,18 +87,33 @@ def api_url(host: str, port: int) -> str:
     return f"http://{host}:{port}/api"
 
 
+def server_database(url: str) -> str:
+    """A PostgreSQL URL as Prefect's server takes it (asyncpg), once the database answers."""
+    from pipelines.postgres import connect, is_postgres
+
+    if not is_postgres(url):
+        raise LooplineError("prefect-server --database", f"{url!r} is not a PostgreSQL URL (postgresql://host/db)")
+    connect(url, "prefect-server --database").close()
+    return "postgresql+asyncpg://" + url.split("://", 1)[1]
+
+
 @contextmanager
-def prefect_server(host: str, port: int, command: str) -> Iterator[subprocess.Popen]:
+def prefect_server(host: str, port: int, command: str, database: str | None = None) -> Iterator[subprocess.Popen]:
     """A `prefect server start` (API, UI and scheduler) at api_url(host, port) for the
     duration of the block, in its own session: a Ctrl-C to the caller's process group
-    reaches the caller, which stops its own work first and the server last."""
+    reaches the caller, which stops its own work first and the server last. Its database:
+    `database` (PostgreSQL, for a team) or SQLite in PREFECT_HOME."""
     url = api_url(host, port)
+    env = dict(os.environ)
+    if database:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = server_database(database)
     server = subprocess.Popen(
         [venv_bin("prefect"), "server", "start", "--host", host, "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
         preexec_fn=_die_with_parent,
+        env=env,
     )
     try:
         try:
@@ -114,9 +129,10 @@ def prefect_server(host: str, port: int, command: str) -> Iterator[subprocess.Po
         stop(server, timeout=STOP_TIMEOUT_S)  # its whole group: `prefect server start` runs uvicorn as a child
 
 
-def keep_server(host: str, port: int, echo: Callable[[str], None]) -> None:
+def keep_server(host: str, port: int, echo: Callable[[str], None], database: str | None = None) -> None:
     """`loopline prefect-server`: serve the API until Ctrl-C or SIGTERM, recorded for the
     loopline commands that run meanwhile."""
+    from pipelines.postgres import describe
     from pipelines.storage import write_text
 
     existing = running_api()
@@ -131,11 +147,12 @@ def keep_server(host: str, port: int, echo: Callable[[str], None]) -> None:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     record = record_path()
     try:
-        with prefect_server(host, port, "prefect-server") as server:
+        with prefect_server(host, port, "prefect-server", database) as server:
             url = api_url(host, port)
             write_text(json.dumps({"url": url, "pid": os.getpid()}), record)
             echo(
-                f"Prefect API: {url}; UI at http://{host}:{port}\n"
+                f"Prefect API: {url}; UI at http://{host}:{port}; database: "
+                f"{describe(database) if database else 'SQLite in PREFECT_HOME'}\n"
                 f"loopline commands with no PREFECT_API_URL use it while it runs ({record}); stop with Ctrl-C"
             )
             while not stopping and server.poll() is None:

@@ -18,6 +18,7 @@ import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -26,30 +27,87 @@ from flows.api import STOP_TIMEOUT_S, api_url, command_api, prefect_server
 from flows.monitoring import monitoring_flow
 from flows.training import training_flow
 from pipelines.config import load_params
+from pipelines.errors import LooplineError
 from pipelines.names import MONITORING_DEPLOYMENT, TRAINING_DEPLOYMENT
 from serving.harness import free_port
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENTRYPOINTS = {"training": "flows/training.py:training_flow", "monitoring": "flows/monitoring.py:monitoring_flow"}
 
-def build_deployments(params_path: str | Path = "params.yaml") -> list:
+
+def _deployment_specs(params_path: str | Path) -> list[tuple[Any, str, dict[str, Any]]]:
+    """Each deployment: its flow, the flow's entrypoint in the repository, and its settings."""
     params = load_params(params_path)
     path = str(Path(params_path).resolve())
     schedule = params.schedule
-    training = training_flow.to_deployment(
-        name=TRAINING_DEPLOYMENT,
-        parameters={"params_path": path},
-        schedule=Cron(schedule.training, timezone=schedule.timezone) if schedule.training else None,
-        description="Data stages, candidate search and guarded promotion on the configured data.",
-        tags=["loopline", "training"],
-    )
-    monitoring = monitoring_flow.to_deployment(
-        name=MONITORING_DEPLOYMENT,
-        parameters={"params_path": path, "trigger": "deployment"},
-        schedule=Cron(schedule.monitoring, timezone=schedule.timezone) if schedule.monitoring else None,
-        description="Accept landed batches, measure drift and live metrics, retrain through the "
-        "training deployment when the monitor: policy says so.",
-        tags=["loopline", "monitoring"],
-    )
-    return [training, monitoring]
+    return [
+        (
+            training_flow,
+            ENTRYPOINTS["training"],
+            {
+                "name": TRAINING_DEPLOYMENT,
+                "parameters": {"params_path": path},
+                "schedule": Cron(schedule.training, timezone=schedule.timezone) if schedule.training else None,
+                "description": "Data stages, candidate search and guarded promotion on the configured data.",
+                "tags": ["loopline", "training"],
+            },
+        ),
+        (
+            monitoring_flow,
+            ENTRYPOINTS["monitoring"],
+            {
+                "name": MONITORING_DEPLOYMENT,
+                "parameters": {"params_path": path, "trigger": "deployment"},
+                "schedule": Cron(schedule.monitoring, timezone=schedule.timezone) if schedule.monitoring else None,
+                "description": "Accept landed batches, measure drift and live metrics, retrain through the "
+                "training deployment when the monitor: policy says so.",
+                "tags": ["loopline", "monitoring"],
+            },
+        ),
+    ]
+
+
+def build_deployments(params_path: str | Path = "params.yaml") -> list:
+    return [flow.to_deployment(**spec) for flow, _, spec in _deployment_specs(params_path)]
+
+
+def deploy_to_pool(params_path: str | Path, pool: str, echo: Callable[[str], None] = print) -> None:
+    """Register the deployments on a process work pool (created if missing) of the configured
+    Prefect server, their code read from this checkout: `prefect worker start --pool POOL`
+    on a machine with the checkout at the same path runs them."""
+    specs = _deployment_specs(params_path)
+    with command_api(echo) as url:
+        if url is None:
+            raise LooplineError(
+                "deploy",
+                f"--work-pool {pool} needs a Prefect server that workers reach: set PREFECT_API_URL "
+                "or start `loopline prefect-server`",
+            )
+        kind = asyncio.run(_ensure_pool(pool))
+        if kind != "process":
+            raise LooplineError("deploy", f"work pool {pool!r} is of type {kind!r}; loopline deploys to a process pool")
+        for flow, entrypoint, spec in specs:
+            flow.from_source(str(REPO_ROOT), entrypoint).deploy(
+                work_pool_name=pool, build=False, push=False, print_next_steps=False, **spec
+            )
+        registered = ", ".join(f"{flow.name}/{spec['name']}" for flow, _, spec in specs)
+        echo(
+            f"registered {registered} on work pool {pool} "
+            f"at {url}; run them with `prefect worker start --pool {pool}` (PREFECT_API_URL={url}) on a machine "
+            f"holding this checkout at {REPO_ROOT}"
+        )
+
+
+async def _ensure_pool(name: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            return (await client.read_work_pool(name)).type
+        except ObjectNotFound:
+            return (await client.create_work_pool(WorkPoolCreate(name=name, type="process"))).type
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from prefect.runtime import flow_run
 from pipelines import stages
 from pipelines.config import Params, load_params
 from pipelines.errors import LooplineError
+from pipelines.execution import check_execution
 from pipelines.layout import Layout
 from pipelines.training import Registration, Trained, TrainingResult, render_training, skipped
 
@@ -107,6 +108,7 @@ def training_flow(
     retrain started by monitoring does."""
     logger = get_run_logger()
     params = load_params(params_path)  # once per run; a malformed file fails here, naming the key
+    check_execution(params)
     storage = Layout.of(params).flow_cache.resolve()  # a Path: a local store needing no saved block
     outputs, cached, timings = _data_stages(params, force, storage)
     data_version = None

@@ -109,7 +109,9 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
 ) -> None:
     """Run the training flow (Prefect): data stages, candidate search, guarded promotion."""
-    _params(params)  # a malformed file fails here, before any Prefect start-up
+    from pipelines.execution import check_execution
+
+    check_execution(_params(params))  # a malformed file or setting fails here, before any Prefect start-up
     from flows.training import training_flow
     from pipelines.training import render_training
 
@@ -193,9 +195,24 @@ def backtest(
 
 
 @app.command()
-def deploy(params: ParamsOption = Path("params.yaml")) -> None:
-    """Serve the scheduled training and monitoring deployments (cron from `schedule:`) until stopped."""
+def deploy(
+    params: ParamsOption = Path("params.yaml"),
+    work_pool: Annotated[
+        str | None,
+        typer.Option(
+            help="Register the deployments on this process work pool (created if missing) and exit; "
+            "`prefect worker start --pool NAME` runs them. Default: serve them from this process."
+        ),
+    ] = None,
+) -> None:
+    """Serve the scheduled training and monitoring deployments (cron from `schedule:`) until
+    stopped, or register them on a work pool for Prefect workers."""
     _params(params)
+    if work_pool:
+        from flows.deploy import deploy_to_pool
+
+        deploy_to_pool(params, work_pool, echo=typer.echo)
+        return
     from flows.deploy import serve_deployments
 
     serve_deployments(params, echo=typer.echo)
@@ -205,12 +222,16 @@ def deploy(params: ParamsOption = Path("params.yaml")) -> None:
 def prefect_server(
     port: Annotated[int, typer.Option(help="The API and UI port.")] = 4200,
     host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
+    database: Annotated[
+        str | None,
+        typer.Option(help="PostgreSQL for the server's database (postgresql://host:5432/prefect); default SQLite."),
+    ] = None,
 ) -> None:
     """Keep a Prefect API (and its UI) up until Ctrl-C; loopline commands meanwhile use it
     instead of starting a temporary one each (seconds saved per command)."""
     from flows.api import keep_server
 
-    keep_server(host, port, echo=typer.echo)
+    keep_server(host, port, echo=typer.echo, database=database)
 
 
 @app.command()
@@ -220,11 +241,11 @@ def promote(
 ) -> None:
     """Make a registered model version the champion by hand (audited)."""
     from pipelines.registry import promote as promote_version
-    from pipelines.tracking import registry_client, tracking_uri
+    from pipelines.tracking import registry_client, registry_lock_target
 
     p = _params(params)
     client = registry_client(p)
-    replaced = promote_version(client, p.tracking.model_name, version, tracking_uri(p))
+    replaced = promote_version(client, p.tracking.model_name, version, registry_lock_target(p))
     if replaced == version:
         typer.echo(f"{p.tracking.model_name}: v{version} is already the champion; nothing changed")
     else:
@@ -235,11 +256,11 @@ def promote(
 def rollback(params: ParamsOption = Path("params.yaml")) -> None:
     """Move the champion back to the version it replaced (audited)."""
     from pipelines.registry import rollback as rollback_champion
-    from pipelines.tracking import registry_client, tracking_uri
+    from pipelines.tracking import registry_client, registry_lock_target
 
     p = _params(params)
     client = registry_client(p)
-    old, new = rollback_champion(client, p.tracking.model_name, tracking_uri(p))
+    old, new = rollback_champion(client, p.tracking.model_name, registry_lock_target(p))
     typer.echo(f"{p.tracking.model_name}: champion rolled back from v{old} to v{new}")
 
 
@@ -268,6 +289,55 @@ def ui(params: ParamsOption = Path("params.yaml"), port: int = 5000, host: str =
             str(port),
             "--workers",
             "1",
+        ],
+    )
+
+
+@app.command("tracking-server")
+def tracking_server(
+    store: Annotated[
+        str,
+        typer.Option(
+            help="MLflow's backend store: postgresql+psycopg://host:5432/db for a team, or sqlite:///file.db."
+        ),
+    ],
+    artifacts: Annotated[
+        str, typer.Option(help="Where the server keeps artifacts it serves: a directory or s3://bucket/prefix.")
+    ],
+    port: int = 5000,
+    host: Annotated[str, typer.Option(help="0.0.0.0 to serve other machines.")] = "127.0.0.1",
+    workers: Annotated[int, typer.Option(min=1)] = 2,
+) -> None:
+    """The team's MLflow server: runs and registry in STORE, artifacts served by the server
+    (clients need no access to ARTIFACTS). Point tracking.uri (or MLFLOW_TRACKING_URI) at
+    http://HOST:PORT."""
+    import os
+
+    from pipelines.postgres import describe
+    from pipelines.tracking import check_backend_store
+
+    store = check_backend_store(store)
+    if "://" not in artifacts:
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        artifacts = str(Path(artifacts).resolve())
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    typer.echo(f"MLflow server: store {describe(store)}, artifacts {artifacts}; tracking.uri: http://{host}:{port}")
+    os.execv(
+        mlflow,
+        [
+            mlflow,
+            "server",
+            "--backend-store-uri",
+            store,
+            "--serve-artifacts",
+            "--artifacts-destination",
+            artifacts,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
         ],
     )
 

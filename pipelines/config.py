@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.errors import LooplineError
 
@@ -137,6 +137,15 @@ class SearchConfig(_Section):
     n_trials: int = Field(0, ge=0)
     seed: int = 42
     space: dict[str, dict[str, ParamRange]] = {}
+    # Where the Optuna study lives: empty = in memory (gone with the process); a file path
+    # (a journal, for one machine) or an SQLAlchemy URL (postgresql+psycopg://…, for
+    # several). A stored search killed mid-way resumes with its finished trials kept.
+    storage: str = ""
+    # Trials sampled together once Optuna's seeded start-up trials (sampled independently
+    # of results, so all asked at once) are done: 1 = each trial sees every earlier result,
+    # the sequential search; more keeps more workers busy. The result depends on this, not
+    # on the runner or the number of workers.
+    trials_per_round: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> SearchConfig:
@@ -148,6 +157,23 @@ class SearchConfig(_Section):
         if not self.families and not self.n_trials:
             raise ValueError("nothing to train: no families and no trials")
         return self
+
+
+class DaskConfig(_Section):
+    # Empty: a distributed.LocalCluster of n_workers processes, started for the search.
+    # tcp://host:port: the scheduler of a running cluster (`dask scheduler`, `dask worker`).
+    address: str = ""
+    n_workers: int = Field(2, ge=1)
+    # Native threads (OpenMP, BLAS, torch) one candidate's fit uses on a worker; a worker
+    # fits one candidate at a time.
+    threads_per_worker: int = Field(1, ge=1)
+
+
+class ExecutionConfig(_Section):
+    # Where the candidate search's fits run: sequential (in the training process) or dask
+    # (each family and each Optuna trial a task on a Dask worker).
+    runner: Literal["sequential", "dask"] = "sequential"
+    dask: DaskConfig = DaskConfig()
 
 
 class PromotionConfig(_Section):
@@ -191,6 +217,22 @@ class TrackingConfig(_Section):
     artifact_root: Path = Path("mlruns")
     experiment: str = "loopline"
     model_name: str = "loopline-model"
+
+
+class LocksConfig(_Section):
+    # A PostgreSQL database (postgresql://…) whose advisory lock serialises promotions
+    # across machines: needed with an MLflow server (http://…), whose database loopline
+    # does not see. Empty: the tracking store when it is PostgreSQL, else a file lock.
+    dsn: str = ""
+
+    @field_validator("dsn")
+    @classmethod
+    def _postgres(cls, dsn: str) -> str:
+        from pipelines.postgres import is_postgres
+
+        if dsn and not is_postgres(dsn):
+            raise ValueError(f"{dsn!r} is not a PostgreSQL URL (postgresql://host:port/database)")
+        return dsn
 
 
 class ScheduleConfig(_Section):
@@ -336,8 +378,10 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     paths: PathsConfig = PathsConfig()
     search: SearchConfig = SearchConfig()
+    execution: ExecutionConfig = ExecutionConfig()
     promotion: PromotionConfig = PromotionConfig()
     tracking: TrackingConfig = TrackingConfig()
+    locks: LocksConfig = LocksConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     serve: ServeConfig = ServeConfig()
     monitor: MonitorConfig = MonitorConfig()

@@ -12,3 +12,7 @@ class LooplineError(Exception):
         super().__init__(f"{stage}: {message}")
         self.stage = stage
         self.message = message
+
+    def __reduce__(self):
+        # Raised on a Dask worker, it travels back pickled: rebuild it from its two parts.
+        return LooplineError, (self.stage, self.message)

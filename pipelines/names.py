@@ -35,6 +35,8 @@ END_REASON = "loopline.end_reason"
 
 # Training runs.
 FAMILY = "loopline.family"
+WORKER = "loopline.worker"  # where a candidate was fitted: a Dask worker's address, or local:host:pid
+RESTORED = "loopline.restored"  # a candidate finished by an earlier, interrupted search (search.storage)
 BEST_CANDIDATE = "loopline.best_candidate"
 BEST_RUN_ID = "loopline.best_run_id"
 DECISION = "loopline.decision"

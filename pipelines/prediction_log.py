@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pandas as pd
 
 from pipelines.errors import LooplineError
+from pipelines.postgres import describe
 
 if TYPE_CHECKING:
     from pipelines.config import Params
@@ -59,16 +60,6 @@ def log_location(params: Params) -> str | Path:
     if configured is None:
         return Layout.of(params).prediction_log
     return configured if is_dsn(configured) else Path(configured)
-
-
-def describe(location: str | Path) -> str:
-    """The location as messages show it: a DSN without its password."""
-    if not is_dsn(location):
-        return str(location)
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    parts = {k: v for k, v in conninfo_to_dict(str(location)).items() if k != "password"}
-    return make_conninfo(**parts)  # type: ignore[arg-type]
 
 
 class _SQLite:

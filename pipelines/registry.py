@@ -3,7 +3,8 @@ for the model in service. The champion changes only to a model that beats it on 
 test rows, by manual promotion, or by rollback; every change leaves an audit tag.
 
 Promotion decisions run under an exclusive lock, so two trainings finishing at once compare
-one after the other and cannot both become champion.
+one after the other and cannot both become champion: a file lock for a SQLite store, an
+advisory lock in PostgreSQL for a shared one (locks.dsn).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _now() -> str:
 
 def lock_path(tracking_uri: str) -> Path:
     """Beside the SQLite database when there is one, else in the temp dir, per tracking URI.
-    (A remote tracking server shared by several machines needs a shared lock instead.)"""
+    (A tracking server shared by several machines needs locks.dsn instead.)"""
     if tracking_uri.startswith("sqlite:///"):
         return Path(tracking_uri.removeprefix("sqlite:///") + ".registry.lock")
     digest = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
@@ -40,8 +41,16 @@ def lock_path(tracking_uri: str) -> Path:
 
 
 @contextmanager
-def registry_lock(tracking_uri: str) -> Iterator[None]:
-    path = lock_path(tracking_uri)
+def registry_lock(target: str) -> Iterator[None]:
+    """Promotions one at a time: a PostgreSQL advisory lock when `target` is a PostgreSQL
+    URL (tracking.registry_lock_target), else a file lock per tracking URI."""
+    from pipelines.postgres import advisory_lock, is_postgres
+
+    if is_postgres(target):
+        with advisory_lock(target, "loopline.registry", "locks.dsn"):
+            yield
+        return
+    path = lock_path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)

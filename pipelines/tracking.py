@@ -37,6 +37,30 @@ def sqlite_store(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+def check_backend_store(store: str) -> str:
+    """An MLflow server's backend store as MLflow takes it (PostgreSQL through psycopg 3),
+    after checking that the database answers."""
+    from pipelines.postgres import connect, is_postgres
+
+    if is_postgres(store):
+        scheme, rest = store.split("://", 1)
+        store = f"postgresql+psycopg://{rest}" if "+" not in scheme else store
+        connect(store, "tracking-server --store").close()
+        return store
+    if store.startswith("sqlite:///"):
+        return store
+    raise LooplineError(
+        "tracking-server --store", f"{store!r} is not postgresql+psycopg://host:port/database or sqlite:///file.db"
+    )
+
+
+def registry_lock_target(params: Params) -> str:
+    """Where the promotion lock is taken: locks.dsn; else the tracking store itself when it
+    is a PostgreSQL database; else the tracking URI, a file lock on this machine (enough for
+    a SQLite store, which only this machine writes)."""
+    return params.locks.dsn or tracking_uri(params)
+
+
 class StoreMissing(LooplineError):
     def __init__(self, path: Path):
         super().__init__(
@@ -102,9 +126,11 @@ def client_for(params: Params, experiment: str | None = None):
         found = client.get_experiment_by_name(name)
         if found is not None:
             return client, found.experiment_id
-        return client, client.create_experiment(
-            name, artifact_location=Path(params.tracking.artifact_root).resolve().as_uri()
-        )
+        # A tracking server keeps artifacts where it was told to (--artifacts-destination);
+        # a store opened directly gets them under tracking.artifact_root.
+        remote = uri.startswith(("http://", "https://"))
+        location = None if remote else Path(params.tracking.artifact_root).resolve().as_uri()
+        return client, client.create_experiment(name, artifact_location=location)
 
 
 def run_owner() -> str:

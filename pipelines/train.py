@@ -70,12 +70,13 @@ def build_model(params: Params, family: str | None = None, hyperparams: dict[str
     return Pipeline([("features", build_preprocessor(params.features, params.table_schema)), ("model", estimator)])
 
 
-def fit_model(model: Pipeline, train: pd.DataFrame, params: Params) -> Pipeline:
-    """Fit on the training rows within this training's share of the cores (pipelines.threads)."""
+def fit_model(model: Pipeline, train: pd.DataFrame, params: Params, threads: int | None = None) -> Pipeline:
+    """Fit on the training rows within `threads` native threads, by default this training's
+    share of the cores (pipelines.threads)."""
     from pipelines.threads import fit_threads, thread_budget, training_slot
 
     torch_model = isinstance(model[-1], (TorchMLPClassifier, TorchMLPRegressor))
-    with training_slot(), thread_budget(fit_threads(params.train.threads), torch_model):
+    with training_slot(), thread_budget(threads or fit_threads(params.train.threads), torch_model):
         return _fit(model, train, params)
 
 

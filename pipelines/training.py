@@ -39,6 +39,8 @@ class CandidateRun:
     run_id: str
     val: float  # the promotion metric on the validation rows
     fit_seconds: float
+    worker: str = ""  # where it was fitted (execution:)
+    restored: bool = False  # finished by an earlier, interrupted search of the stored study
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,13 @@ def training_fingerprint(params: Params) -> str:
     return fingerprint([*splits, *code_files(__name__)], SEARCH_PARAMS, params, salt="search")
 
 
-def lineage_tags(params: Params, params_path: str, flow_run_id: str, rows: dict[str, int]) -> dict[str, Any]:
+def study_name(params: Params) -> str:
+    """The Optuna study of a search: one per training fingerprint, so a search started again
+    on the same splits, code and params resumes it (search.storage)."""
+    return f"{params.tracking.model_name}-{training_fingerprint(params)[:16]}"
+
+
+def lineage_tags(params: Params, params_path: str, flow_run_id: str, rows: dict[str, int]) -> dict[str, str]:
     """Where a training's data and code came from, tagged on its parent and candidate runs."""
     from pipelines.arrivals import arrival_files
     from pipelines.lineage import dvc_lock_md5, git_commit
@@ -108,7 +116,7 @@ def lineage_tags(params: Params, params_path: str, flow_run_id: str, rows: dict[
 
     layout = Layout.of(params)
     arrivals = arrival_files(layout.arrivals)
-    return {
+    tags = {
         names.GIT_COMMIT: git_commit(),
         names.CLEAN_MD5: file_md5(layout.clean),
         names.SOURCE: str(params.data.source),
@@ -122,6 +130,7 @@ def lineage_tags(params: Params, params_path: str, flow_run_id: str, rows: dict[
         names.PARAMS_FILE: params_path,
         names.OWNER: run_owner(),
     }
+    return {key: str(value) for key, value in tags.items()}  # a tracking server takes strings only
 
 
 class _CandidateLogger:
@@ -135,9 +144,11 @@ class _CandidateLogger:
     def __call__(self, c) -> None:
         from pipelines.tracking import flatten, log_dict_batch, log_history
 
-        tags = {"mlflow.parentRunId": self.parent_id, **self.lineage, names.FAMILY: c.family}
+        tags = {"mlflow.parentRunId": self.parent_id, **self.lineage, names.FAMILY: c.family, names.WORKER: c.worker}
+        if c.restored:
+            tags[names.RESTORED] = "true"
         run_id = self.client.create_run(self.experiment_id, run_name=c.name, tags=tags).info.run_id
-        estimator = c.model[-1]
+        estimator: Any = c.model[-1] if c.model is not None else None
         device = {"device": estimator.device_, "gpu_name": estimator.gpu_name_} if hasattr(estimator, "device_") else {}
         log_dict_batch(
             self.client,
@@ -149,7 +160,9 @@ class _CandidateLogger:
         if hasattr(estimator, "history_"):
             log_history(self.client, run_id, estimator.history_)
         self.client.set_terminated(run_id)
-        self.runs.append(CandidateRun(c.name, c.family, run_id, c.val[self.metric], round(c.fit_seconds, 2)))
+        self.runs.append(
+            CandidateRun(c.name, c.family, run_id, c.val[self.metric], round(c.fit_seconds, 2), c.worker, c.restored)
+        )
 
 
 def search_and_log(params: Params, params_path: str, flow_run_id: str, warn=print) -> Trained:
@@ -175,7 +188,9 @@ def search_and_log(params: Params, params_path: str, flow_run_id: str, warn=prin
     timings: dict[str, float] = {}
     try:
         started = time.perf_counter()
-        best, _ = search_candidates(params, train, val, on_candidate=log_candidate)
+        best, _ = search_candidates(
+            params, train, val, on_candidate=log_candidate, study_name=study_name(params), warn=warn
+        )
         timings["search: fit and score candidates"] = time.perf_counter() - started
         best_run = next(c.run_id for c in log_candidate.runs if c.name == best.name)
         model_uri, test_metrics = _log_best(client, parent_id, best_run, best, params, (train, val, test), timings)
@@ -310,7 +325,7 @@ def register_best(params: Params, trained: Trained) -> Registration:
     training fingerprint) is not registered again."""
     from pipelines.evidence import judge_on
     from pipelines.registry import CHAMPION, alias_version, evidence_tags, promote_if_better, register
-    from pipelines.tracking import client_for, load_model_version, tracking_uri
+    from pipelines.tracking import client_for, load_model_version, registry_lock_target
 
     client, _ = client_for(params)
     name = params.tracking.model_name
@@ -370,7 +385,7 @@ def register_best(params: Params, trained: Trained) -> Registration:
             ordered=bool(params.split.order_by),
         )
 
-    decision = promote_if_better(client, name, version, judge, tracking_uri(params))
+    decision = promote_if_better(client, name, version, judge, registry_lock_target(params))
     evidence = decision.evidence
     _set_tags(
         client,
@@ -440,7 +455,10 @@ def render_training(result: TrainingResult) -> str:
     """The training flow's result as Markdown that also reads as plain text: the CLI prints
     it, the Prefect artifact shows it."""
     trained, decision, metric = result.trained, result.decision, result.trained.metric
-    rows = [f"| {c.name} | {c.family} | {c.val:.4f} | {c.fit_seconds} |" for c in trained.candidates]
+    rows = [
+        f"| {c.name} | {c.family} | {c.val:.4f} | {c.fit_seconds} | {c.worker}{' (restored)' if c.restored else ''} |"
+        for c in trained.candidates
+    ]
     outcome = (
         f"training skipped: {decision.reason}"
         if decision.outcome == "skipped"
@@ -452,7 +470,7 @@ def render_training(result: TrainingResult) -> str:
             + (" (and the search)" if result.training_cached else ""),
             f"data: clean.parquet md5 `{trained.data_md5}`; git commit `{trained.git_commit}`; "
             f"MLflow parent run `{trained.parent_run_id}`",
-            "\n".join([f"| candidate | family | val {metric} | fit s |", "|---|---|---:|---:|", *rows]),
+            "\n".join([f"| candidate | family | val {metric} | fit s | fitted on |", "|---|---|---:|---:|---|", *rows]),
             f"best: {trained.best}  test {metric}={trained.test[metric]:.4f} "
             f"(naive baseline {trained.test[f'baseline_{metric}']:.4f})",
             outcome,

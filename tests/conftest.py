@@ -242,3 +242,81 @@ def wait_for_version(client, version: str, timeout: float = 30) -> None:
             return
         time.sleep(0.3)
     raise TimeoutError(f"the service did not switch to v{version}")
+
+
+def start_tracking_server(tmp: Path, store: str) -> tuple[subprocess.Popen, str]:
+    """A real `loopline tracking-server` on `store`, its artifacts below `tmp`; its URL once
+    it answers."""
+    from serving.harness import start_server
+
+    port = free_port()
+    log = open(tmp / f"tracking-server-{port}.log", "w")  # noqa: SIM115  (the server writes it until stopped)
+    proc = start_server(
+        [venv_bin("loopline"), "tracking-server", "--store", store, "--artifacts", str(tmp / "served-artifacts")]
+        + ["--port", str(port), "--workers", "1"],
+        log=log,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/health", timeout=120, proc=proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    """A real `dask scheduler` and two `dask worker` processes on loopback: the scheduler's
+    address, the worker processes and the workers' addresses."""
+    from distributed import Client
+
+    from serving.harness import start_server
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    log = open(tmp_path / "dask.log", "w")  # noqa: SIM115  (the cluster writes it until stopped)
+    scheduler = start_server(
+        [venv_bin("dask"), "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
+        log=log,
+    )
+    workers = [
+        start_server(
+            [venv_bin("dask"), "worker", address, "--nthreads", "1", "--name", f"worker-{i}", "--no-dashboard"]
+            + ["--host", "127.0.0.1"],
+            log=log,
+        )
+        for i in range(2)
+    ]
+    try:
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+            names = {info["name"]: addr for addr, info in client.scheduler_info(n_workers=-1)["workers"].items()}
+        yield address, workers, [names[f"worker-{i}"] for i in range(2)]
+    finally:
+        for proc in [*workers, scheduler]:
+            stop(proc)
+        log.close()
+
+
+def monitoring_retrains_through_the_training_deployment(tmp: Path) -> None:
+    """A drifted batch, a monitoring run started by hand: it decides to retrain and starts the
+    training deployment, which whatever runs the deployments (`loopline deploy`, a work
+    pool's worker) runs, and which registers v2."""
+    import pandas as pd
+    from prefect.deployments import run_deployment
+
+    july = pd.read_csv(BIKESHARE).query("mnth == 'July'").head(400)
+    (tmp / "data" / "landing").mkdir(parents=True, exist_ok=True)
+    july.assign(request_id=[f"july-{i}" for i in range(len(july))]).to_csv(
+        tmp / "data" / "landing" / "july.csv", index=False
+    )
+    run = run_deployment("monitoring/scheduled-monitoring", timeout=300)
+    assert run.state.is_completed(), run.state
+    deadline = time.monotonic() + 240
+    while len(client_of(tmp).search_model_versions("name='bikes'")) < 2:
+        assert time.monotonic() < deadline, "the retrain started by monitoring never registered a version"
+        time.sleep(2)
+    client = client_of(tmp)
+    [monitoring] = client.search_runs([client.get_experiment_by_name("test-bikes-monitoring").experiment_id])
+    assert monitoring.data.tags["loopline.decision"] == "retrain"
+    assert monitoring.data.tags["loopline.training_outcome"] == "started"

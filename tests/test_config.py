@@ -66,6 +66,23 @@ def test_a_reference_profile_evidently_would_test_differently_is_refused():
     assert parse_params(raw, "params.yaml").monitor.reference_profile_rows == 0
 
 
+def test_team_settings_name_what_is_wrong():
+    raw = raw_params()
+    raw["locks"] = {"dsn": "mysql://db/locks"}
+    msg = _error(raw)
+    assert "locks.dsn" in msg and "mysql://db/locks" in msg and "PostgreSQL" in msg
+    raw["locks"] = {"dsn": "postgresql+psycopg://db:5432/mlflow"}
+    raw["execution"] = {"runner": "ray"}
+    msg = _error(raw)
+    assert "execution.runner" in msg and "ray" in msg
+    raw["execution"] = {"runner": "dask", "dask": {"n_workers": 0}}
+    assert "execution.dask.n_workers" in _error(raw)
+    raw["execution"] = {"runner": "dask", "dask": {"address": "tcp://10.0.0.5:8786"}}
+    raw["search"]["trials_per_round"] = 4
+    params = parse_params(raw, "params.yaml")
+    assert params.execution.dask.address == "tcp://10.0.0.5:8786" and params.search.trials_per_round == 4
+
+
 def test_invalid_yaml_file(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("data: [unclosed\n")

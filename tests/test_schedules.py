@@ -19,7 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, bikeshare_sample, tracking_section, venv_bin, write_params
+from conftest import (
+    REPO,
+    bikeshare_sample,
+    monitoring_retrains_through_the_training_deployment,
+    tracking_section,
+    venv_bin,
+    write_params,
+)
 from flows.deploy import STOP_TIMEOUT_S
 
 pytestmark = pytest.mark.slow
@@ -150,31 +157,6 @@ async def read_deployment(name: str):
 
     async with get_client() as client:
         return await client.read_deployment_by_name(name)
-
-
-def monitoring_retrains_through_the_training_deployment(tmp: Path) -> None:
-    """A drifted batch, a monitoring run started by hand: it decides to retrain and starts the
-    training deployment, which this `loopline deploy` runs and which registers v2."""
-    import pandas as pd
-    from prefect.deployments import run_deployment
-
-    from conftest import BIKESHARE, client_of
-
-    july = pd.read_csv(BIKESHARE).query("mnth == 'July'").head(400)
-    (tmp / "data" / "landing").mkdir(parents=True, exist_ok=True)
-    july.assign(request_id=[f"july-{i}" for i in range(len(july))]).to_csv(
-        tmp / "data" / "landing" / "july.csv", index=False
-    )
-    run = run_deployment("monitoring/scheduled-monitoring", timeout=300)
-    assert run.state.is_completed(), run.state
-    deadline = time.monotonic() + 240
-    while len(client_of(tmp).search_model_versions("name='bikes'")) < 2:
-        assert time.monotonic() < deadline, "the retrain started by monitoring never registered a version"
-        time.sleep(2)
-    client = client_of(tmp)
-    [monitoring] = client.search_runs([client.get_experiment_by_name("test-bikes-monitoring").experiment_id])
-    assert monitoring.data.tags["loopline.decision"] == "retrain"
-    assert monitoring.data.tags["loopline.training_outcome"] == "started"
 
 
 def test_scheduled_runs_fire_and_deploy_stops_cleanly(prefect_api, tmp_path):
