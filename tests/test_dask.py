@@ -100,29 +100,35 @@ def test_training_on_a_dask_cluster_survives_a_lost_worker_and_matches_the_seque
         stop(server)
 
 
+@pytest.fixture(params=["journal", "postgresql"])
+def search_storage(request, tmp_path) -> str:
+    """search.storage: a journal file, or a fresh PostgreSQL database (psycopg 3)."""
+    if request.param == "journal":
+        return str(tmp_path / "optuna" / "search.journal")
+    dsn = request.getfixturevalue("postgres_db")
+    return "postgresql+psycopg://" + dsn.split("://", 1)[1]
+
+
 @pytest.mark.slow
-def test_a_killed_search_resumes_from_its_journal_keeping_the_finished_trials(tmp_path):
-    """A search with search.storage (an Optuna journal file) is SIGKILLed after two trials
-    finished. Started again, it keeps them (and the family candidates) with the same scores
-    an uninterrupted search gets from the same seed, marks the trials the killed process
-    left running as failed, and runs only the rest."""
+def test_a_killed_search_resumes_from_its_storage_keeping_the_finished_trials(tmp_path, search_storage):
+    """A search with search.storage (an Optuna journal file, or PostgreSQL) is SIGKILLed
+    after two trials finished. Started again, it keeps them (and the family candidates) with
+    the same scores an uninterrupted search gets from the same seed, marks the trials the
+    killed process left running as failed, and runs only the rest."""
     import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
     from optuna.trial import TrialState
 
     from pipelines.config import load_params
-    from pipelines.search import search_candidates
+    from pipelines.search import _storage, search_candidates
     from pipelines.stages import read_split, run_all
 
-    journal = tmp_path / "optuna" / "search.journal"
     path = write_params(
         tmp_path,
         bikeshare_sample(tmp_path),
         search={
             "families": ["linear"],
             "n_trials": 6,
-            "storage": str(journal),
+            "storage": search_storage,
             "space": {
                 "random_forest": {"n_estimators": {"choices": [300, 400]}, "min_samples_leaf": {"low": 1, "high": 8}}
             },
@@ -142,12 +148,11 @@ def test_a_killed_search_resumes_from_its_journal_keeping_the_finished_trials(tm
     deadline = time.monotonic() + 120
     finished = 0
     while time.monotonic() < deadline and killed.poll() is None:
-        if journal.exists():
-            try:
-                study = optuna.load_study(study_name="resume", storage=JournalStorage(JournalFileBackend(str(journal))))
-                finished = len(study.get_trials(states=(TrialState.COMPLETE,)))
-            except KeyError:
-                finished = 0
+        try:
+            study = optuna.load_study(study_name="resume", storage=_storage(search_storage))
+            finished = len(study.get_trials(states=(TrialState.COMPLETE,)))
+        except KeyError:  # not created yet
+            finished = 0
         if finished >= 2:
             killed.send_signal(signal.SIGKILL)
             break
@@ -164,7 +169,7 @@ def test_a_killed_search_resumes_from_its_journal_keeping_the_finished_trials(tm
     assert [c.name for c in restored][:1] == ["linear"] and len(restored) >= 1 + finished
     assert any("left running" in w for w in warnings)
     assert len([c for c in resumed if c.name.startswith("trial-")]) == 6
-    study = optuna.load_study(study_name="resume", storage=JournalStorage(JournalFileBackend(str(journal))))
+    study = optuna.load_study(study_name="resume", storage=_storage(search_storage))
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 6
     assert study.get_trials(states=(TrialState.FAIL,)), "the trials left running were not marked failed"
     assert best.model is not None and len(best.model.predict(read_split(params, "test"))) > 0
