@@ -193,3 +193,29 @@ def test_a_cluster_address_with_sqlite_tracking_is_refused_naming_both(tmp_path,
     assert code == 2
     assert "execution.dask.address" in err and "tcp://10.1.2.3:8786" in err and "tracking.uri" in err
     assert not (tmp_path / "data").exists(), "nothing may run before the refusal"
+
+
+@pytest.mark.slow
+def test_a_local_cluster_started_for_the_search_fits_on_its_workers(tmp_path):
+    """execution.dask.address empty: the search starts a LocalCluster of n_workers processes
+    for itself, fits there, gives the sequential search's candidates, and stops it."""
+    from pipelines.config import load_params
+    from pipelines.search import search_candidates
+    from pipelines.stages import read_split, run_all
+
+    path = write_params(
+        tmp_path,
+        bikeshare_sample(tmp_path, 1000),
+        search={"families": ["linear", "hist_gradient_boosting"], "n_trials": 2},
+        execution={"runner": "dask", "dask": {"n_workers": 2}},
+    )
+    params = load_params(path)
+    run_all(params, echo=lambda _: None)
+    train, val = read_split(params, "train"), read_split(params, "val")
+    best, on_cluster = search_candidates(params, train, val)
+    sequential = params.model_copy(update={"execution": params.execution.model_copy(update={"runner": "sequential"})})
+    local_best, local = search_candidates(sequential, train, val)
+    assert all(c.worker.startswith("tcp://127.0.0.1:") for c in on_cluster)
+    assert all(c.worker.startswith("local:") for c in local)
+    assert [(c.name, c.hyperparams, c.val) for c in on_cluster] == [(c.name, c.hyperparams, c.val) for c in local]
+    assert best.name == local_best.name and best.model is not None
