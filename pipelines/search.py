@@ -134,14 +134,31 @@ def _search(
             assert study is not None
             for (trial, _), candidate in zip(trials, fresh, strict=True):
                 record(candidate)
-                trial.set_user_attr(ATTR, candidate.stored())
-                study.tell(trial, candidate.val[params.metric[0]])
+                _tell(study, trial, candidate, params.metric[0], warn)
             trials = _ask(params, study)
             fresh = report([f for _, f in trials], fit([f for _, f in trials]))
     except BaseException:
-        if study is not None:  # a stored study must not keep trials that will never finish
-            _fail_running(study)
+        if study is not None:  # a stored study must not keep this search's trials running forever
+            from optuna.trial import TrialState
+
+            for trial, _ in trials:
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
+
+
+def _tell(study, trial, candidate: Candidate, metric: str, warn: Callable[[str], Any]) -> None:
+    """Store a finished trial; one another search of the study marked failed (it found it
+    running and took its place) stays theirs, and this search goes on."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    try:
+        trial.set_user_attr(ATTR, candidate.stored())
+        study.tell(trial, candidate.val[metric])
+    except UpdateFinishedTrialError:
+        warn(
+            f"search.storage: trial {trial.number} of study {study.study_name} was finished by another search "
+            "of the same study meanwhile; its result is kept by this search only"
+        )
 
 
 def _study(params: Params, name: str | None, stored: bool, warn: Callable[[str], Any]):

@@ -17,6 +17,17 @@ import pytest
 from conftest import REPO, bikeshare_sample, run_cli, start_tracking_server, stop, venv_bin, write_params
 
 TRACKING = {"experiment": "bikes", "model_name": "bikes"}
+# A search of study "resume" in a process of its own, as a training runs it.
+SEARCH = (
+    "import sys\n"
+    "from pipelines.config import load_params\n"
+    "from pipelines.search import search_candidates\n"
+    "from pipelines.stages import read_split\n"
+    "p = load_params(sys.argv[1])\n"
+    "best, _ = search_candidates(p, read_split(p, 'train'), read_split(p, 'val'), study_name='resume')\n"
+    "print('best', best.name)\n"
+)
+SLOW_TRIALS = {"random_forest": {"n_estimators": {"choices": [300, 400]}, "min_samples_leaf": {"low": 1, "high": 8}}}
 
 
 def _candidates(candidates) -> list[tuple]:
@@ -129,22 +140,12 @@ def test_a_killed_search_resumes_from_its_storage_keeping_the_finished_trials(tm
             "families": ["linear"],
             "n_trials": 6,
             "storage": search_storage,
-            "space": {
-                "random_forest": {"n_estimators": {"choices": [300, 400]}, "min_samples_leaf": {"low": 1, "high": 8}}
-            },
+            "space": SLOW_TRIALS,
         },
     )
     params = load_params(path)
     run_all(params, echo=lambda _: None)
-    script = (
-        "import sys\n"
-        "from pipelines.config import load_params\n"
-        "from pipelines.search import search_candidates\n"
-        "from pipelines.stages import read_split\n"
-        "p = load_params(sys.argv[1])\n"
-        "search_candidates(p, read_split(p, 'train'), read_split(p, 'val'), study_name='resume')\n"
-    )
-    killed = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=REPO)
+    killed = subprocess.Popen([sys.executable, "-c", SEARCH, str(path)], cwd=REPO)
     deadline = time.monotonic() + 120
     finished = 0
     while time.monotonic() < deadline and killed.poll() is None:
@@ -219,3 +220,46 @@ def test_a_local_cluster_started_for_the_search_fits_on_its_workers(tmp_path):
     assert all(c.worker.startswith("local:") for c in local)
     assert [(c.name, c.hyperparams, c.val) for c in on_cluster] == [(c.name, c.hyperparams, c.val) for c in local]
     assert best.name == local_best.name and best.model is not None
+
+
+@pytest.mark.slow
+def test_a_search_whose_running_trials_another_search_took_over_still_finishes(tmp_path):
+    """Two searches of one stored study at once (the same training started twice): the
+    second marks the first's running trials failed and runs its own; the first, finding its
+    trials finished by someone else, says so and completes instead of failing."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from pipelines.config import load_params
+    from pipelines.search import _storage, search_candidates
+    from pipelines.stages import read_split, run_all
+
+    journal = str(tmp_path / "search.journal")
+    path = write_params(
+        tmp_path,
+        bikeshare_sample(tmp_path),
+        search={"families": ["linear"], "n_trials": 3, "storage": journal, "space": SLOW_TRIALS},
+    )
+    params = load_params(path)
+    run_all(params, echo=lambda _: None)
+    first = subprocess.Popen(
+        [sys.executable, "-c", SEARCH, str(path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 120
+    running = []
+    while not running and time.monotonic() < deadline and first.poll() is None:
+        try:
+            study = optuna.load_study(study_name="resume", storage=_storage(journal))
+            running = study.get_trials(states=(TrialState.RUNNING,))
+        except KeyError:
+            pass
+        time.sleep(0.05)
+    assert running, "the first search never had a trial running"
+    warnings: list[str] = []
+    search_candidates(
+        params, read_split(params, "train"), read_split(params, "val"), study_name="resume", warn=warnings.append
+    )
+    assert any("left running" in w for w in warnings)
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out[-3000:]
+    assert "finished by another search" in out and "best " in out
