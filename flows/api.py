@@ -89,12 +89,12 @@ def api_url(host: str, port: int) -> str:
 
 def server_database(url: str) -> str:
     """A PostgreSQL URL as Prefect's server takes it (asyncpg), once the database answers."""
-    from pipelines.postgres import connect, is_postgres
+    from pipelines.postgres import connect, is_postgres, with_driver
 
     if not is_postgres(url):
         raise LooplineError("prefect-server --database", f"{url!r} is not a PostgreSQL URL (postgresql://host/db)")
     connect(url, "prefect-server --database").close()
-    return "postgresql+asyncpg://" + url.split("://", 1)[1]
+    return with_driver(url, "asyncpg")
 
 
 @contextmanager

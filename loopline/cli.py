@@ -267,29 +267,22 @@ def rollback(params: ParamsOption = Path("params.yaml")) -> None:
 @app.command()
 def ui(params: ParamsOption = Path("params.yaml"), port: int = 5000, host: str = "127.0.0.1") -> None:
     """Open the MLflow UI on the tracking store (mlflow server)."""
-    import os
-
     from pipelines.tracking import tracking_uri
 
     p = _params(params)
-    artifacts = str(Path(p.tracking.artifact_root).resolve())
-    mlflow = str(Path(sys.executable).with_name("mlflow"))  # the one installed beside loopline
+    artifacts = ["--default-artifact-root", str(Path(p.tracking.artifact_root).resolve())]
+    _exec_mlflow_server(tracking_uri(p), artifacts, host, port, workers=1)
+
+
+def _exec_mlflow_server(store: str, artifacts: list[str], host: str, port: int, workers: int) -> None:
+    """Become `mlflow server` (the one installed beside loopline) on `store`."""
+    import os
+
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
     os.execv(
         mlflow,
-        [
-            mlflow,
-            "server",
-            "--backend-store-uri",
-            tracking_uri(p),
-            "--default-artifact-root",
-            artifacts,
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
+        [mlflow, "server", "--backend-store-uri", store, *artifacts]
+        + ["--host", host, "--port", str(port), "--workers", str(workers)],
     )
 
 
@@ -311,8 +304,6 @@ def tracking_server(
     """The team's MLflow server: runs and registry in STORE, artifacts served by the server
     (clients need no access to ARTIFACTS). Point tracking.uri (or MLFLOW_TRACKING_URI) at
     http://HOST:PORT."""
-    import os
-
     from pipelines.postgres import describe
     from pipelines.tracking import check_backend_store
 
@@ -320,26 +311,8 @@ def tracking_server(
     if "://" not in artifacts:
         Path(artifacts).mkdir(parents=True, exist_ok=True)
         artifacts = str(Path(artifacts).resolve())
-    mlflow = str(Path(sys.executable).with_name("mlflow"))
     typer.echo(f"MLflow server: store {describe(store)}, artifacts {artifacts}; tracking.uri: http://{host}:{port}")
-    os.execv(
-        mlflow,
-        [
-            mlflow,
-            "server",
-            "--backend-store-uri",
-            store,
-            "--serve-artifacts",
-            "--artifacts-destination",
-            artifacts,
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-        ],
-    )
+    _exec_mlflow_server(store, ["--serve-artifacts", "--artifacts-destination", artifacts], host, port, workers)
 
 
 @app.command()

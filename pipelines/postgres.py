@@ -29,6 +29,12 @@ def libpq_dsn(url: str) -> str:
     return f"{scheme.split('+', 1)[0]}://{rest}"
 
 
+def with_driver(url: str, driver: str) -> str:
+    """The URL in SQLAlchemy's spelling with `driver` (psycopg for MLflow and Optuna, asyncpg
+    for Prefect's server)."""
+    return f"postgresql+{driver}://{url.split('://', 1)[1]}"
+
+
 def describe(location: str | Path) -> str:
     """The location as messages show it: a PostgreSQL URL without its password."""
     if not is_postgres(location):

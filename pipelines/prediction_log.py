@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pandas as pd
 
 from pipelines.errors import LooplineError
-from pipelines.postgres import describe
+from pipelines.postgres import connect, describe, is_postgres
 
 if TYPE_CHECKING:
     from pipelines.config import Params
@@ -48,10 +48,6 @@ def utc_now() -> str:
 LOG_COLUMNS = ("request_id", "ts", "model_name", "model_version", "run_id", "inputs", "prediction", "probabilities")
 
 
-def is_dsn(location: str | Path) -> bool:
-    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
-
-
 def log_location(params: Params) -> str | Path:
     """serve.prediction_log, else <paths.data>/serving/predictions.db."""
     from pipelines.layout import Layout
@@ -59,7 +55,7 @@ def log_location(params: Params) -> str | Path:
     configured = params.serve.prediction_log
     if configured is None:
         return Layout.of(params).prediction_log
-    return configured if is_dsn(configured) else Path(configured)
+    return configured if is_postgres(configured) else Path(configured)
 
 
 class _SQLite:
@@ -112,12 +108,7 @@ class _PostgreSQL:
             db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
 
     def connect(self):
-        import psycopg
-
-        try:
-            return psycopg.connect(self.dsn, connect_timeout=10)
-        except psycopg.OperationalError as err:
-            raise LooplineError("prediction log", f"cannot reach {describe(self.dsn)}: {err}".strip()) from None
+        return connect(self.dsn, "prediction log")
 
     def insert(self, db, rows: list[tuple]) -> None:
         with db.transaction(), db.cursor() as cur, cur.copy(self.COPY) as copy:
@@ -135,7 +126,7 @@ class PredictionLog:
 
     def __init__(self, location: str | Path):
         self.location = location
-        self._store = _PostgreSQL(str(location)) if is_dsn(location) else _SQLite(Path(location))
+        self._store = _PostgreSQL(str(location)) if is_postgres(location) else _SQLite(Path(location))
         try:
             self._store.create()
         except LooplineError:
@@ -202,7 +193,7 @@ def _close(db) -> None:
 
 
 def prediction_log_exists(location: str | Path) -> bool:
-    if not is_dsn(location):
+    if not is_postgres(location):
         return Path(location).is_file()
     with _PostgreSQL(str(location)).connect() as db:
         row = db.execute("SELECT to_regclass('predictions') IS NOT NULL").fetchone()
@@ -216,7 +207,7 @@ def read_prediction_log(location: str | Path, columns: Sequence[str], since: str
         raise LooplineError(
             "monitor", f"prediction log {describe(location)} does not exist; nothing has been served yet"
         )
-    if is_dsn(location):
+    if is_postgres(location):
         return _read_postgresql(str(location), columns, since)
     fields = "".join(f', json_extract(inputs, \'$."{c}"\') AS "{c}"' for c in columns)
     query = (

@@ -40,11 +40,10 @@ def sqlite_store(uri: str) -> Path | None:
 def check_backend_store(store: str) -> str:
     """An MLflow server's backend store as MLflow takes it (PostgreSQL through psycopg 3),
     after checking that the database answers."""
-    from pipelines.postgres import connect, is_postgres
+    from pipelines.postgres import connect, is_postgres, with_driver
 
     if is_postgres(store):
-        scheme, rest = store.split("://", 1)
-        store = f"postgresql+psycopg://{rest}" if "+" not in scheme else store
+        store = store if "+" in store.split("://", 1)[0] else with_driver(store, "psycopg")
         connect(store, "tracking-server --store").close()
         return store
     if store.startswith("sqlite:///"):

@@ -72,6 +72,13 @@ def run_cli(*args: str, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+def loopline_process(*args: str, env: dict[str, str], cwd: Path = REPO, timeout: float = 600):
+    """`loopline ARGS` as a process of its own, its output captured as text."""
+    return subprocess.run(
+        [venv_bin("loopline"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
 @pytest.fixture
 def sample_csv(tmp_path: Path) -> Path:
     return bikeshare_sample(tmp_path)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, raw_params, venv_bin
+from conftest import REPO, free_port, raw_params, run_cli, venv_bin
 
 MALFORMED = {
     "not_yaml": ("data: [unclosed\n", "is not valid YAML"),
@@ -193,3 +193,24 @@ def test_prefect_server_is_used_by_later_commands_and_stops_cleanly(tmp_path):
     assert proc.returncode == 0 and "Prefect API" not in proc.stderr
     assert "Starting temporary server" in proc.stdout + proc.stderr
     assert "`loopline prefect-server` keeps one up" in proc.stdout + proc.stderr
+
+
+def test_team_servers_refuse_a_store_they_cannot_use_naming_it(tmp_path, capsys):
+    """`loopline tracking-server` and `loopline prefect-server --database` check their
+    database before starting anything."""
+    code, _, err = run_cli(
+        "tracking-server", "--store", "mysql://db/mlflow", "--artifacts", str(tmp_path), capsys=capsys
+    )
+    assert code == 2 and "tracking-server --store" in err and "mysql://db/mlflow" in err
+    port = free_port()  # nothing listens there
+    code, _, err = run_cli(
+        "tracking-server",
+        "--store",
+        f"postgresql://127.0.0.1:{port}/mlflow",
+        "--artifacts",
+        str(tmp_path),
+        capsys=capsys,
+    )
+    assert code == 2 and f"port={port}" in err and "cannot reach PostgreSQL" in err
+    code, _, err = run_cli("prefect-server", "--database", f"postgresql://127.0.0.1:{port}/prefect", capsys=capsys)
+    assert code == 2 and "prefect-server --database" in err and f"port={port}" in err

@@ -116,8 +116,9 @@ def search_storage(request, tmp_path) -> str:
     """search.storage: a journal file, or a fresh PostgreSQL database (psycopg 3)."""
     if request.param == "journal":
         return str(tmp_path / "optuna" / "search.journal")
-    dsn = request.getfixturevalue("postgres_db")
-    return "postgresql+psycopg://" + dsn.split("://", 1)[1]
+    from pipelines.postgres import with_driver
+
+    return with_driver(request.getfixturevalue("postgres_db"), "psycopg")
 
 
 @pytest.mark.slow

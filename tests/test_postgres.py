@@ -9,6 +9,7 @@ import pytest
 from conftest import (
     bikeshare_sample,
     free_port,
+    loopline_process,
     register_family,
     start_service,
     stop,
@@ -194,27 +195,13 @@ def test_the_loop_through_an_mlflow_server_on_postgresql(postgres_db, prefect_ap
         landing = Layout.of(params).landing
         landing.mkdir(parents=True, exist_ok=True)
         read_split(params, "test").head(120).to_csv(landing / "batch-1.csv", index=False)
-        monitored = subprocess.run(
-            [venv_bin("loopline"), "monitor", "--params", str(paths[0]), "--no-retrain", "--json"],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        monitored = loopline_process("monitor", "--params", str(paths[0]), "--no-retrain", "--json", env=env)
         assert monitored.returncode == 0, monitored.stderr[-3000:]
         assert '"status": "measured"' in monitored.stdout
         experiments = {e.name for e in client.search_experiments()}
         assert any(name.startswith("bikes") and name != "bikes" for name in experiments)  # the monitoring runs
 
-        packaged = subprocess.run(
-            [venv_bin("loopline"), "package", "--params", str(paths[0])],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        packaged = loopline_process("package", "--params", str(paths[0]), env=env, cwd=tmp_path)
         assert packaged.returncode == 0, packaged.stderr[-3000:]
         assert f"registry version {other}" in packaged.stdout
     finally:
@@ -227,14 +214,12 @@ def test_prefect_server_on_postgresql_runs_the_deployments_on_a_work_pool_worker
     worker` runs a triggered training, then the retrain a monitoring run starts through
     run_deployment."""
     import os
-    import subprocess
 
     import psycopg
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from conftest import (
-        REPO,
         client_of,
         monitoring_retrains_through_the_training_deployment,
         venv_bin,
@@ -261,14 +246,7 @@ def test_prefect_server_on_postgresql_runs_the_deployments_on_a_work_pool_worker
         with psycopg.connect(postgres_db) as db:  # the server's state is in PostgreSQL
             assert db.execute("SELECT to_regclass('public.flow_run') IS NOT NULL").fetchone() == (True,)
         env = {**os.environ, **home, "PREFECT_API_URL": url}
-        deployed = subprocess.run(
-            [venv_bin("loopline"), "deploy", "--params", str(path), "--work-pool", "loopline-pool"],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        deployed = loopline_process("deploy", "--params", str(path), "--work-pool", "loopline-pool", env=env)
         assert deployed.returncode == 0, deployed.stderr[-3000:]
         assert "prefect worker start --pool loopline-pool" in deployed.stdout
         worker = start_server(
