@@ -9,7 +9,7 @@ FIND_LINKS ?= /opt/wheels
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast lint lock replay backtest bench bench-bootstrap bench-scale bench-flow bench-torch bench-serve bench-soak bench-monitor bench-concurrent bench-dask
+.PHONY: install run test test-fast lint lock browser-deps screenshots replay backtest bench bench-bootstrap bench-scale bench-flow bench-torch bench-serve bench-soak bench-monitor bench-concurrent bench-dask
 
 install: $(STAMP)
 
@@ -50,6 +50,15 @@ test-fast: install
 lock: install
 	$(BIN)/uv pip compile pyproject.toml --extra dev -c constraints.txt --override overrides.txt --python-version 3.11 \
 		--find-links $(FIND_LINKS) --no-emit-find-links -o requirements.lock
+
+# Debian's Chromium for tests/test_browser.py (Playwright drives it; no browser download).
+# Needs root; the browser tests skip, saying so, where no Chromium is found.
+browser-deps:
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+# The README's screenshots, from the browser tests on the full 2011 replay (run `make replay` first).
+screenshots: install
+	LOOPLINE_REPLAY=data/replay LOOPLINE_SCREENSHOTS=bench/results/screenshots $(BIN)/python -m pytest -p no:randomly tests/test_browser.py
 
 # The closed loop over 2011: Jan-Mar champion, then monthly batches served, labelled,
 # monitored and retrained; the timeline chart shown in the README.

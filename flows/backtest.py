@@ -32,6 +32,7 @@ from flows.replay import YEAR, _day_of_year, _fresh_workdir, split_periods
 from pipelines.config import Params, PolicyConfig
 from pipelines.estimate import Estimate, PerformanceEstimator
 from pipelines.monitor import PREDICTION, Drift
+from pipelines.progress import progress
 
 
 @dataclass
@@ -194,7 +195,7 @@ def _gate(shared: Shared, policy: PolicyConfig, champion: Model, challenger: Mod
     return evidence.better, f"bootstrap: test {evidence.test.interval}, recent {on_recent}: {evidence.verdict}"
 
 
-def run_policy(shared: Shared, policy: PolicyConfig) -> list[dict[str, Any]]:
+def run_policy(shared: Shared, policy: PolicyConfig, advance=lambda **_: None) -> list[dict[str, Any]]:
     """One policy over every batch: what was served, what was decided, what it came to."""
     from pipelines.monitor import decide
 
@@ -256,6 +257,7 @@ def run_policy(shared: Shared, policy: PolicyConfig) -> list[dict[str, Any]]:
             trained_prefix, last_retrain = i + 1, now
             champion = challenger if promoted else champion
         rows.append(row)
+        advance(note=f"{policy.name} {label}")
     return rows
 
 
@@ -320,7 +322,8 @@ def run_backtest(
         chosen = [c for c in chosen if c.name in policies]
     _fresh_workdir(workdir)
     base = yaml.safe_load(Path(params_path).read_text())
-    raw = replay_params(base, workdir)
+    # an Evidently workspace of its own, left empty: the back-test runs no monitoring flow
+    raw = replay_params(base, workdir, workdir / "data" / "monitoring" / "workspace")
     raw["tracking"]["experiment"] = "backtest-2011"
     raw["monitor"]["id_column"] = raw["monitor"].get("id_column") or "request_id"  # served rows joined by id
     raw["data"]["source"] = str(Path(base["data"]["source"]).resolve())
@@ -336,7 +339,8 @@ def run_backtest(
         f"{len(batches)} monthly batches, policies {', '.join(p.name for p in chosen)}; work directory {workdir}"
     )
     shared = Shared(params, initial, batches, echo)
-    timeline = pd.DataFrame([row for policy in chosen for row in run_policy(shared, policy)])
+    with progress("backtest", len(chosen) * len(batches), "policy-months") as advance:
+        timeline = pd.DataFrame([row for policy in chosen for row in run_policy(shared, policy, advance)])
     summary = summarise(timeline, chosen)
     seconds = time.perf_counter() - started
     metric, _ = params.metric

@@ -16,6 +16,7 @@ from typing import Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.hooks import alert_failed_run
 from pipelines.arrivals import BatchOutcome
 from pipelines.config import Params, load_params
 from pipelines.measure import Measurement, MonitoringResult, Retrain, render_monitoring
@@ -68,6 +69,19 @@ def record_task(params: Params, result: MonitoringResult) -> str:
     return record(params, result)
 
 
+@task(name="add-to-dashboard")
+def dashboard_task(params: Params, result: MonitoringResult) -> str | None:
+    """The run's snapshots in the Evidently workspace; a failure there is a warning, never a
+    lost decision."""
+    from pipelines.dashboard import add_monitoring_run
+
+    try:
+        return add_monitoring_run(params, result)
+    except Exception as err:
+        get_run_logger().warning("the Evidently workspace did not take this run: %s: %s", type(err).__name__, err)
+        return None
+
+
 def _start_training(params_path: str, trigger: Trigger) -> Retrain:
     if trigger == "deployment":
         from prefect.deployments import run_deployment
@@ -92,7 +106,7 @@ def _start_training(params_path: str, trigger: Trigger) -> Retrain:
     )
 
 
-@flow(name="monitoring")
+@flow(name="monitoring", on_failure=[alert_failed_run])
 def monitoring_flow(
     params_path: str = "params.yaml", trigger: Trigger = "subflow", now: str | None = None
 ) -> MonitoringResult:
@@ -101,7 +115,8 @@ def monitoring_flow(
     trigger: how a retrain starts — `subflow` (in this process), `deployment` (the served
     training deployment, as `loopline deploy` runs it), or `none` (decide and record only).
     now: the time the decision is taken at (ISO 8601; default: the clock), for replays."""
-    from pipelines.measure import record_retrain
+    from pipelines.alerts import send
+    from pipelines.measure import monitoring_alerts, record_retrain
 
     logger = get_run_logger()
     params = load_params(params_path)  # once per run; tasks get the validated params
@@ -124,9 +139,12 @@ def monitoring_flow(
     result = MonitoringResult(
         at=result.at, batches=batches, measured=measured, verdict=verdict, mlflow_run_id=run_id, training=training
     )
+    dashboard_task(params, result)
     create_markdown_artifact(
         render_monitoring(result),
         key="monitoring-decision",
         description="Batches, drift, live metric, the decision and its reasons",
     )
+    for alert in monitoring_alerts(params, result):
+        send(params.alerts, alert, warn=logger.warning)
     return result

@@ -55,9 +55,11 @@ def split_periods(
     return initial, [(labels[k], part) for k, part in rest.groupby(keys, sort=True)]
 
 
-def replay_params(base: dict[str, Any], workdir: Path) -> dict[str, Any]:
+def replay_params(base: dict[str, Any], workdir: Path, workspace: Path) -> dict[str, Any]:
     """The project's params, pointed at the work directory, with a quick candidate search
-    (a replay trains many times) and a service that checks the registry every second."""
+    (a replay trains many times) and a service that checks the registry every second. Its
+    monitoring history goes to the project's Evidently `workspace`, so `loopline dashboard`
+    shows it beside the real model's."""
     raw = json.loads(json.dumps(base))
     raw["data"]["source"] = str(workdir / "initial.csv")
     raw["paths"] = {"data": str(workdir / "data"), "models": str(workdir / "models")}
@@ -70,6 +72,7 @@ def replay_params(base: dict[str, Any], workdir: Path) -> dict[str, Any]:
     raw["search"] = {"families": ["linear", "hist_gradient_boosting"], "n_trials": 0}
     raw.setdefault("serve", {})["reload_interval_s"] = 1.0
     raw.setdefault("monitor", {})["settle_seconds"] = 0  # batches land by write-then-rename
+    raw["monitor"]["workspace"] = str(workspace)
     return raw
 
 
@@ -115,7 +118,9 @@ def run_replay(
     from flows.monitoring import monitoring_flow
     from flows.training import training_flow
     from pipelines.config import load_params
+    from pipelines.dashboard import remove_project
     from pipelines.layout import Layout
+    from pipelines.progress import progress
     from pipelines.storage import write_csv
     from serving.harness import post, serving
 
@@ -127,8 +132,10 @@ def run_replay(
     _fresh_workdir(workdir)
     initial.to_csv(workdir / "initial.csv", index=False)
     replay_path = workdir / "params.yaml"
-    replay_path.write_text(yaml.safe_dump(replay_params(base, workdir), sort_keys=False))
+    workspace = Layout.of(load_params(params_path)).workspace.resolve()
+    replay_path.write_text(yaml.safe_dump(replay_params(base, workdir, workspace), sort_keys=False))
     params = load_params(replay_path)
+    remove_project(workspace, params.tracking.model_name)  # the dashboard shows this replay, not the last
     layout = Layout.of(params)
     metric, _ = params.metric
     id_column = params.monitor.id_column or "request_id"  # the replay's batches carry the served ids
@@ -140,7 +147,11 @@ def run_replay(
     first = training_flow(params_path=str(replay_path))
     echo(f"  v{first.decision.version} {first.decision.outcome}: test {metric} {first.trained.test[metric]:.2f}")
     timeline: list[dict[str, Any]] = []
-    with open(workdir / "serve.log", "w") as log, serving(replay_path, log=log) as url:
+    with (
+        open(workdir / "serve.log", "w") as log,
+        serving(replay_path, log=log) as url,
+        progress("replay", len(batches), f"{period}s") as advance,
+    ):
         for label, rows in batches:
             ids = serve_period(url, rows, label, params, params.serve.max_batch_records)
             write_csv(rows.assign(**{id_column: ids}), layout.landing / f"{label}.csv")
@@ -156,6 +167,7 @@ def run_replay(
                 f"{row['weighted_drift']:.0%} -> {row['decision']}"
                 + (f"; v{row['retrained_version']} {result.training.outcome}" if result.training else "")
             )
+            advance(note=f"{label}: {row['decision']}")
     frame = pd.DataFrame(timeline)
     frame.to_csv(workdir / "timeline.csv", index=False)
     figure = timeline_figure(frame, metric, params.monitor.drift_share)

@@ -35,6 +35,7 @@ def read_table(path: Path) -> pd.DataFrame:
 
 @task(name="score-file")
 def score_file(params_path: str, input_path: str, output_path: str) -> dict[str, Any]:
+    from pipelines.progress import progress
     from pipelines.storage import write_parquet
     from serving.runtime import Unavailable, load_registry_champion, predict_frame
     from serving.schema import check_records
@@ -50,10 +51,12 @@ def score_file(params_path: str, input_path: str, output_path: str) -> dict[str,
         raise LooplineError("score", err.message) from None
     predictions: list[Any] = []
     probabilities: list[dict[str, float]] = []
-    for start in range(0, len(features), CHUNK_ROWS):
-        preds, probs = predict_frame(served, features.iloc[start : start + CHUNK_ROWS])
-        predictions += preds
-        probabilities += probs or []
+    with progress("score", len(features), "rows") as advance:
+        for start in range(0, len(features), CHUNK_ROWS):
+            preds, probs = predict_frame(served, features.iloc[start : start + CHUNK_ROWS])
+            predictions += preds
+            probabilities += probs or []
+            advance(len(preds))
     out = frame.copy()
     out["prediction"] = predictions
     if probabilities:

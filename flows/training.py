@@ -18,12 +18,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows.hooks import alert_failed_run
 from pipelines import stages
 from pipelines.config import Params, load_params
 from pipelines.errors import LooplineError
 from pipelines.execution import check_execution
 from pipelines.layout import Layout
-from pipelines.training import Registration, Trained, TrainingResult, render_training, skipped
+from pipelines.training import Registration, Trained, TrainingResult, registration_alert, render_training, skipped
 
 DATA_STAGES = ("params", "ingest", "clean", "validate", "split")
 
@@ -99,7 +100,7 @@ def record_data_version_task(params: Params, params_path: str) -> str:
     return commit_data_version(params_path, list(DATA_STAGES), Layout.of(params).ingested)
 
 
-@flow(name="training")
+@flow(name="training", on_failure=[alert_failed_run])
 def training_flow(
     params_path: str = "params.yaml", force: bool = False, record_data_version: bool = False
 ) -> TrainingResult:
@@ -142,6 +143,11 @@ def training_flow(
     create_markdown_artifact(
         render_training(result), key="training-summary", description="Data hash, candidates and the promotion decision"
     )
+    alert = registration_alert(params, trained, decision)
+    if alert is not None:
+        from pipelines.alerts import send
+
+        send(params.alerts, alert, warn=logger.warning)
     return result
 
 

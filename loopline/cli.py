@@ -380,6 +380,67 @@ def score(
     )
 
 
+@app.command()
+def dashboard(
+    params: ParamsOption = Path("params.yaml"),
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    workspace: Annotated[
+        Path | None, typer.Option(help="The Evidently workspace (default: monitor.workspace of the params).")
+    ] = None,
+) -> None:
+    """Open Evidently's UI on the monitoring history (one project per model; `make replay` fills it with 2011)."""
+    import os
+    import shutil
+
+    from pipelines.layout import Layout
+
+    folder = (workspace or Layout.of(_params(params)).workspace).resolve()
+    folder.mkdir(parents=True, exist_ok=True)  # an empty workspace: the UI says there are no projects yet
+    evidently = shutil.which("evidently", path=str(Path(sys.executable).parent)) or "evidently"
+    typer.echo(f"Evidently UI on {folder}: http://{host}:{port}", err=True)
+    os.execv(evidently, [evidently, "ui", "--workspace", str(folder), "--host", host, "--port", str(port)])
+
+
+@app.command()
+def card(
+    version: Annotated[str, typer.Argument(help="The registered model version.")],
+    params: ParamsOption = Path("params.yaml"),
+    save: Annotated[
+        Path | None, typer.Option(help="Also write model_card.md and its slice plot into this folder.")
+    ] = None,
+) -> None:
+    """Print a registered version's model card (logged with it as card/model_card.md)."""
+    from pipelines.card import read_card, save_card
+    from pipelines.errors import LooplineError
+    from pipelines.tracking import registry_client
+
+    p = _params(params)
+    client = registry_client(p)
+    try:
+        client.get_model_version(p.tracking.model_name, version)
+    except Exception:
+        raise LooplineError("card", f"{p.tracking.model_name} has no version {version!r} in {p.tracking.uri}") from None
+    text = read_card(client, p, p.tracking.model_name, version)
+    if save is not None:
+        typer.echo(f"saved {save_card(client, p.tracking.model_name, version, text, save)}", err=True)
+    typer.echo(text, nl=False)
+
+
+@app.command()
+def reproduce(
+    version: Annotated[str, typer.Argument(help="The registered model version to rebuild.")],
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Rebuild a registered version from its commit, data version and params; say whether it is identical."""
+    from pipelines.reproduce import reproduce as rebuild
+
+    result = rebuild(_params(params), version)
+    typer.echo(result.render())
+    if result.verdict != "identical":
+        sys.exit(1)
+
+
 @app.command("check-params")
 def check_params(params: ParamsOption = Path("params.yaml")) -> None:
     """Validate a params file and print it, as YAML, with defaults filled in."""

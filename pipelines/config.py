@@ -286,6 +286,9 @@ class MonitorConfig(_Section):
     # After a retrain, record the new data version in dvc.lock and the DVC cache
     # (`dvc commit`), when loopline runs in the DVC workspace of this params file.
     dvc_commit: bool = True
+    # The Evidently workspace every monitoring run adds its snapshots to (one project per
+    # model name; `loopline dashboard` shows it); default <paths.data>/monitoring/workspace.
+    workspace: Path | None = None
 
     @model_validator(mode="after")
     def _check(self) -> MonitorConfig:
@@ -386,6 +389,21 @@ class Params(_Section):
     serve: ServeConfig = ServeConfig()
     monitor: MonitorConfig = MonitorConfig()
     backtest: BacktestConfig = BacktestConfig()
+    # Where loopline says what it did (a retrain, a promotion or a rejected challenger, a
+    # rejected batch, a failed flow, a champion the service could not load): Apprise URLs
+    # such as json://host:port/path, slack://..., mailto://... Empty: no alerts.
+    alerts: list[str] = []
+
+    @field_validator("alerts")
+    @classmethod
+    def _check_alerts(cls, urls: list[str]) -> list[str]:
+        if urls:
+            import apprise
+
+            for url in urls:
+                if apprise.Apprise.instantiate(url) is None:
+                    raise ValueError(f"{url!r} is not an Apprise URL loopline can send to (see the Apprise wiki)")
+        return urls
 
     def policy_monitor(self, policy: PolicyConfig) -> MonitorConfig:
         """`monitor:` with a back-test policy's overrides."""

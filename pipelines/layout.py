@@ -17,6 +17,7 @@ class Layout:
     data: Path
     models: Path
     landing: Path
+    workspace: Path
 
     @classmethod
     def of(cls, params: Params) -> Layout:
@@ -24,6 +25,7 @@ class Layout:
             data=params.paths.data,
             models=params.paths.models,
             landing=params.monitor.landing or params.paths.data / "landing",
+            workspace=params.monitor.workspace or params.paths.data / "monitoring" / "workspace",
         )
 
     @property

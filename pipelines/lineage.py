@@ -7,6 +7,7 @@ flow keys its task cache on the same declaration, so "unchanged" means the same 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -140,6 +141,17 @@ def git_commit(cwd: str | Path = ".") -> str:
         return "unknown"
     commit = out.stdout.strip() or "unknown"
     return f"{commit}-dirty" if dirty and commit != "unknown" else commit
+
+
+def libraries() -> str:
+    """The versions of what fits and runs a model, as JSON (tagged on every registered version)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": sys.version.split()[0]}
+    for package in ("numpy", "pandas", "scikit-learn", "torch", "skops"):
+        with contextlib.suppress(PackageNotFoundError):
+            found[package] = version(package)
+    return json.dumps(found, sort_keys=True)
 
 
 def dvc_lock_md5(path: Path, dvc_lock: str | Path = "dvc.lock") -> str | None:

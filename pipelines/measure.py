@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
 
@@ -27,6 +27,9 @@ from pipelines.errors import LooplineError
 from pipelines.estimate import Estimate
 from pipelines.layout import Layout
 from pipelines.monitor import Drift, LiveMetric, Verdict
+
+if TYPE_CHECKING:
+    from pipelines.alerts import Alert
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Measurement:
     estimate: Estimate | None = None  # NannyML's label-free estimate (or why there is none)
     new_rows: int = 0  # rows no training has seen
     report: str = ""  # the Evidently report's path
+    snapshot: str = ""  # the same report as an Evidently snapshot (JSON), for the dashboard
     seconds: float = 0.0
 
 
@@ -206,6 +210,8 @@ def measure(params: Params) -> Measurement:
         estimate = _estimate(client, champion.run_id, model, window, params)
     report = layout.monitoring / "reports" / f"{datetime.now(UTC):%Y%m%dT%H%M%S%f}-v{version}.html"
     write_text(drift.html, report)
+    snapshot = report.with_suffix(".json")
+    write_text(drift.snapshot, snapshot)
 
     live = None
     served_log = log_location(params)
@@ -224,11 +230,12 @@ def measure(params: Params) -> Measurement:
         window=[f.name for f in window_files],
         window_rows=len(window),
         reference_rows=int(reference.attrs.get(REFERENCE_ROWS, len(reference))),
-        drift=replace(drift, html=""),
+        drift=replace(drift, html="", snapshot=""),
         live=live,
         estimate=estimate,
         new_rows=arrival_rows(unseen),
         report=str(report.resolve()),
+        snapshot=str(snapshot.resolve()),
         seconds=round(time.perf_counter() - started, 3),
     )
 
@@ -366,10 +373,51 @@ def render_monitoring(result: MonitoringResult) -> str:
                 f"(naive baseline {live.baseline:.4f}, champion's test {metric} {tested})"
             )
         blocks.append(_describe_estimate(measured.estimate, measured.champion_metric))
-        blocks.append(f"Evidently report: {measured.report}")
+        blocks.append(f"Evidently report: {measured.report}; the history: `loopline dashboard`")
     blocks.append(f"decision: {verdict.outcome} — {verdict.reason()}")
     if result.training is not None:
         t = result.training
         version = f"v{t.version} " if t.version else ""
         blocks.append(f"training: {version}{t.outcome}" + (f" — {t.reason}" if t.reason else ""))
     return "\n\n".join(block for block in blocks if block)
+
+
+def monitoring_alerts(params: Params, result: MonitoringResult) -> list[Alert]:
+    """What a monitoring run tells the `alerts:` targets: rejected batches and a retrain."""
+    from pipelines.alerts import Alert
+    from pipelines.tracking import monitoring_experiment
+
+    where = f"MLflow run {result.mlflow_run_id} in experiment {monitoring_experiment(params)} ({params.tracking.uri})"
+    rejected = Layout.of(params).rejected.resolve()
+    alerts = [
+        Alert(
+            event="batch rejected",
+            title=f"batch {b.file} rejected",
+            what=f"landed batch {b.file} was rejected and moved to {rejected}",
+            why=b.describe(),
+            where=f"{rejected / b.file}; {where}",
+            level="warning",
+        )
+        for b in result.batches
+        if b.status == "rejected"
+    ]
+    if result.verdict.retrain:
+        training = result.training
+        outcome = "" if training is None else f"; the retrain: {_describe_retrain(training)}"
+        alerts.append(
+            Alert(
+                event="retrain",
+                title=f"{params.tracking.model_name}: monitoring started a retrain",
+                what=f"monitoring at {result.at} decided to retrain champion v{result.measured.champion}{outcome}",
+                why=result.verdict.reason(),
+                where=f"{where}; Evidently report {result.measured.report}",
+                level="warning",
+            )
+        )
+    return alerts
+
+
+def _describe_retrain(t: Retrain) -> str:
+    if t.flow_run_id is not None and t.version is None:
+        return f"started as Prefect flow run {t.flow_run_id}"
+    return f"v{t.version} {t.outcome}" + (f" ({t.reason})" if t.reason else "")

@@ -33,6 +33,7 @@ class Drift:
     prediction_score: float
     prediction_drifted: bool
     html: str = field(repr=False)
+    snapshot: str = field(default="", repr=False)  # the Evidently snapshot, as JSON (the dashboard's)
     # What the trigger reads: each feature's weight (its share of the champion's importance
     # among the features that count; 0 for features expected to drift) and the weight of
     # the drifted ones.
@@ -45,7 +46,7 @@ class Drift:
         return [c for c in self.drifted if self.weights.get(c, 0.0) > 0]
 
     def summary(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "html"}
+        return {k: v for k, v in asdict(self).items() if k not in ("html", "snapshot")}
 
 
 def expected_drift(params: Params) -> list[str]:
@@ -199,6 +200,7 @@ def measure_drift(
             prediction_score=scores[PREDICTION],
             prediction_drifted=PREDICTION in drifted,
             html=snapshot.get_html_str(as_iframe=False),
+            snapshot=snapshot.dumps(),
         ),
         params,
         importance,

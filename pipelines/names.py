@@ -12,6 +12,8 @@ MODEL_ARTIFACT = "model"
 REFERENCE_ARTIFACT = "reference/reference.parquet"  # the champion's training rows, for drift
 IMPORTANCE_ARTIFACT = "reference/importance.json"  # permutation importance per feature: drift weights
 ESTIMATOR_ARTIFACT = "reference/estimator.pkl"  # NannyML's fitted DLE / CBPE, for label-free estimates
+CARD_DIR = "card"  # the model card, the slice metrics and plot, the training facts
+CARD_ARTIFACT = f"{CARD_DIR}/model_card.md"
 
 
 def profile_artifact(rows: int) -> str:
@@ -48,6 +50,7 @@ DATA_MD5 = "loopline.data_md5"
 VERSION_GIT_COMMIT = "loopline.git_commit"
 CANDIDATE = "loopline.candidate"
 TRAINING_FINGERPRINT = "loopline.training_fingerprint"
+LIBRARIES = "loopline.libraries"  # the versions that fitted it, as JSON: what `loopline reproduce` compares
 
 # Monitoring runs.
 AT = "loopline.at"

@@ -70,6 +70,7 @@ def search_candidates(
     flow names it after the training fingerprint); else in memory, as a back-test's
     trainings on other data with the same params need."""
     from pipelines.execution import runner_for
+    from pipelines.progress import progress
 
     metric, higher = params.metric
     baseline = naive_baseline(train[params.data.target], params.data.task)
@@ -79,6 +80,7 @@ def search_candidates(
     def record(candidate: Candidate) -> None:
         nonlocal best
         on_candidate(candidate)
+        advance(note=f"{candidate.name} val {metric} {candidate.val[metric]:.4g}")
         candidates.append(candidate)
         value = candidate.val[metric]
         if best is None or (value > best.val[metric] if higher else value < best.val[metric]):
@@ -88,7 +90,8 @@ def search_candidates(
         else:
             candidate.model = None
 
-    with runner_for(params, train, val, baseline) as runner:
+    total = len(params.search.families) + params.search.n_trials
+    with progress("search", total, "candidates") as advance, runner_for(params, train, val, baseline) as runner:
         _search(params, runner.map, record, study_name, warn)
     assert best is not None  # SearchConfig guarantees at least one candidate
     if best.model is None:  # restored from the stored study: fit it again, from its seed

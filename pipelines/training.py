@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -27,6 +27,9 @@ from pipelines.evidence import Evidence
 from pipelines.layout import Layout
 from pipelines.lineage import code_files, fingerprint
 from pipelines.stages import model_metadata, read_split
+
+if TYPE_CHECKING:
+    from pipelines.alerts import Alert
 
 SEARCH_PARAMS = ["data", "features", "train", "search", "promotion", "tracking"]
 SPLITS = ("train", "val", "test")
@@ -77,6 +80,7 @@ class Registration:
     challenger_value: float | None = None
     champion_value: float | None = None
     evidence: Evidence | None = None  # the bootstrap comparisons with the champion
+    card: str | None = None  # the model card's artifact URI
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,7 @@ def _log_best(
     reads beside it: reference rows, feature importance, the performance estimator. The
     fitted pipeline is the search's; the test rows are predicted once, here. Each step's
     seconds go into `timings`."""
+    from pipelines.card import log_slices, slice_metrics, training_facts
     from pipelines.evaluate import feature_importance, score
     from pipelines.onnx_engine import compile_model
     from pipelines.tracking import diagnostic_figures, log_dict_batch, log_figures, log_model, log_torch_weights
@@ -262,6 +267,9 @@ def _log_best(
     figures = diagnostic_figures(best.model, test, predictions, features, target, task, params.train.seed, importance)
     log_figures(client, best_run, figures)
     clock("metrics and plots")
+    slices = slice_metrics(test, predictions["predicted"].to_numpy(), params, metadata["baseline"], metadata["classes"])
+    log_slices(client, best_run, slices, training_facts(train, params), params.metric[0])
+    clock("slice metrics")
     return model_uri, test_metrics
 
 
@@ -323,7 +331,9 @@ def register_best(params: Params, trained: Trained) -> Registration:
     """Register the best model as `challenger`; promote it to `champion` only if it beats the
     champion re-scored on the same test rows. A model identical to the champion (same
     training fingerprint) is not registered again."""
+    from pipelines.card import log_card
     from pipelines.evidence import judge_on
+    from pipelines.lineage import libraries
     from pipelines.registry import CHAMPION, alias_version, evidence_tags, promote_if_better, register
     from pipelines.tracking import client_for, load_model_version, registry_lock_target
 
@@ -357,6 +367,7 @@ def register_best(params: Params, trained: Trained) -> Registration:
         names.version_metric_tag(metric): str(value),
         names.CANDIDATE: trained.best,
         names.TRAINING_FINGERPRINT: trained.fingerprint,
+        names.LIBRARIES: libraries(),
     }
     version = register(client, name, trained.model_uri, trained.best_run_id, tags)
     test = read_split(params, "test", "register")
@@ -397,6 +408,7 @@ def register_best(params: Params, trained: Trained) -> Registration:
             **(evidence_tags(evidence) if evidence else {}),
         },
     )
+    card = log_card(client, params, name, version)  # after the decision, which the card reports
     return Registration(
         outcome="promoted to champion" if decision.promoted else "kept the champion",
         reason=decision.reason,
@@ -409,6 +421,7 @@ def register_best(params: Params, trained: Trained) -> Registration:
         challenger_value=evidence.test.challenger if evidence else value,
         champion_value=evidence.test.champion if evidence else None,
         evidence=evidence,
+        card=card,
     )
 
 
@@ -464,6 +477,8 @@ def render_training(result: TrainingResult) -> str:
         if decision.outcome == "skipped"
         else f"{decision.model_name} v{decision.version}: {decision.outcome} — {decision.reason}"
     )
+    if decision.card:
+        outcome += f"\n\nmodel card: [{decision.card}]({decision.card}) (`loopline card {decision.version}`)"
     return "\n\n".join(
         [
             f"cached stages: {', '.join(result.cached) or 'none'}"
@@ -475,4 +490,35 @@ def render_training(result: TrainingResult) -> str:
             f"(naive baseline {trained.test[f'baseline_{metric}']:.4f})",
             outcome,
         ]
+    )
+
+
+def registration_alert(params: Params, trained: Trained, decision: Registration) -> Alert | None:
+    """What a training tells the `alerts:` targets: a new champion or a rejected challenger."""
+    from pipelines.alerts import Alert
+
+    if not decision.registered:
+        return None
+    name, version = decision.model_name, decision.version
+    where = (
+        f"model {name} v{version} and MLflow run {trained.parent_run_id} in experiment "
+        f"{params.tracking.experiment} ({params.tracking.uri}); `loopline card {version}`"
+    )
+    if decision.promoted:
+        return Alert(
+            event="promoted",
+            title=f"{name} v{version} is the new champion",
+            what=f"{trained.best} ({trained.family}) was promoted to champion, replacing "
+            + (f"v{decision.champion_before}" if decision.champion_before else "no champion"),
+            why=decision.reason,
+            where=where,
+            level="success",
+        )
+    return Alert(
+        event="challenger rejected",
+        title=f"{name} v{version} rejected; champion v{decision.champion_before} kept",
+        what=f"challenger v{version} ({trained.best}) was registered but not promoted",
+        why=decision.reason,
+        where=where,
+        level="info",
     )

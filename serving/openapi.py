@@ -83,7 +83,9 @@ def corrected_spec(
         if request is not None:
             operation["requestBody"]["content"]["application/json"]["schema"] = _schema_of(request, components)
             operation["requestBody"]["required"] = True
-        responses = operation["responses"]
+        # BentoML keys its statuses as integers; JSON writes 200 and "200" both as "200", a
+        # key given twice that Swagger UI (/docs) refuses to render
+        responses = operation["responses"] = {str(k): v for k, v in operation["responses"].items()}
         responses["200"] = _json(_schema_of(response, components), "Successful Response")
         responses["400"] = _json({"$ref": REF.format(model="BadRequest")}, "Bad Request")
         for status, description in ERROR_STATUSES.items():
@@ -91,7 +93,8 @@ def corrected_spec(
                 responses[status] = _json(error, description)
     readyz = spec["paths"].get("/readyz", {}).get("get")
     if readyz is not None:
-        readyz.setdefault("responses", {})["503"] = _json(error, ERROR_STATUSES["503"])
+        readyz["responses"] = {str(k): v for k, v in readyz.get("responses", {}).items()}
+        readyz["responses"]["503"] = _json(error, ERROR_STATUSES["503"])
     referenced = json.dumps(spec["paths"]) + json.dumps(components)
     for name in [n for n in components if n.endswith("IODescriptor")]:
         if REF.format(model=name) not in referenced:

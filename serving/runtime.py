@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -337,11 +338,9 @@ class ChampionHolder:
                     else Unavailable(f"checking for a champion failed: {type(err).__name__}: {err}")
                 )
                 if self.problem.message != before:  # once per change, not once per poll
-                    log.warning(
-                        "champion check failed (serving %s): %s",
-                        f"v{known}" if known else "nothing",
-                        self.problem.message,
-                    )
+                    serving = f"v{known}" if known else "nothing"
+                    log.warning("champion check failed (serving %s): %s", serving, self.problem.message)
+                    self._alert(serving, self.problem.message)
                 return False
             finally:
                 self.last_check = utc_now()
@@ -359,6 +358,22 @@ class ChampionHolder:
                 loaded.engine_reason,
             )
             return True
+
+    def _alert(self, serving: str, problem: str) -> None:
+        """Tell the `alerts:` targets, off the request and polling path (delivery can be slow)."""
+        if not self.params.alerts:
+            return
+        from pipelines.alerts import Alert, send
+
+        alert = Alert(
+            event="champion not loaded",
+            title=f"the {self.params.tracking.model_name} service could not load the champion",
+            what=f"the service ({self.source}, pid {os.getpid()}) is serving {serving}",
+            why=problem,
+            where=f"the service's log and its /status; tracking store {self.params.tracking.uri}",
+            level="failure",
+        )
+        threading.Thread(target=send, args=(self.params.alerts, alert), name="alert", daemon=True).start()
 
     def start_polling(self, interval_s: float) -> None:
         if interval_s <= 0 or self._poller is not None:

@@ -41,7 +41,10 @@ def write_params(tmp: Path, source: Path | str, base: str = "params.yaml", **sec
     raw["data"]["source"] = str(source)
     raw["paths"] = {"data": str(tmp / "data"), "models": str(tmp / "models")}
     for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:  # a list section (alerts)
+            raw[section] = values
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -327,3 +330,45 @@ def monitoring_retrains_through_the_training_deployment(tmp: Path) -> None:
     [monitoring] = client.search_runs([client.get_experiment_by_name("test-bikes-monitoring").experiment_id])
     assert monitoring.data.tags["loopline.decision"] == "retrain"
     assert monitoring.data.tags["loopline.training_outcome"] == "started"
+
+
+class AlertReceiver:
+    """A real HTTP endpoint on loopback that keeps every JSON body posted to it: Apprise's
+    json:// target delivers here."""
+
+    def __init__(self):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"json://127.0.0.1:{self.server.server_address[1]}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, count: int, timeout: float = 20) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return list(self.received)
+
+    def titles(self) -> list[str]:
+        return [m["title"] for m in self.received]
+
+
+@pytest.fixture
+def alert_receiver():
+    receiver = AlertReceiver()
+    yield receiver
+    receiver.server.shutdown()

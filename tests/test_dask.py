@@ -105,7 +105,9 @@ def test_training_on_a_dask_cluster_survives_a_lost_worker_and_matches_the_seque
         assert trained["best"] == best.name
         assert [(c["name"], c["family"]) for c in trained["candidates"]] == [(c.name, c.family) for c in candidates]
         for logged_candidate, local in zip(trained["candidates"], candidates, strict=True):
-            assert logged_candidate["val"] == pytest.approx(local.val["rmse"], rel=1e-9)
+            # scores are rounded to 6 decimals (evaluate.score): a last-bit difference between a
+            # worker's one-thread BLAS and this process's can cross a rounding boundary
+            assert logged_candidate["val"] == pytest.approx(local.val["rmse"], abs=1.5e-6)
         assert trained["val"] == pytest.approx(best.val, rel=1e-9)
     finally:
         stop(server)

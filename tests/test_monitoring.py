@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import BIKESHARE, REPO, champion, client_of, raw_params, sh
+from conftest import BIKESHARE, REPO, AlertReceiver, champion, client_of, raw_params, sh
 
 pytestmark = pytest.mark.slow
 
@@ -43,9 +43,15 @@ def write_workspace_params(root: Path, **sections) -> None:
 
 
 class Workspace:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, receiver: AlertReceiver):
         self.root = root
         self.full = pd.read_csv(BIKESHARE)
+        self.alerts = receiver  # every alert the workspace's flows sent
+
+    def alert(self, event_title: str) -> dict:
+        """The one alert received whose title holds `event_title`."""
+        [alert] = [a for a in self.alerts.wait_for(1) if event_title in a["title"]]
+        return alert
 
     def client(self):
         return client_of(self.root)
@@ -98,7 +104,8 @@ def ws(prefect_api, tmp_path_factory) -> Workspace:
     (root / "data" / "arrivals").mkdir(parents=True)
     shutil.copy2(REPO / "data" / "arrivals" / "README.md", root / "data" / "arrivals" / "README.md")
     (root / "source.csv").write_text("".join(BIKESHARE.read_text().splitlines(keepends=True)[: SOURCE_ROWS + 1]))
-    write_workspace_params(root)
+    receiver = AlertReceiver()
+    write_workspace_params(root, alerts=[receiver.url])
     (root / ".gitignore").write_text("/mlflow.db*\n/mlruns/\n/data/landing/\n/data/monitoring/\n")
     sh("git", "init", "-q", cwd=root)
     sh("dvc", "init", "-q", cwd=root)
@@ -106,7 +113,11 @@ def ws(prefect_api, tmp_path_factory) -> Workspace:
         first = training_flow(params_path="params.yaml", record_data_version=True)
     assert first.decision.promoted
     assert first.data_version.startswith("recorded in dvc.lock")
-    return Workspace(root)
+    ws = Workspace(root, receiver)
+    promoted = ws.alert("bikes v1 is the new champion")
+    assert promoted["type"] == "success" and "replacing no champion" in promoted["message"]
+    assert first.trained.parent_run_id in promoted["message"] and "loopline card 1" in promoted["message"]
+    return ws
 
 
 def _lock_md5(root: Path, stage: str, out: str) -> str:
@@ -176,6 +187,9 @@ def test_invalid_batch_is_rejected_and_reaches_nothing(ws):
     assert sorted((ws.root / "data" / "arrivals").glob("*.parquet")) == arrivals
     assert result.measured.window == [arrivals[-1].name]  # still the calm batch
     assert result.verdict.outcome == "no action" and ws.versions() == ["1"]
+    alert = ws.alert("batch broken.csv rejected")
+    assert alert["type"] == "warning" and "7.5" in alert["message"] and "broken.csv.reason.txt" not in alert["title"]
+    assert str(rejected / "broken.csv") in alert["message"] and result.mlflow_run_id in alert["message"]
 
 
 def test_injected_drift_retrains_on_a_new_data_version(ws):
@@ -204,6 +218,11 @@ def test_injected_drift_retrains_on_a_new_data_version(ws):
     version = ws.client().get_model_version("bikes", "2").tags
     assert version["loopline.evidence.recent_rows"] == "0" and version["loopline.evidence.rule"] == "veto"
     assert "less 400 the challenger trained or validated on" in version["loopline.evidence.recent"], version
+    retrain = ws.alert("monitoring started a retrain")
+    assert verdict.reason()[:80] in retrain["message"] and result.mlflow_run_id in retrain["message"]
+    assert f"the retrain: v2 {training.outcome}" in retrain["message"] and result.measured.report in retrain["message"]
+    decided = ws.alert("bikes v2 is the new champion" if training.promoted else "bikes v2 rejected; champion v1 kept")
+    assert training.reason[:60] in decided["message"]
 
 
 def test_cooldown_holds_back_the_next_retrain(ws):
@@ -218,7 +237,7 @@ def test_cooldown_holds_back_the_next_retrain(ws):
 
 def test_worse_retrain_leaves_the_champion(ws):
     champion = ws.champion()
-    write_workspace_params(ws.root, search={"families": ["linear"], "n_trials": 0})
+    write_workspace_params(ws.root, search={"families": ["linear"], "n_trials": 0}, alerts=[ws.alerts.url])
     ws.land(ws.drifted(400, seed=5), "hot-third")
     result = ws.monitor(now=datetime.now(UTC) + timedelta(days=2))  # past the cooldown
     training = result.training
@@ -228,6 +247,8 @@ def test_worse_retrain_leaves_the_champion(ws):
     assert ws.champion() == champion and training.version not in (champion, None)
     tags = ws.client().get_run(result.mlflow_run_id).data.tags
     assert tags["loopline.training_outcome"] == "kept the champion"
+    rejected = ws.alert(f"v{training.version} rejected; champion v{champion} kept")
+    assert "not surely better" in rejected["message"]
 
 
 def test_window_too_small_is_recorded_not_measured(ws):
@@ -263,8 +284,11 @@ def test_reduced_replay_switches_the_served_model(prefect_api, tmp_path, monkeyp
     monkeypatch.chdir(REPO)  # `loopline serve` imports serving.service from here
     workdir = tmp_path / "replay"
     chart = tmp_path / "chart.png"
+    raw = raw_params()
+    raw["monitor"] = {"workspace": str(tmp_path / "workspace")}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     timeline = run_replay(
-        workdir, REPO / "params.yaml", "month", train_months=3, periods=2, chart=chart, echo=lambda s: None
+        workdir, tmp_path / "params.yaml", "month", train_months=3, periods=2, chart=chart, echo=lambda s: None
     )
     assert list(timeline["period"]) == ["2011-04", "2011-05"]
     april, may = timeline.iloc[0], timeline.iloc[1]
@@ -276,3 +300,18 @@ def test_reduced_replay_switches_the_served_model(prefect_api, tmp_path, monkeyp
     log = read_prediction_log(Layout.of(params).prediction_log, [])
     assert set(log["model_version"].astype(str)) == {"1", april["retrained_version"]}
     assert len(log) == int(timeline["rows"].sum())
+
+    # the monitoring history, in Evidently's workspace at each decision's (2011) time
+    from evidently.ui.workspace import Workspace
+
+    workspace = Workspace(str(tmp_path / "workspace"))
+    [project] = workspace.search_project("replay-bikeshare")
+    snapshots = [workspace.get_run(project.id, s) for s in workspace.list_runs(project.id)]
+    by_kind = {
+        kind: sorted((s for s in snapshots if kind in s.tags), key=lambda s: s.timestamp) for kind in ("drift", "loop")
+    }
+    assert [f"{s.timestamp:%Y-%m}" for s in by_kind["drift"]] == ["2011-04", "2011-05"]
+    assert [f"{s.timestamp:%Y-%m}" for s in by_kind["loop"]] == ["2011-04", "2011-05"]
+    assert "decision: retrain" in by_kind["loop"][0].tags
+    panels = {p.title for p in workspace.get_dashboard(project.id).panels}
+    assert {"Drift share", "Prediction drift", "Live rmse against the champion's test rmse", "Decisions"} <= panels

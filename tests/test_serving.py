@@ -325,6 +325,19 @@ def test_sigkill_of_the_server_group_leaves_no_worker_holding_the_port(setup, tm
         s.listen()  # nothing else is listening: the next `loopline serve` gets the port
 
 
+def test_the_openapi_document_has_no_duplicate_keys(service):
+    """Swagger UI (/docs) refuses a document with a key twice ("duplicated mapping key"), as
+    BentoML's integer status codes beside loopline's string ones gave: found by the browser test."""
+
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        assert len(keys) == len(set(keys)), f"keys given twice: {sorted(k for k in keys if keys.count(k) > 1)}"
+        return dict(pairs)
+
+    spec = json.loads(service.get("/docs.json").content, object_pairs_hook=unique)
+    assert set(spec["paths"]["/predict"]["post"]["responses"]) >= {"200", "400", "413", "415", "503"}
+
+
 def test_fuzzing_the_openapi_spec_finds_no_failure_of_any_check(service, champion_v1, tmp_path):
     """Every schemathesis check: no 5xx, responses that match the published spec, schema-valid
     requests accepted and schema-violating ones refused."""
@@ -407,6 +420,7 @@ def test_batch_scoring_flow_matches_the_service_and_refuses_bad_files(
     code, stdout, stderr = run_cli("score", str(source), str(out), "--params", str(path), capsys=capsys)
     assert code == 0, stderr
     assert f"scored {len(test_rows)} rows with bikes v{champion_v1[0]}" in stdout
+    assert f"score: {len(test_rows)}/{len(test_rows)} rows (" in stderr  # progress, as plain lines off a terminal
     scored = pd.read_parquet(out)
     # batch scoring uses the service's engine (ONNX), within the parity tolerance
     expected = pyfunc_predictions(params, champion_v1[0], test_rows)

@@ -103,8 +103,9 @@ def test_no_alias_says_no_champion(prepared):
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "deleted"])
-def test_a_damaged_champion_artifact_names_version_and_cause(prepared, damage):
+def test_a_damaged_champion_artifact_names_version_and_cause(prepared, damage, alert_receiver):
     store, params = store_copy(prepared, f"artifact-{damage}")
+    params = params.model_copy(update={"alerts": [alert_receiver.url]})
     [skops] = (store / "mlruns").rglob("model.skops")
     if damage == "corrupt":
         skops.write_bytes(b"garbage")
@@ -114,6 +115,9 @@ def test_a_damaged_champion_artifact_names_version_and_cause(prepared, damage):
     assert message.startswith("champion v1 of 'bikes' (run ") and "failed to load" in message, message
     if damage == "corrupt":
         assert "not a skops model file" in message
+    [alert] = alert_receiver.wait_for(1)  # the alert says the same, once
+    assert alert["title"] == "[loopline] the bikes service could not load the champion"
+    assert message in alert["message"] and "serving nothing" in alert["message"]
 
 
 def test_a_store_replaced_by_rename_is_seen_while_serving(prepared):

@@ -99,6 +99,45 @@ def test_registered_model_loads_through_allowlist_and_matches(first_run, monkeyp
     assert pyfunc.predict(X) == pytest.approx(model.predict(X))
 
 
+def test_every_registered_version_has_a_model_card_with_slices(first_run, capsys, tmp_path):
+    import pandas as pd
+
+    from conftest import run_cli
+    from pipelines.card import slice_metrics
+    from pipelines.config import load_params
+    from pipelines.tracking import load_model_version
+
+    tmp, params_path, result = first_run
+    client = client_of(tmp)
+    run_id = client.get_model_version("bikes", "1").run_id
+    assert {"card/model_card.md", "card/slices.png", "card/slices.json"} <= {
+        a.path for a in client.list_artifacts(run_id, "card")
+    }
+    assert result.decision.card.endswith("/card/model_card.md")
+    # the slices are the champion's metric on the test rows of each value, recomputed here
+    params = load_params(params_path)
+    model, meta = load_model_version(client, "bikes", "1")
+    test = pd.read_parquet(tmp / "data" / "processed" / "test.parquet")
+    slices = slice_metrics(test, model.predict(test[meta["features"]]), params, meta["baseline"], [])
+    weather = slices[slices["feature"] == "weathersit"].set_index("value")
+    assert set(weather.index) == set(test["weathersit"].astype(str)) and weather["rows"].sum() == len(test)
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["slice.weathersit.clear.rmse"] == pytest.approx(weather.loc["clear", "model"])
+    assert metrics["slice.weathersit.clear.rows"] == weather.loc["clear", "rows"]
+
+    code, out, err = run_cli("card", "1", "--params", str(params_path), "--save", str(tmp_path), capsys=capsys)
+    assert code == 0, err
+    assert out.startswith("# Model card: bikes v1\n") and "champion; registered" in out
+    for section in ("## Lineage", "## Test metrics", "## Metrics by slice", "## Feature importance", "## Known limits"):
+        assert section in out
+    assert f"| weathersit | clear | {weather.loc['clear', 'rows']} | {weather.loc['clear', 'model']:.4f} |" in out
+    assert "promoted: first model" in out and "training window | day " in out
+    assert result.trained.git_commit in out and "scikit-learn" in out
+    assert (tmp_path / "model_card.md").read_text() == out and (tmp_path / "slices.png").stat().st_size > 1000
+    code, _, err = run_cli("card", "9", "--params", str(params_path), capsys=capsys)
+    assert code == 2 and "bikes has no version '9'" in err
+
+
 def test_second_run_on_unchanged_inputs_skips_training(first_run):
     from flows.training import training_flow
 
@@ -252,7 +291,7 @@ def test_torch_candidate_logs_epoch_curves_and_registers_a_servable_model(prefec
     assert model.predict(plain_frame(test[meta["features"]])).shape == (len(test),)
 
 
-def test_validation_failure_fails_flow_links_report_registers_nothing(prefect_api, tmp_path):
+def test_validation_failure_fails_flow_links_report_registers_nothing(prefect_api, tmp_path, alert_receiver):
     import asyncio
 
     import pandas as pd
@@ -265,11 +304,15 @@ def test_validation_failure_fails_flow_links_report_registers_nothing(prefect_ap
     df = pd.read_csv(source)
     df.loc[5, "hum"] = 9.0
     df.to_csv(source, index=False)
-    params = flow_params(tmp_path, source)
+    params = flow_params(tmp_path, source, alerts=[alert_receiver.url])
     state = training_flow(params_path=str(params), return_state=True)
     assert state.is_failed()
     with pytest.raises(LooplineError, match="column 'hum'"):
         state.result()
+    [alert] = alert_receiver.wait_for(1)  # the on_failure hook: what failed, why, where to look
+    assert alert["title"].startswith("[loopline] training flow run ") and alert["title"].endswith(" failed")
+    assert "column 'hum'" in alert["message"] and "prefect flow-run inspect" in alert["message"]
+    assert alert["type"] == "failure"
 
     async def artifact():
         async with get_client() as client:
