@@ -410,8 +410,9 @@ def card(
         Path | None, typer.Option(help="Also write model_card.md and its slice plot into this folder.")
     ] = None,
 ) -> None:
-    """Print a registered version's model card (logged with it as card/model_card.md)."""
-    from pipelines.card import read_card, save_card
+    """Print a registered version's model card, as of now (the one logged with it, card/model_card.md,
+    is as of its promotion decision)."""
+    from pipelines.card import build_card, save_card
     from pipelines.errors import LooplineError
     from pipelines.tracking import registry_client
 
@@ -421,7 +422,7 @@ def card(
         client.get_model_version(p.tracking.model_name, version)
     except Exception:
         raise LooplineError("card", f"{p.tracking.model_name} has no version {version!r} in {p.tracking.uri}") from None
-    text = read_card(client, p, p.tracking.model_name, version)
+    text = build_card(client, p, p.tracking.model_name, version)
     if save is not None:
         typer.echo(f"saved {save_card(client, p.tracking.model_name, version, text, save)}", err=True)
     typer.echo(text, nl=False)

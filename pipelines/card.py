@@ -186,13 +186,17 @@ def build_card(client, params: Params, name: str, version: str) -> str:
     champion = alias_version(client, name, CHAMPION)
     task = meta.get("task", params.data.task)
     features = meta.get("features", params.features.columns)
-    status = "champion" if champion == version else f"not the champion (v{champion} is)" if champion else "no champion"
+    status = (
+        "the champion" if champion == version else f"not the champion (v{champion} is)" if champion else "no champion"
+    )
+    written = pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%d %H:%M")
     measured = sorted(
         k.removeprefix("test_") for k in metrics if k.startswith("test_") and "baseline" not in k and k != "test_rows"
     )
     lines = [
         f"# Model card: {name} v{version}",
-        f"{status}; registered {pd.Timestamp(mv.creation_timestamp, unit='ms'):%Y-%m-%d %H:%M} UTC; "
+        f"{status} when this card was written ({written} UTC); registered "
+        f"{pd.Timestamp(mv.creation_timestamp, unit='ms'):%Y-%m-%d %H:%M} UTC; "
         f"candidate `{mv.tags.get(names.CANDIDATE, tags.get('mlflow.runName', ''))}` "
         f"({meta.get('family', tags.get(names.FAMILY, '?'))}); MLflow run `{mv.run_id}`",
         "## What it does",
@@ -294,17 +298,6 @@ def log_card(client, params: Params, name: str, version: str) -> str:
         path.write_text(build_card(client, params, name, version))
         client.log_artifact(run_id, str(path), names.CARD_DIR)
     return f"{client.get_run(run_id).info.artifact_uri}/{names.CARD_ARTIFACT}"
-
-
-def read_card(client, params: Params, name: str, version: str) -> str:
-    """The card logged with the version, or one built now for a version that has none."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            return Path(
-                client.download_artifacts(client.get_model_version(name, version).run_id, names.CARD_ARTIFACT, tmp)
-            ).read_text()
-        except Exception:
-            return build_card(client, params, name, version)
 
 
 def save_card(client, name: str, version: str, text: str, folder: Path) -> Path:

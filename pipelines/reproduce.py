@@ -176,6 +176,11 @@ def _rebuild(
     if not (tree / params_file).is_file():
         return not_rebuilt(f"commit {commit} has no {params_file}")
     then = load_params(tree / params_file)
+    outside = [
+        f"paths.{k} {v}" for k, v in (("data", then.paths.data), ("models", then.paths.models)) if v.is_absolute()
+    ]
+    if outside:  # DVC would check the old data out there, over the live files
+        return not_rebuilt(f"{', '.join(outside)} is absolute: a rebuild in a worktree would write over the live files")
     missing = _checkout_data(repo, tree, ["clean", "split"])
     if missing is not None:
         return not_rebuilt(missing)

@@ -78,3 +78,32 @@ def test_a_version_trained_from_a_dirty_tree_says_so(repo):
     assert "differs: the tree had uncommitted changes when v2 was trained" in done.stdout, done.stdout
     assert f"commit {sh('git', 'rev-parse', 'HEAD', cwd=root).strip()}" in done.stdout
     assert os.path.isdir(root / ".dvc" / "cache")
+
+
+def test_a_commit_whose_params_write_outside_the_tree_is_not_rebuilt_and_touches_nothing(repo, tmp_path):
+    """A commit whose paths.data is absolute would have DVC check the old data out over the
+    live files: refused before any checkout."""
+    from conftest import client_of
+    from pipelines.storage import file_md5
+
+    root, env = repo
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["paths"] = {"data": str(root / "data"), "models": str(root / "models")}
+    (tmp_path / "absolute.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    head = sh("git", "rev-parse", "HEAD", cwd=root).strip()
+    sh("git", "checkout", "-q", "-b", "absolute", cwd=root)
+    shutil.copy2(tmp_path / "absolute.yaml", root / "params.yaml")
+    sh("git", "commit", "-qam", "absolute paths", cwd=root)
+    absolute = sh("git", "rev-parse", "HEAD", cwd=root).strip()
+    sh("git", "checkout", "-q", head, cwd=root)
+    live = {p: file_md5(p) for p in (root / "data" / "processed").glob("*.parquet")}
+    client = client_of(root)
+    run_id = client.get_model_version("bikeshare-demand", "1").run_id
+    client.set_tag(run_id, "git_commit", absolute)  # as if v1 had been trained from that commit
+    try:
+        done = loopline_process("reproduce", "1", env=env, cwd=root)
+    finally:
+        client.set_tag(run_id, "git_commit", head)
+    assert done.returncode == 1 and ": not rebuilt" in done.stdout.splitlines()[0]
+    assert f"paths.data {root / 'data'}" in done.stdout and "would write over the live files" in done.stdout
+    assert {p: file_md5(p) for p in live} == live

@@ -127,7 +127,7 @@ def test_every_registered_version_has_a_model_card_with_slices(first_run, capsys
 
     code, out, err = run_cli("card", "1", "--params", str(params_path), "--save", str(tmp_path), capsys=capsys)
     assert code == 0, err
-    assert out.startswith("# Model card: bikes v1\n") and "champion; registered" in out
+    assert out.startswith("# Model card: bikes v1\n") and "the champion when this card was written (" in out
     for section in ("## Lineage", "## Test metrics", "## Metrics by slice", "## Feature importance", "## Known limits"):
         assert section in out
     assert f"| weathersit | clear | {weather.loc['clear', 'rows']} | {weather.loc['clear', 'model']:.4f} |" in out
