@@ -146,7 +146,7 @@ class Shared:
 def _live(shared: Shared, champion: Model, batch: int):
     """The live metric of what the champion served on the batch, by the monitoring flow's own
     join of labelled rows to logged predictions (each row its own request id)."""
-    from pipelines.monitor import live_metrics
+    from pipelines.monitor import labelled_metrics
 
     params = shared.params
     rows = shared.batches[batch][1]
@@ -155,7 +155,7 @@ def _live(shared: Shared, champion: Model, batch: int):
     assert id_column is not None  # run_backtest sets one
     window = rows[[params.data.target]].assign(**{id_column: ids})
     log = pd.DataFrame({"request_id": ids, PREDICTION: shared.predict(champion, batch), "model_version": champion.name})
-    live = live_metrics(window, log, params, champion.baseline)
+    live = labelled_metrics(window, log, params, champion.baseline).live
     assert live is not None  # every row is served and labelled
     return live
 

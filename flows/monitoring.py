@@ -54,6 +54,7 @@ def decide_task(params: Params, measured: Measurement, at: datetime) -> Verdict:
         now=at,
         drift=measured.drift,
         live=measured.live,
+        offline=measured.offline,
         estimate=measured.estimate,
         champion_metric=measured.champion_metric,
         higher_is_better=params.metric[1],

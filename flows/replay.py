@@ -190,6 +190,9 @@ def _timeline_row(label: str, rows: int, result: MonitoringResult) -> dict[str, 
         "served_version": "/".join(sorted(live.served_versions, key=int)) if live else "none",
         "live": live.value if live else float("nan"),
         "baseline": live.baseline if live else float("nan"),
+        "live_rows": live.rows if live else 0,  # labelled rows measured live (by id or time key) ...
+        "offline": measured.offline.value if measured.offline else float("nan"),
+        "offline_rows": measured.offline.rows if measured.offline else 0,  # ... and by the champion now
         "champion_test": measured.champion_metric,
         "drift_share": drift.share if drift else float("nan"),
         "weighted_drift": drift.weighted_share if drift else float("nan"),

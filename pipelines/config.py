@@ -251,6 +251,10 @@ class MonitorConfig(_Section):
     # A column of labelled batches that names the served prediction each row answers
     # (the X-Request-ID of /predict, "<id>-<i>" for /predict_batch). Not a feature.
     id_column: str | None = "request_id"
+    # Columns that name a row's time (Bikeshare: day and hr): a labelled row with no request
+    # id is matched to the prediction served for the same values. Rows nothing served are
+    # scored by the champion now (the offline metric). Empty: match by id only.
+    time_key: list[str] = []
     # The window compared with the champion's reference: the latest N accepted batches.
     window_batches: int = Field(1, ge=1)
     # Retrain when the drifted features carry at least this share of the model's feature
@@ -451,6 +455,9 @@ class Params(_Section):
             raise ValueError(
                 f"monitor.id_column {self.monitor.id_column!r} is also in schema.columns; an identifier is not data"
             )
+        for col in self.monitor.time_key:
+            if col not in cols:
+                raise ValueError(f"monitor.time_key names {col!r}, which is not in schema.columns")
         for i, policy in enumerate(self.backtest.policies):
             try:
                 self.policy_monitor(policy)

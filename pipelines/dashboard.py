@@ -74,6 +74,7 @@ def _panels(params: Params) -> list[Any]:
             f"Live {metric} against the champion's test {metric}",
             [
                 loop("live_metric", f"live {metric} (served, labelled)"),
+                loop("offline_metric", f"offline {metric} (labelled, never served)"),
                 loop("estimated_metric", f"estimated {metric} (no labels)"),
                 loop("champion_test_metric", f"champion's test {metric}"),
                 loop("live_baseline_metric", f"naive baseline {metric}"),
@@ -82,10 +83,18 @@ def _panels(params: Params) -> list[Any]:
             size="half",
         ),
         bar_plot_panel(
+            "Labelled rows measured",
+            [loop("live_rows", "live (a served prediction joined)"), loop("offline_rows", "offline (scored now)")],
+            description="Each labelled row once: live when a served prediction answers it, else offline",
+            stacked=True,
+            size="half",
+        ),
+        bar_plot_panel(
             "Decisions",
             [loop("retrain", "retrain"), loop("held_back", "held back"), loop("no_action", "no action")],
             description="What each monitoring run decided",
             stacked=True,
+            size="half",
         ),
     ]
 
@@ -120,6 +129,10 @@ def loop_values(result: MonitoringResult, params: Params) -> dict[str, float]:
     if measured.live is not None:
         values["live_metric"] = measured.live.value
         values["live_baseline_metric"] = measured.live.baseline
+    if measured.offline is not None:
+        values["offline_metric"] = measured.offline.value
+    values["live_rows"] = float(measured.live.rows if measured.live else 0)
+    values["offline_rows"] = float(measured.offline.rows if measured.offline else 0)
     if measured.estimate is not None and measured.estimate.value is not None:
         values["estimated_metric"] = measured.estimate.value
     return values

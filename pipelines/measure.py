@@ -44,7 +44,9 @@ class Measurement:
     window_rows: int = 0
     reference_rows: int = 0
     drift: Drift | None = None  # without its HTML, which is in `report`
-    live: LiveMetric | None = None
+    live: LiveMetric | None = None  # served predictions on labelled rows
+    offline: LiveMetric | None = None  # the champion on labelled rows nothing served answers
+    labels: str = ""  # why a labelled measurement is missing ("no labels in window", too few rows)
     estimate: Estimate | None = None  # NannyML's label-free estimate (or why there is none)
     new_rows: int = 0  # rows no training has seen
     report: str = ""  # the Evidently report's path
@@ -173,7 +175,7 @@ def measure(params: Params) -> Measurement:
     """Drift of the latest window against the champion's reference, the live metric of the
     served predictions that have ground truth, and how many rows no training has seen."""
     from pipelines.arrivals import arrival_files, arrival_rows, read_arrivals, typed_rows
-    from pipelines.monitor import PREDICTION, REFERENCE_ROWS, live_metrics, measure_drift
+    from pipelines.monitor import PREDICTION, REFERENCE_ROWS, labelled_metrics, measure_drift
     from pipelines.prediction_log import log_location, prediction_log_exists, read_prediction_log
     from pipelines.registry import CHAMPION, alias_version
     from pipelines.storage import write_text
@@ -213,10 +215,13 @@ def measure(params: Params) -> Measurement:
     snapshot = report.with_suffix(".json")
     write_text(drift.snapshot, snapshot)
 
-    live = None
     served_log = log_location(params)
-    if id_column and prediction_log_exists(served_log):
-        live = live_metrics(window, read_prediction_log(served_log, []), params, meta["baseline"])
+    log = (
+        read_prediction_log(served_log, params.monitor.time_key)
+        if prediction_log_exists(served_log)
+        else pd.DataFrame(columns=["request_id", "model_version", PREDICTION])
+    )
+    labelled = labelled_metrics(window, log, params, meta["baseline"], champion=version)
     metric, _ = params.metric
     tested = champion.tags.get(names.version_metric_tag(metric))
     seen = last_training_arrival(client, training_id)
@@ -231,7 +236,9 @@ def measure(params: Params) -> Measurement:
         window_rows=len(window),
         reference_rows=int(reference.attrs.get(REFERENCE_ROWS, len(reference))),
         drift=replace(drift, html="", snapshot=""),
-        live=live,
+        live=labelled.live,
+        offline=labelled.offline,
+        labels=labelled.note,
         estimate=estimate,
         new_rows=arrival_rows(unseen),
         report=str(report.resolve()),
@@ -270,6 +277,14 @@ def _metrics(measured: Measurement) -> dict[str, float]:
             f"live_{metric}": measured.live.value,
             f"live_baseline_{metric}": measured.live.baseline,
             "live_rows": measured.live.rows,
+            "live_rows_by_id": measured.live.by_id,
+            "live_rows_by_time": measured.live.by_time,
+        }
+    if measured.offline is not None:
+        values |= {
+            f"offline_{metric}": measured.offline.value,
+            f"offline_baseline_{metric}": measured.offline.baseline,
+            "offline_rows": measured.offline.rows,
         }
     estimate = measured.estimate
     if estimate is not None and estimate.value is not None:
@@ -300,6 +315,7 @@ def record(params: Params, result: MonitoringResult) -> str:
             names.WINDOW: ", ".join(measured.window),
             names.DRIFTED: ", ".join(measured.drift.drifted) or "none",
             names.ESTIMATE: _describe_estimate(measured.estimate, measured.champion_metric)[:5000],
+            names.LABELS: _describe_labelled(measured)[:5000],
         }
     metrics = {
         "batches_accepted": sum(b.status == "accepted" for b in result.batches),
@@ -324,6 +340,30 @@ def record_retrain(params: Params, run_id: str, retrain: Retrain) -> None:
             client.set_tag(run_id, names.training_tag(key), str(value)[:5000])
 
 
+def _describe_labelled(measured: Measurement) -> str:
+    """Which labelled rows were measured how, in one line."""
+    metric = measured.metric
+    tested = f"{measured.champion_metric:.4f}" if measured.champion_metric is not None else "unknown"
+    parts = []
+    if measured.live is not None:
+        live = measured.live
+        parts.append(
+            f"live {metric} {live.value:.4f} on {live.rows} labelled served predictions ({live.by_id} joined by "
+            f"request id, {live.by_time} by time key; naive baseline {live.baseline:.4f})"
+        )
+    if measured.offline is not None:
+        off = measured.offline
+        parts.append(
+            f"offline {metric} {off.value:.4f} on {off.rows} labelled rows no served prediction answers, "
+            f"scored by champion v{measured.champion} (naive baseline {off.baseline:.4f})"
+        )
+    if measured.labels:
+        parts.append(measured.labels)
+    if not parts:
+        return "no labelled rows in the window"
+    return "; ".join(parts) + f"; champion's test {metric} {tested}"
+
+
 def _describe_estimate(estimate: Estimate | None, champion_metric: float | None) -> str:
     if estimate is None:
         return "not estimated (monitor.estimate_performance is false)"
@@ -344,7 +384,7 @@ def render_monitoring(result: MonitoringResult) -> str:
     if measured.drift is None:
         blocks.append(measured.detail)
     else:
-        drift, live, metric = measured.drift, measured.live, measured.metric
+        drift = measured.drift
         blocks.append(
             f"champion v{measured.champion}; window {', '.join(measured.window)} "
             f"({measured.window_rows} rows) vs {measured.reference_rows} reference rows; "
@@ -366,12 +406,7 @@ def render_monitoring(result: MonitoringResult) -> str:
                 ]
             )
         )
-        if live is not None:
-            tested = f"{measured.champion_metric:.4f}" if measured.champion_metric is not None else "unknown"
-            blocks.append(
-                f"live {metric} {live.value:.4f} on {live.rows} labelled predictions "
-                f"(naive baseline {live.baseline:.4f}, champion's test {metric} {tested})"
-            )
+        blocks.append(_describe_labelled(measured))
         blocks.append(_describe_estimate(measured.estimate, measured.champion_metric))
         blocks.append(f"Evidently report: {measured.report}; the history: `loopline dashboard`")
     blocks.append(f"decision: {verdict.outcome} — {verdict.reason()}")

@@ -3,7 +3,9 @@
 Drift is Evidently 0.7's: its DataDriftPreset picks a test per column (by type and size) and
 its per-column tests say which features drifted; a ValueDrift on the model's predictions
 measures prediction drift. The live metric compares the predictions the service actually
-returned (the prediction log) with ground truth that arrived later, joined by request id.
+returned (the prediction log) with ground truth that arrived later, joined by request id or
+by time key; labelled rows no served prediction answers are scored by the champion now
+(the offline metric), so labels without ids still count.
 """
 
 from __future__ import annotations
@@ -220,45 +222,118 @@ def reweigh(drift: Drift, params: Params, importance: dict[str, float] | None) -
 
 @dataclass(frozen=True)
 class LiveMetric:
-    """The served predictions' metric on ground truth that arrived later."""
+    """A metric measured on ground truth: of the predictions the service returned (live), or
+    of the champion scoring labelled rows nobody was served (offline)."""
 
     metric: str
     value: float
     baseline: float  # the naive baseline's metric on the same rows
     rows: int
-    served_versions: dict[str, int]  # model version -> rows it answered
+    served_versions: dict[str, int]  # model version -> rows it answered (offline: the champion scored them all)
+    by_id: int = 0  # live rows joined by request id ...
+    by_time: int = 0  # ... and by monitor.time_key
 
 
-def live_metrics(window: pd.DataFrame, log: pd.DataFrame, params: Params, baseline: float | str) -> LiveMetric | None:
-    """The served predictions' metric on the window's ground truth, and the naive baseline's,
-    for the rows whose request id is in the prediction log (None when none is)."""
+@dataclass(frozen=True)
+class Labelled:
+    """How a window's labelled rows were measured: each row once, live if a served prediction
+    answers it (by request id, else by time key), offline otherwise."""
+
+    live: LiveMetric | None = None
+    offline: LiveMetric | None = None
+    note: str = ""  # why a measurement is missing ("no labels in window", too few rows)
+
+
+def _task_metrics(y: pd.Series, predicted: pd.Series, baseline: float | str, params: Params) -> tuple[float, float]:
+    """The promotion metric of `predicted` and of the constant baseline against `y`."""
     from pipelines.evaluate import classification_metrics, regression_metrics
 
-    id_column, target = params.monitor.id_column, params.data.target
-    if id_column is None or id_column not in window or log.empty:
-        return None
-    served = log.drop_duplicates("request_id", keep="last")  # a retried request: the answer last given
-    joined = window[[id_column, target]].dropna().merge(served, left_on=id_column, right_on="request_id")
-    if joined.empty:
-        return None
     metric, _ = params.metric
     if params.data.task == "regression":
-        y = joined[target].to_numpy(dtype="float64")
-        live = regression_metrics(y, joined[PREDICTION].to_numpy(dtype="float64"))
-        base = regression_metrics(y, np.full_like(y, float(baseline)))
+        truth = y.to_numpy(dtype="float64")
+        model = regression_metrics(truth, predicted.to_numpy(dtype="float64"))
+        base = regression_metrics(truth, np.full_like(truth, float(baseline)))
     else:
-        y = joined[target].astype(str).to_numpy()
-        classes = sorted(set(y) | set(joined[PREDICTION].astype(str)))
-        live = classification_metrics(y, joined[PREDICTION].astype(str).to_numpy(), None, classes)
-        base = classification_metrics(y, np.full(len(y), str(baseline), dtype=object), None, classes)
-    versions = joined["model_version"].astype(str).value_counts()
-    return LiveMetric(
-        metric=metric,
-        value=live[metric],
-        baseline=base[metric],
-        rows=len(joined),
-        served_versions={str(v): int(n) for v, n in versions.items()},
+        truth = y.astype(str).to_numpy()
+        classes = sorted(set(truth) | set(predicted.astype(str)))
+        model = classification_metrics(truth, predicted.astype(str).to_numpy(), None, classes)
+        base = classification_metrics(truth, np.full(len(truth), str(baseline), dtype=object), None, classes)
+    return model[metric], base[metric]
+
+
+def _key(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
+    """One text key per row from `columns`, alike whether a value came typed or from JSON
+    (3, 3.0 and "3" give the same key)."""
+    parts = []
+    for c in columns:
+        numeric = pd.to_numeric(frame[c], errors="coerce")
+        parts.append(numeric.astype("float64").map(repr).where(numeric.notna(), frame[c].astype(str)))
+    return (
+        pd.Series(["|".join(v) for v in zip(*parts, strict=True)], index=frame.index)
+        if parts
+        else frame.index.to_series()
     )
+
+
+def labelled_metrics(
+    window: pd.DataFrame, log: pd.DataFrame, params: Params, baseline: float | str, champion: str = ""
+) -> Labelled:
+    """The window's labelled rows, each measured once: rows a served prediction answers (its
+    request id in the log, else its monitor.time_key values, the last answer for them)
+    against what was served (live); the rest against the champion's predictions on them, in
+    `window[PREDICTION]` (offline). An offline metric on fewer than monitor.min_window_rows
+    rows is left out, saying so."""
+    cfg, target = params.monitor, params.data.target
+    metric, _ = params.metric
+    if target not in window or window[target].isna().all():
+        return Labelled(note="no labels in window")
+    rows = window[window[target].notna()]
+    served = pd.Series(np.nan, index=rows.index, dtype=object)  # the served prediction per row
+    version = pd.Series(None, index=rows.index, dtype=object)
+    how = pd.Series("", index=rows.index, dtype=object)
+    if not log.empty and cfg.id_column and cfg.id_column in rows:
+        last = log.drop_duplicates("request_id", keep="last").set_index("request_id")
+        ids = rows[cfg.id_column].astype(str)
+        hit = ids.isin(last.index) & rows[cfg.id_column].notna()
+        served[hit] = last[PREDICTION].reindex(ids[hit]).to_numpy()
+        version[hit] = last["model_version"].reindex(ids[hit]).astype(str).to_numpy()
+        how[hit] = "id"
+    keys = cfg.time_key
+    if not log.empty and keys and all(k in rows for k in keys) and all(k in log for k in keys):
+        answered = log.dropna(subset=keys)
+        last = answered.assign(_key=_key(answered, keys)).drop_duplicates("_key", keep="last").set_index("_key")
+        open_ = how == ""
+        key = _key(rows[open_], keys)
+        hit = key.isin(last.index)
+        index = key[hit].index
+        served[index] = last[PREDICTION].reindex(key[hit]).to_numpy()
+        version[index] = last["model_version"].reindex(key[hit]).astype(str).to_numpy()
+        how[index] = "time"
+    notes: list[str] = []
+    live = offline = None
+    joined = how != ""
+    if joined.any():
+        value, base = _task_metrics(rows.loc[joined, target], served[joined], baseline, params)
+        versions = version[joined].value_counts()
+        live = LiveMetric(
+            metric,
+            value,
+            base,
+            int(joined.sum()),
+            {str(v): int(n) for v, n in versions.items()},
+            by_id=int((how == "id").sum()),
+            by_time=int((how == "time").sum()),
+        )
+    rest = ~joined
+    if rest.sum() >= cfg.min_window_rows and PREDICTION in rows:
+        value, base = _task_metrics(rows.loc[rest, target], rows.loc[rest, PREDICTION], baseline, params)
+        offline = LiveMetric(metric, value, base, int(rest.sum()), {champion: int(rest.sum())} if champion else {})
+    elif rest.any() and PREDICTION in rows:
+        notes.append(
+            f"only {int(rest.sum())} labelled rows without a served prediction: no offline {metric} "
+            f"(monitor.min_window_rows {cfg.min_window_rows})"
+        )
+    return Labelled(live, offline, "; ".join(notes))
 
 
 def degradation(live: float, reference: float, higher_is_better: bool) -> float:
@@ -294,6 +369,7 @@ def decide(
     now: datetime,
     drift: Drift | None = None,
     live: LiveMetric | None = None,
+    offline: LiveMetric | None = None,
     estimate: Estimate | None = None,
     champion_metric: float | None = None,
     higher_is_better: bool = True,
@@ -316,6 +392,17 @@ def decide(
                 f"live {live.metric} {live.value:.4g} on {live.rows} labelled predictions is "
                 f"{worse:.0%} worse than the champion's test {live.metric} {champion_metric:.4g} "
                 f"(monitor.max_degradation {cfg.max_degradation:.0%})"
+            )
+    if offline is not None and champion_metric is not None:
+        worse = degradation(offline.value, champion_metric, higher_is_better)
+        if worse >= cfg.max_degradation:
+            scored = (
+                f" (scored now by champion v{next(iter(offline.served_versions))})" if offline.served_versions else ""
+            )
+            triggers.append(
+                f"offline {offline.metric} {offline.value:.4g} on {offline.rows} labelled rows no served prediction "
+                f"answers{scored} is {worse:.0%} worse than the champion's test {offline.metric} "
+                f"{champion_metric:.4g} (monitor.max_degradation {cfg.max_degradation:.0%})"
             )
     if estimate is not None and estimate.value is not None and champion_metric is not None:
         worse = degradation(estimate.value, champion_metric, higher_is_better)

@@ -63,6 +63,7 @@ WINDOW = "loopline.window"
 DRIFTED = "loopline.drifted"
 REPLAY = "loopline.replay"
 ESTIMATE = "loopline.estimate"  # the label-free estimate, or why there is none
+LABELS = "loopline.labels"  # which labelled rows were measured how (live by id / by time, offline)
 
 # Promotion evidence, on the challenger's version, the champion's version and the training run.
 EVIDENCE_INTERVAL = "loopline.evidence.interval"

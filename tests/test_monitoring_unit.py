@@ -12,7 +12,7 @@ import pytest
 
 from conftest import BIKESHARE, bikeshare_sample, write_params
 from pipelines.config import MonitorConfig, load_params
-from pipelines.monitor import Drift, LiveMetric, decide, degradation, live_metrics, measure_drift
+from pipelines.monitor import Drift, LiveMetric, decide, degradation, labelled_metrics, measure_drift
 
 NOW = datetime(2011, 6, 1, tzinfo=UTC)
 
@@ -150,12 +150,87 @@ def test_live_metrics_join_served_predictions_by_request_id(bikes):
             "model_version": ["1", "1", "2", "2", "2"],
         }
     )
-    live = live_metrics(window, log, params, baseline=25.0)
+    live = labelled_metrics(window, log, params, baseline=25.0).live
     # a-1 was answered twice: the last answer (18) counts; b-0 was never served; zz is not labelled
-    assert live.rows == 3 and live.served_versions == {"2": 2, "1": 1}
+    assert live.rows == 3 and live.by_id == 3 and live.served_versions == {"2": 2, "1": 1}
     assert live.value == pytest.approx(np.sqrt((4 + 4 + 0) / 3))
     assert live.baseline == pytest.approx(np.sqrt((225 + 25 + 25) / 3))
-    assert live_metrics(window, log.iloc[4:], params, 25.0) is None
+    assert labelled_metrics(window, log.iloc[4:], params, 25.0).live is None
+
+
+def _rmse(y, p) -> float:
+    return float(np.sqrt(np.mean((np.asarray(y, float) - np.asarray(p, float)) ** 2)))
+
+
+def test_a_mixed_window_counts_every_labelled_row_once(bikes):
+    """300 rows answered by served predictions (joined by id) and 200 nobody served: live on
+    the 300, offline (the champion scoring them now) on the 200."""
+    _, params, _ = bikes
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0, 500, 500)
+    window = pd.DataFrame(
+        {
+            "request_id": [f"r-{i}" if i < 300 else None for i in range(500)],
+            "day": np.arange(500) // 24 + 1,
+            "hr": np.arange(500) % 24,
+            "bikers": truth,
+            "prediction": truth + 10.0,  # the champion, scoring now
+        }
+    )
+    served = truth[:300] + rng.normal(0, 30, 300)
+    log = pd.DataFrame({"request_id": [f"r-{i}" for i in range(300)], "prediction": served, "model_version": "3"})
+    measured = labelled_metrics(window, log, params, baseline=250.0, champion="4")
+    live, offline = measured.live, measured.offline
+    assert (live.rows, live.by_id, live.by_time, offline.rows) == (300, 300, 0, 200)
+    assert live.value == pytest.approx(_rmse(truth[:300], served)) and live.served_versions == {"3": 300}
+    assert offline.value == pytest.approx(10.0) and offline.served_versions == {"4": 200}
+    assert offline.baseline == pytest.approx(_rmse(truth[300:], np.full(200, 250.0)))
+
+
+def test_rows_without_ids_join_by_time_key_and_a_row_matching_both_counts_once(bikes):
+    """A small hourly series: the log holds what was served for some hours (inputs as the
+    JSON gives them); labelled rows without ids find theirs by (day, hr)."""
+    _, base, _ = bikes
+    params = base.model_copy(update={"monitor": base.monitor.model_copy(update={"time_key": ["day", "hr"]})})
+    hours = pd.DataFrame({"day": [1] * 6 + [2] * 6, "hr": list(range(6)) * 2})
+    window = hours.assign(
+        request_id=[None, None, "x-2", None, None, None, None, None, None, None, None, None],
+        bikers=np.arange(12) * 10.0,
+        prediction=np.arange(12) * 10.0 + 1.0,
+    )
+    log = pd.DataFrame(  # day 1, hours 0-5: served; hour 1 twice (the later answer counts)
+        {
+            "request_id": ["s-0", "s-1a", "s-1b", "x-2", "s-3", "s-4", "s-5"],
+            "day": ["1", "1", "1", "1", "1", "1", "1"],
+            "hr": [0, 1, 1, 2, 3, 4, 5.0],
+            "prediction": [3.0, 99.0, 14.0, 25.0, 30.0, 40.0, 50.0],
+            "model_version": "1",
+        }
+    )
+    few = labelled_metrics(window, log, params, baseline=0.0)  # 6 rows nothing served: under min_window_rows
+    assert (few.live.rows, few.live.by_id, few.live.by_time) == (6, 1, 5)
+    assert few.live.value == pytest.approx(_rmse([0, 10, 20, 30, 40, 50], [3, 14, 25, 30, 40, 50]))
+    assert few.offline is None and "only 6 labelled rows without a served prediction" in few.note
+    cfg = params.monitor.model_copy(update={"min_window_rows": 5})
+    both = labelled_metrics(window, log, params.model_copy(update={"monitor": cfg}), baseline=0.0)
+    assert both.live.rows + both.offline.rows == 12 and both.offline.value == pytest.approx(1.0)
+
+
+def test_a_window_whose_labels_are_all_missing_has_no_offline_metric(bikes):
+    _, params, _ = bikes
+    window = pd.DataFrame({"day": [1, 2], "hr": [0, 1], "bikers": [None, None], "prediction": [1.0, 2.0]})
+    measured = labelled_metrics(window, pd.DataFrame(), params, baseline=0.0)
+    assert measured.live is None and measured.offline is None and measured.note == "no labels in window"
+
+
+def test_an_offline_metric_worse_than_the_champion_triggers_naming_it():
+    cfg = MonitorConfig(max_degradation=0.35, min_new_rows=100)
+    offline = LiveMetric(metric="rmse", value=90.0, baseline=120.0, rows=500, served_versions={"2": 500})
+    verdict = decide(cfg, drift=_drift(0.0), offline=offline, **CHAMPION, new_rows=500)
+    assert verdict.retrain and verdict.reason().startswith(
+        "offline rmse 90 on 500 labelled rows no served prediction answers (scored now by champion v2) is 80% worse"
+    )
+    assert not decide(cfg, drift=_drift(0.0), offline=replace(offline, value=55.0), **CHAMPION, new_rows=500).retrain
 
 
 def test_landed_batches_accepted_or_rejected_with_reason(bikes, tmp_path):
