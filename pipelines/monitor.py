@@ -261,18 +261,14 @@ def _task_metrics(y: pd.Series, predicted: pd.Series, baseline: float | str, par
     return model[metric], base[metric]
 
 
-def _key(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
-    """One text key per row from `columns`, alike whether a value came typed or from JSON
-    (3, 3.0 and "3" give the same key)."""
-    parts = []
+def _keys(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """The key columns alike whether a value came typed or from the log's JSON: numbers as
+    float64 (3, 3.0 and "3" are equal), anything else as text."""
+    out = {}
     for c in columns:
         numeric = pd.to_numeric(frame[c], errors="coerce")
-        parts.append(numeric.astype("float64").map(repr).where(numeric.notna(), frame[c].astype(str)))
-    return (
-        pd.Series(["|".join(v) for v in zip(*parts, strict=True)], index=frame.index)
-        if parts
-        else frame.index.to_series()
-    )
+        out[c] = numeric.astype("float64") if numeric.notna().all() else frame[c].astype(str)
+    return pd.DataFrame(out, index=frame.index)
 
 
 def labelled_metrics(
@@ -301,14 +297,18 @@ def labelled_metrics(
     keys = cfg.time_key
     if not log.empty and keys and all(k in rows for k in keys) and all(k in log for k in keys):
         answered = log.dropna(subset=keys)
-        last = answered.assign(_key=_key(answered, keys)).drop_duplicates("_key", keep="last").set_index("_key")
-        open_ = how == ""
-        key = _key(rows[open_], keys)
-        hit = key.isin(last.index)
-        index = key[hit].index
-        served[index] = last[PREDICTION].reindex(key[hit]).to_numpy()
-        version[index] = last["model_version"].reindex(key[hit]).astype(str).to_numpy()
-        how[index] = "time"
+        last = _keys(answered, keys).assign(
+            _prediction=answered[PREDICTION].to_numpy(), _version=answered["model_version"].astype(str).to_numpy()
+        )
+        last = last.drop_duplicates(keys, keep="last")  # the last answer for those values
+        wanted = _keys(rows.loc[how == ""], keys)
+        for c in keys:  # a number on one side, text on the other: compare as text
+            if wanted[c].dtype != last[c].dtype:
+                wanted[c], last[c] = wanted[c].astype(str), last[c].astype(str)
+        found = wanted.rename_axis("_row").reset_index().merge(last, on=keys, how="inner").set_index("_row")
+        served[found.index] = found["_prediction"].to_numpy()
+        version[found.index] = found["_version"].to_numpy()
+        how[found.index] = "time"
     notes: list[str] = []
     live = offline = None
     joined = how != ""
