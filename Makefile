@@ -9,7 +9,7 @@ FIND_LINKS ?= /opt/wheels
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast lint lock browser-deps screenshots replay backtest bench bench-bootstrap bench-scale bench-flow bench-torch bench-serve bench-soak bench-monitor bench-concurrent bench-dask
+.PHONY: install run test test-fast lint lock docs reference browser-deps screenshots replay backtest bench bench-bootstrap bench-scale bench-flow bench-torch bench-serve bench-soak bench-monitor bench-concurrent bench-dask
 
 install: $(STAMP)
 
@@ -42,33 +42,43 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-# Unit tests only (no DVC repro in a temp clone, no servers).
+# Unit tests only (tests/unit: no DVC repro in a temp clone, no servers).
 test-fast: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests/unit
+
+# The manual (MkDocs Material), built offline into site/; CI builds it with --strict.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# The reference pages written from the code: the params models and the Typer app (a test
+# fails when the committed pages are stale).
+reference: install
+	$(BIN)/loopline check-params --reference > docs/reference/configuration.md
+	$(BIN)/typer loopline.cli utils docs --name loopline --title "Command line" --output docs/reference/cli.md
 
 # Re-resolve requirements.lock from pyproject.toml (needs the package index).
 lock: install
 	$(BIN)/uv pip compile pyproject.toml --extra dev -c constraints.txt --override overrides.txt --python-version 3.11 \
 		--find-links $(FIND_LINKS) --no-emit-find-links -o requirements.lock
 
-# Debian's Chromium for tests/test_browser.py (Playwright drives it; no browser download).
+# Debian's Chromium for tests/e2e/test_browser.py (Playwright drives it; no browser download).
 # Needs root; the browser tests skip, saying so, where no Chromium is found.
 browser-deps:
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 # The README's screenshots, from the browser tests on the full 2011 replay (run `make replay` first).
 screenshots: install
-	LOOPLINE_REPLAY=data/replay LOOPLINE_SCREENSHOTS=bench/results/screenshots $(BIN)/python -m pytest -p no:randomly tests/test_browser.py
+	LOOPLINE_REPLAY=data/replay LOOPLINE_SCREENSHOTS=docs/results/screenshots $(BIN)/python -m pytest -p no:randomly tests/e2e/test_browser.py
 
 # The closed loop over 2011: Jan-Mar champion, then monthly batches served, labelled,
 # monitored and retrained; the timeline chart shown in the README.
 replay: install
-	$(BIN)/loopline replay --chart bench/results/replay-2011.png
+	$(BIN)/loopline replay --chart docs/results/replay-2011.png
 
 # The 2011 back-test: every policy in backtest.policies side by side (trainings shared);
 # the table and chart shown in the README.
 backtest: install
-	$(BIN)/loopline backtest --chart bench/results/backtest-2011.png
+	$(BIN)/loopline backtest --chart docs/results/backtest-2011.png
 
 bench: bench-scale bench-flow bench-torch bench-serve bench-soak bench-monitor bench-concurrent bench-bootstrap bench-dask
 

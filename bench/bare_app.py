@@ -10,7 +10,7 @@ import os
 
 from fastapi import FastAPI
 
-from pipelines.config import load_params
+from pipelines.core.config import load_params
 from serving.runtime import load_registry_champion, predict_records
 from serving.schema import record_model
 

@@ -1,5 +1,5 @@
 """Promotion evidence: the paired moving-block bootstrap of 100k test rows with 1,000
-resamples, as loopline computes it (`pipelines.evidence.compare`: one bincount per resample,
+resamples, as loopline computes it (`pipelines.registry.evidence.compare`: one bincount per resample,
 one matrix product per batch) and, side by side, arch's own `apply` (the statistic computed
 on every resampled copy of the rows).
 
@@ -22,8 +22,8 @@ def main() -> None:
 
     from arch.bootstrap import MovingBlockBootstrap
 
-    from pipelines.config import PromotionConfig
-    from pipelines.evidence import compare
+    from pipelines.core.config import PromotionConfig
+    from pipelines.registry.evidence import compare
 
     rng = np.random.default_rng(0)
     y = 100 + 30 * np.sin(np.arange(args.rows) / 24) + rng.normal(0, 10, args.rows)

@@ -3,7 +3,7 @@
 Each training is `loopline run` (every stage in one process, one HistGradientBoosting model)
 on its own synthetic Bikeshare-shaped data. With every fit taking all cores, two at once
 took 2.2x the time of running them in series; with the cores divided among the running
-trainings (pipelines/threads.py) they should take no longer than the series.
+trainings (pipelines/core/threads.py) they should take no longer than the series.
 
     python bench/concurrent_training.py --rows 300000
 """
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from pipelines.core.processes import venv_bin
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-BIN = Path(sys.executable).parent
 
 
 def params_file(workdir: Path, rows: int, seed: int, threads: int) -> Path:
@@ -53,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=300_000)
     args = parser.parse_args()
-    from pipelines.threads import available_cores
+    from pipelines.core.threads import available_cores
 
     with tempfile.TemporaryDirectory(prefix="loopline-concurrent-") as tmp:
         print(f"{args.rows:,} rows per training, {available_cores()} cores")
@@ -66,7 +67,7 @@ def main() -> None:
                 params_file(Path(tmp) / f"{threads}-{name}", args.rows, seed, threads)
                 for name, seed in (("a", 1), ("b", 2))
             )
-            run = [[str(BIN / "loopline"), "run", "--params", str(p)] for p in (a, b)]
+            run = [[venv_bin("loopline"), "run", "--params", str(p)] for p in (a, b)]
             series = timed(run[:1]) + timed(run[1:])
             together = timed(run)
             print(f"{label:<34}{series:>10.1f}{together:>12.1f}{together / series:>19.2f}", flush=True)

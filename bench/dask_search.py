@@ -26,9 +26,10 @@ from pathlib import Path
 
 import yaml
 
+from pipelines.core.processes import venv_bin
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-BIN = Path(sys.executable).parent
 
 
 def params_file(workdir: Path, runner: str, workers: int, address: str = "") -> Path:
@@ -59,14 +60,15 @@ def main() -> None:
 
     from distributed import Client, LocalCluster
 
-    from pipelines.config import load_params
-    from pipelines.search import search_candidates
-    from pipelines.stages import STAGES, read_split
+    from pipelines.core.config import load_params
+    from pipelines.core.stages import run_stage
+    from pipelines.data.split import read_split
+    from pipelines.training.search import search_candidates
 
     workdir = Path(tempfile.mkdtemp(prefix="loopline-bench-dask-"))
     sequential = load_params(params_file(workdir, "sequential", args.workers))
     for stage in ("params", "ingest", "clean", "validate", "split"):
-        STAGES[stage](sequential)
+        run_stage(stage, sequential)
     train, val = read_split(sequential, "train"), read_split(sequential, "val")
     print(f"{len(train)} training rows, {len(val)} validation rows; {os.cpu_count()} cores")
 
@@ -124,7 +126,7 @@ def main() -> None:
         path = params_file(workdir, runner, args.workers)
         started = time.perf_counter()
         subprocess.run(
-            [str(BIN / "loopline"), "train", "--force", "--params", str(path)],
+            [venv_bin("loopline"), "train", "--force", "--params", str(path)],
             cwd=REPO,
             env=env,
             check=True,

@@ -25,22 +25,24 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-BIN = Path(sys.executable).parent
+from pipelines.core.processes import venv_bin  # noqa: E402  (the repository first)
+
 HYPERPARAMS = {"max_iter": 300, "learning_rate": 0.05, "max_leaf_nodes": 31, "early_stopping": False}
 
 PLAIN = """
 import sys, time, json
 t0 = time.perf_counter()
-from pipelines import stages
-from pipelines.layout import Layout
-from pipelines.config import load_params
-from pipelines.search import search_candidates
-from pipelines.evaluate import naive_baseline, score
+from pipelines.core.stages import run_stage
+from pipelines.core.layout import Layout
+from pipelines.core.config import load_params
+from pipelines.training.search import search_candidates
+from pipelines.core.metrics import naive_baseline
+from pipelines.model.evaluation import score
 import pyarrow.parquet as pq
 params = load_params(sys.argv[1])
 seconds = {"imports": time.perf_counter() - t0}
 for name in ("ingest", "clean", "validate", "split"):
-    t = time.perf_counter(); stages.STAGES[name](params); seconds[name] = time.perf_counter() - t
+    t = time.perf_counter(); run_stage(name, params); seconds[name] = time.perf_counter() - t
 t = time.perf_counter()
 layout = Layout.of(params)
 train, val, test = (pq.read_table(layout.split_file(n)).to_pandas() for n in ("train", "val", "test"))
@@ -97,7 +99,7 @@ def measure(rows: int, server_url: str) -> dict:
 
         plain_s, plain_out = timed_process([sys.executable, "-c", PLAIN, str(plain_params)], env)
         plain = json.loads(plain_out.strip().splitlines()[-1])
-        train = [str(BIN / "loopline"), "train", "--force", "--json", "--params", str(flow_params)]
+        train = [venv_bin("loopline"), "train", "--force", "--json", "--params", str(flow_params)]
         flow_s, flow_out = timed_process(train, env)
         flow = json.loads(flow_out.strip().splitlines()[-1])
         served_s, _ = timed_process(train, dict(env, PREFECT_API_URL=server_url))
@@ -126,12 +128,12 @@ def main() -> None:
         help="synthetic row counts; 0 means the bundled Bikeshare data",
     )
     args = parser.parse_args()
-    from serving.harness import free_port, stop, wait_for_http
+    from pipelines.core.processes import free_port, stop, wait_for_http
 
     port = free_port()
     home = tempfile.mkdtemp(prefix="loopline-overhead-prefect-")
     server = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [venv_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=dict(os.environ, PREFECT_HOME=home, PREFECT_SERVER_ANALYTICS_ENABLED="false"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -71,11 +71,11 @@ def synthesise(rows: int, path: Path, seed: int = 0) -> None:
 def child(rows: int, workdir: Path) -> dict:
     import pyarrow.parquet as pq
 
-    from pipelines import stages
-    from pipelines.config import load_params, parse_params
-    from pipelines.features import build_preprocessor
-    from pipelines.layout import Layout
-    from pipelines.train import build_estimator
+    from pipelines.core.config import load_params, parse_params
+    from pipelines.core.layout import Layout
+    from pipelines.data import stages as data_stages
+    from pipelines.model.estimators import build_estimator
+    from pipelines.model.features import build_preprocessor
 
     started = time.perf_counter()
     import great_expectations  # noqa: F401  (import cost is fixed; keep it out of the per-row figures)
@@ -96,9 +96,9 @@ def child(rows: int, workdir: Path) -> dict:
         seconds[name] = time.perf_counter() - started
         return result
 
-    timed("ingest", lambda: stages.ingest(params))
-    timed("clean", lambda: stages.clean(params))
-    timed("validate", lambda: stages.validate(params))
+    timed("ingest", lambda: data_stages.ingest(params))
+    timed("clean", lambda: data_stages.clean(params))
+    timed("validate", lambda: data_stages.validate(params))
     df = pq.read_table(Layout.of(params).clean).to_pandas()
     X, y = df[params.features.columns], df[params.data.target]
     pre = build_preprocessor(params.features, params.table_schema)

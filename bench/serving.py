@@ -36,11 +36,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-BIN = Path(sys.executable).parent
+from pipelines.core.processes import venv_bin  # noqa: E402  (the repository first)
 
 
 def start(command: list[str], ready: str) -> subprocess.Popen:
-    from serving.harness import wait_for_http
+    from pipelines.core.processes import wait_for_http
 
     proc = subprocess.Popen(
         command,
@@ -98,11 +98,11 @@ def service_rss_mib(proc: subprocess.Popen) -> float:
 
 
 def soak(args, bodies: list[bytes], params_path: str) -> None:
-    from serving.harness import free_port, stop
+    from pipelines.core.processes import free_port, stop
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start([str(BIN / "loopline"), "serve", "--params", params_path, "--port", str(port)], f"{url}/readyz")
+    proc = start([venv_bin("loopline"), "serve", "--params", params_path, "--port", str(port)], f"{url}/readyz")
     rounds = []
     try:
         print(f"\n{'round':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'service RSS MiB':>17}")
@@ -134,9 +134,9 @@ def main() -> None:
     parser.add_argument("--soak-concurrency", type=int, default=64)
     args = parser.parse_args()
 
-    from pipelines.config import load_params
-    from pipelines.stages import read_split
-    from serving.harness import free_port, stop
+    from pipelines.core.config import load_params
+    from pipelines.core.processes import free_port, stop
+    from pipelines.data.split import read_split
     from serving.runtime import Unavailable, load_registry_champion, predict_records
     from serving.schema import request_records
 
@@ -166,16 +166,16 @@ def main() -> None:
     bento_port, python_port, bare_port = free_port(), free_port(), free_port()
     servers = {
         "bentoml": (
-            [str(BIN / "loopline"), "serve", "--params", env_params, "--port", str(bento_port)],
+            [venv_bin("loopline"), "serve", "--params", env_params, "--port", str(bento_port)],
             f"http://127.0.0.1:{bento_port}",
         ),
         "bento-py": (
-            [str(BIN / "loopline"), "serve", "--params", str(python_params), "--port", str(python_port)],
+            [venv_bin("loopline"), "serve", "--params", str(python_params), "--port", str(python_port)],
             f"http://127.0.0.1:{python_port}",
         ),
         "fastapi": (
             [
-                str(BIN / "uvicorn"),
+                venv_bin("uvicorn"),
                 "bench.bare_app:app",
                 "--port",
                 str(bare_port),
@@ -258,8 +258,8 @@ def main() -> None:
 
 BUSY = """
 import sys
-from pipelines.config import load_params
-from pipelines.stages import fit_configured_model
+from pipelines.core.config import load_params
+from pipelines.model.stages import fit_configured_model
 params = load_params(sys.argv[1])
 params = params.model_copy(update={"train": params.train.model_copy(update={"threads": 0})})
 while True:

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.torch_model import TorchMLPRegressor, build_module  # noqa: E402
+from pipelines.model.torch_model import TorchMLPRegressor, build_module  # noqa: E402
 
 HIDDEN = [256, 128]
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-from pipelines.errors import LooplineError
-from serving.harness import stop, venv_bin, wait_for_http
+from pipelines.core.errors import LooplineError
+from pipelines.core.processes import stop, venv_bin, wait_for_http
 
 RECORD = "loopline-api.json"
 START_TIMEOUT_S = 120
@@ -89,7 +89,7 @@ def api_url(host: str, port: int) -> str:
 
 def server_database(url: str) -> str:
     """A PostgreSQL URL as Prefect's server takes it (asyncpg), once the database answers."""
-    from pipelines.postgres import connect, is_postgres, with_driver
+    from pipelines.core.postgres import connect, is_postgres, with_driver
 
     if not is_postgres(url):
         raise LooplineError("prefect-server --database", f"{url!r} is not a PostgreSQL URL (postgresql://host/db)")
@@ -132,8 +132,8 @@ def prefect_server(host: str, port: int, command: str, database: str | None = No
 def keep_server(host: str, port: int, echo: Callable[[str], None], database: str | None = None) -> None:
     """`loopline prefect-server`: serve the API until Ctrl-C or SIGTERM, recorded for the
     loopline commands that run meanwhile."""
-    from pipelines.postgres import describe
-    from pipelines.storage import write_text
+    from pipelines.core.postgres import describe
+    from pipelines.core.storage import write_text
 
     existing = running_api()
     if existing:

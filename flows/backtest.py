@@ -6,7 +6,7 @@ live error is the error of the predictions actually served), then its labels arr
 policy decides whether to retrain; a retrained model replaces the champion only through the
 policy's gate. The `monitor` policies decide with the monitoring flow's own functions
 (Evidently drift weighed by importance, NannyML's estimate, the live metric, `decide`), and
-the bootstrap gate is the registry's (`pipelines.evidence.judge_on`).
+the bootstrap gate is the registry's (`pipelines.registry.evidence.judge_on`).
 
 Work is shared between policies, not repeated: a training is a function of its data prefix
 (the same months and params give the same model), so each prefix trains once; the drift and
@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from flows.replay import YEAR, _day_of_year, _fresh_workdir, split_periods
-from pipelines.config import Params, PolicyConfig
-from pipelines.estimate import Estimate, PerformanceEstimator
-from pipelines.monitor import PREDICTION, Drift
-from pipelines.progress import progress
+from flows.replay import YEAR, Period, _day_of_year, _fresh_workdir, split_periods
+from pipelines.core.config import Params, PolicyConfig
+from pipelines.core.progress import progress
+from pipelines.monitoring.drift import PREDICTION, Drift
+from pipelines.monitoring.estimate import Estimate, PerformanceEstimator
 
 
 @dataclass
@@ -71,11 +71,12 @@ class Shared:
         return self.models[prefix]
 
     def _train(self, prefix: int) -> Model:
-        from pipelines.estimate import fit_estimator
-        from pipelines.evaluate import feature_importance, naive_baseline, score
-        from pipelines.monitor import drift_reference, reference_sample
-        from pipelines.search import search_candidates
-        from pipelines.split import split_rows
+        from pipelines.core.metrics import naive_baseline
+        from pipelines.data.split import split_rows
+        from pipelines.model.evaluation import feature_importance, score
+        from pipelines.monitoring.drift import drift_reference, reference_sample
+        from pipelines.monitoring.estimate import fit_estimator
+        from pipelines.training.search import search_candidates
 
         params = self.params
         features, target, task = params.features.columns, params.data.target, params.data.task
@@ -117,7 +118,7 @@ class Shared:
     def drift(self, champion: Model, batch: int) -> Drift:
         from dataclasses import replace
 
-        from pipelines.monitor import measure_drift
+        from pipelines.monitoring.drift import measure_drift
 
         key = (champion.prefix, batch)
         if key not in self.drifts:
@@ -128,7 +129,7 @@ class Shared:
         return self.drifts[key]
 
     def estimate(self, champion: Model, batch: int) -> Estimate:
-        from pipelines.estimate import estimate
+        from pipelines.monitoring.estimate import estimate
 
         key = (champion.prefix, batch)
         if key not in self.estimates:
@@ -146,7 +147,7 @@ class Shared:
 def _live(shared: Shared, champion: Model, batch: int):
     """The live metric of what the champion served on the batch, by the monitoring flow's own
     join of labelled rows to logged predictions (each row its own request id)."""
-    from pipelines.monitor import labelled_metrics
+    from pipelines.monitoring.labels import labelled_metrics
 
     params = shared.params
     rows = shared.batches[batch][1]
@@ -163,8 +164,8 @@ def _live(shared: Shared, champion: Model, batch: int):
 def _gate(shared: Shared, policy: PolicyConfig, champion: Model, challenger: Model, batch: int) -> tuple[bool, str]:
     """Whether the challenger replaces the champion, judged on the challenger's test rows and
     (bootstrap gate) on the rows of the batch that triggered the retrain that it did not fit on."""
-    from pipelines.evaluate import score
-    from pipelines.evidence import judge_on, unseen
+    from pipelines.model.evaluation import score
+    from pipelines.registry.evidence import judge_on, unseen
 
     params = shared.params
     features, target, task = params.features.columns, params.data.target, params.data.task
@@ -197,7 +198,7 @@ def _gate(shared: Shared, policy: PolicyConfig, champion: Model, challenger: Mod
 
 def run_policy(shared: Shared, policy: PolicyConfig, advance=lambda **_: None) -> list[dict[str, Any]]:
     """One policy over every batch: what was served, what was decided, what it came to."""
-    from pipelines.monitor import decide
+    from pipelines.monitoring.policy import decide
 
     params = shared.params
     cfg = params.policy_monitor(policy)
@@ -211,7 +212,7 @@ def run_policy(shared: Shared, policy: PolicyConfig, advance=lambda **_: None) -
         now = datetime.combine(_day_of_year(int(batch["day"].max())), clock(23, 59), UTC)
         drift = estimate = None
         if policy.retrain == "monitor":
-            from pipelines.monitor import reweigh
+            from pipelines.monitoring.drift import reweigh
 
             drift = reweigh(shared.drift(champion, i), policy_params, champion.importance)
             estimate = shared.estimate(champion, i) if cfg.estimate_performance else None
@@ -299,15 +300,18 @@ def run_backtest(
     policies: list[str] | None = None,
     chart: Path | None = None,
     echo=print,
+    train_months: int | None = None,
+    period: Period = "month",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Run every policy (or those named); returns (summary, timeline)."""
+    """Run every policy (or those named); returns (summary, timeline). `train_months`: the
+    first champion's months (default backtest.train_months); `period`: month or week batches."""
     import yaml
 
     from flows.replay import replay_params
-    from pipelines.arrivals import typed_rows
-    from pipelines.config import load_params
-    from pipelines.errors import LooplineError
-    from pipelines.ingest import read_source
+    from pipelines.core.config import load_params
+    from pipelines.core.errors import LooplineError
+    from pipelines.data.arrivals import typed_rows
+    from pipelines.data.ingest import read_source
 
     started = time.perf_counter()
     workdir = Path(workdir).resolve()
@@ -332,11 +336,12 @@ def run_backtest(
     params = load_params(run_path)
     source = read_source(params.data.source, params.table_schema, params.data)
     typed = typed_rows(source.rows, params)
-    initial, batches = split_periods(typed, params.backtest.train_months, "month")
+    train_months = train_months or params.backtest.train_months
+    initial, batches = split_periods(typed, train_months, period)
     batches = batches[:periods] if periods else batches
     echo(
-        f"backtest of {YEAR}: first champion on months 1-{params.backtest.train_months} ({len(initial)} rows), "
-        f"{len(batches)} monthly batches, policies {', '.join(p.name for p in chosen)}; work directory {workdir}"
+        f"backtest of {YEAR}: first champion on months 1-{train_months} ({len(initial)} rows), "
+        f"{len(batches)} {period}ly batches, policies {', '.join(p.name for p in chosen)}; work directory {workdir}"
     )
     shared = Shared(params, initial, batches, echo)
     with progress("backtest", len(chosen) * len(batches), "policy-months") as advance:
@@ -399,8 +404,8 @@ def backtest_figure(timeline: pd.DataFrame, policies: list[PolicyConfig], metric
 
 
 def _log_backtest(params: Params, summary: pd.DataFrame, workdir: Path, seconds: float, trainings: int) -> None:
-    from pipelines.names import REPLAY
-    from pipelines.tracking import client_for, log_dict_batch
+    from pipelines.core.names import REPLAY
+    from pipelines.registry.tracking import client_for, log_dict_batch
 
     client, experiment_id = client_for(params)
     run = client.create_run(experiment_id, run_name="backtest", tags={REPLAY: "backtest"})

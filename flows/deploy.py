@@ -26,10 +26,10 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.api import STOP_TIMEOUT_S, api_url, command_api, prefect_server
 from flows.monitoring import monitoring_flow
 from flows.training import training_flow
-from pipelines.config import load_params
-from pipelines.errors import LooplineError
-from pipelines.names import MONITORING_DEPLOYMENT, TRAINING_DEPLOYMENT
-from serving.harness import free_port
+from pipelines.core.config import load_params
+from pipelines.core.errors import LooplineError
+from pipelines.core.names import MONITORING_DEPLOYMENT, TRAINING_DEPLOYMENT
+from pipelines.core.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINTS = {"training": "flows/training.py:training_flow", "monitoring": "flows/monitoring.py:monitoring_flow"}

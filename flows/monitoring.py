@@ -3,8 +3,8 @@ champion was trained on, decide by the `monitor:` policy, record the decision, a
 training flow when the policy says so. Training promotes a new champion only if it is
 better; a running service picks a new champion up by itself (serve.reload_interval_s).
 
-Wiring only: the checks live in pipelines/arrivals.py, the measurements and the record in
-pipelines/measure.py, the policy in pipelines/monitor.py. The params file is read once per
+Wiring only: the checks live in pipelines/data/arrivals.py, the measurements and the record
+in pipelines/monitoring/run.py, the policy in pipelines/monitoring/policy.py. The params file is read once per
 run; state between runs is read from MLflow, so a run needs nothing but the params file.
 """
 
@@ -16,35 +16,35 @@ from typing import Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.hooks import alert_failed_run
-from pipelines.arrivals import BatchOutcome
-from pipelines.config import Params, load_params
-from pipelines.measure import Measurement, MonitoringResult, Retrain, render_monitoring
-from pipelines.monitor import Verdict
-from pipelines.names import TRAINING_DEPLOYMENT
+from flows.hooks import alert_failed_run, quiet_cancellation
+from pipelines.core.config import Params, load_params
+from pipelines.core.names import TRAINING_DEPLOYMENT
+from pipelines.data.arrivals import BatchOutcome
+from pipelines.monitoring.policy import Verdict
+from pipelines.monitoring.run import Measurement, MonitoringResult, Retrain, render_monitoring
 
 Trigger = Literal["subflow", "deployment", "none"]
 
 
 @task(name="accept-batches")
 def accept_task(params: Params) -> list[BatchOutcome]:
-    from pipelines.arrivals import accept_landed
+    from pipelines.data.arrivals import accept_landed
 
     return accept_landed(params)
 
 
 @task(name="measure")
 def measure_task(params: Params) -> Measurement:
-    from pipelines.measure import measure
+    from pipelines.monitoring.run import measure
 
     return measure(params)
 
 
 @task(name="decide")
 def decide_task(params: Params, measured: Measurement, at: datetime) -> Verdict:
-    from pipelines.measure import last_retrain
-    from pipelines.monitor import decide
-    from pipelines.tracking import client_for, monitoring_experiment
+    from pipelines.monitoring.policy import decide
+    from pipelines.monitoring.run import last_retrain
+    from pipelines.registry.tracking import client_for, monitoring_experiment
 
     if measured.drift is None:  # nothing measured: nothing to decide on
         return Verdict(False, [], [], unmeasured=f"{measured.status}: {measured.detail}")
@@ -65,7 +65,7 @@ def decide_task(params: Params, measured: Measurement, at: datetime) -> Verdict:
 
 @task(name="record-decision")
 def record_task(params: Params, result: MonitoringResult) -> str:
-    from pipelines.measure import record
+    from pipelines.monitoring.run import record
 
     return record(params, result)
 
@@ -74,7 +74,7 @@ def record_task(params: Params, result: MonitoringResult) -> str:
 def dashboard_task(params: Params, result: MonitoringResult) -> str | None:
     """The run's snapshots in the Evidently workspace; a failure there is a warning, never a
     lost decision."""
-    from pipelines.dashboard import add_monitoring_run
+    from pipelines.monitoring.dashboard import add_monitoring_run
 
     try:
         return add_monitoring_run(params, result)
@@ -116,9 +116,10 @@ def monitoring_flow(
     trigger: how a retrain starts — `subflow` (in this process), `deployment` (the served
     training deployment, as `loopline deploy` runs it), or `none` (decide and record only).
     now: the time the decision is taken at (ISO 8601; default: the clock), for replays."""
-    from pipelines.alerts import send
-    from pipelines.measure import monitoring_alerts, record_retrain
+    from pipelines.core.alerts import send
+    from pipelines.monitoring.run import monitoring_alerts, record_retrain
 
+    quiet_cancellation()
     logger = get_run_logger()
     params = load_params(params_path)  # once per run; tasks get the validated params
     at = datetime.fromisoformat(now) if now else datetime.now(UTC)

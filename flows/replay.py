@@ -26,9 +26,9 @@ from typing import Any, Literal
 import pandas as pd
 import yaml
 
-from pipelines.errors import LooplineError
-from pipelines.measure import MonitoringResult
-from pipelines.names import REPLAY
+from pipelines.core.errors import LooplineError
+from pipelines.core.names import REPLAY
+from pipelines.monitoring.run import MonitoringResult
 
 MARKER = ".loopline-replay"
 Period = Literal["month", "week"]
@@ -78,7 +78,7 @@ def replay_params(base: dict[str, Any], workdir: Path, workspace: Path) -> dict[
 
 def serve_period(url: str, rows: pd.DataFrame, label: str, params, chunk: int) -> list[str]:
     """Predict the period's rows through the service; returns each row's request id."""
-    from serving.harness import post
+    from pipelines.core.processes import post
     from serving.schema import request_records
 
     records = request_records(rows, params)
@@ -109,23 +109,26 @@ def run_replay(
     workdir: Path,
     params_path: str | Path = "params.yaml",
     period: Period = "month",
-    train_months: int = 3,
+    train_months: int | None = None,
     periods: int | None = None,
     chart: Path | None = None,
     echo=print,
 ) -> pd.DataFrame:
-    """Run the replay; returns the timeline (one row per period)."""
+    """Run the replay; returns the timeline (one row per period). `train_months`: the first
+    champion's months (default backtest.train_months)."""
     from flows.monitoring import monitoring_flow
     from flows.training import training_flow
-    from pipelines.config import load_params
-    from pipelines.dashboard import remove_project
-    from pipelines.layout import Layout
-    from pipelines.progress import progress
-    from pipelines.storage import write_csv
-    from serving.harness import post, serving
+    from pipelines.core.config import load_params
+    from pipelines.core.layout import Layout
+    from pipelines.core.processes import post
+    from pipelines.core.progress import progress
+    from pipelines.core.storage import write_csv
+    from pipelines.monitoring.dashboard import remove_project
+    from serving.local import local_service
 
     workdir = Path(workdir).resolve()
     base = yaml.safe_load(Path(params_path).read_text())
+    train_months = train_months or load_params(params_path).backtest.train_months
     data = pd.read_csv(base["data"]["source"])
     initial, batches = split_periods(data, train_months, period)
     batches = batches[:periods] if periods else batches
@@ -149,7 +152,7 @@ def run_replay(
     timeline: list[dict[str, Any]] = []
     with (
         open(workdir / "serve.log", "w") as log,
-        serving(replay_path, log=log) as url,
+        local_service(replay_path, log=log) as url,
         progress("replay", len(batches), f"{period}s") as advance,
     ):
         for label, rows in batches:
@@ -264,7 +267,7 @@ def timeline_figure(frame: pd.DataFrame, metric: str, drift_threshold: float):
 
 
 def _log_replay(params, frame: pd.DataFrame, png: Path) -> None:
-    from pipelines.tracking import client_for, log_dict_batch, monitoring_experiment
+    from pipelines.registry.tracking import client_for, log_dict_batch, monitoring_experiment
 
     client, experiment_id = client_for(params, monitoring_experiment(params))
     run = client.create_run(experiment_id, run_name="replay-timeline", tags={REPLAY: "timeline"})

@@ -15,8 +15,8 @@ import pandas as pd
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from pipelines.config import load_params
-from pipelines.errors import LooplineError
+from pipelines.core.config import load_params
+from pipelines.core.errors import LooplineError
 
 CHUNK_ROWS = 200_000
 
@@ -35,8 +35,8 @@ def read_table(path: Path) -> pd.DataFrame:
 
 @task(name="score-file")
 def score_file(params_path: str, input_path: str, output_path: str) -> dict[str, Any]:
-    from pipelines.progress import progress
-    from pipelines.storage import write_parquet
+    from pipelines.core.progress import progress
+    from pipelines.core.storage import write_parquet
     from serving.runtime import Unavailable, load_registry_champion, predict_frame
     from serving.schema import check_records
 

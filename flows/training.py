@@ -18,15 +18,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.hooks import alert_failed_run
-from pipelines import stages
-from pipelines.config import Params, load_params
-from pipelines.errors import LooplineError
-from pipelines.execution import check_execution
-from pipelines.layout import Layout
-from pipelines.training import Registration, Trained, TrainingResult, registration_alert, render_training, skipped
-
-DATA_STAGES = ("params", "ingest", "clean", "validate", "split")
+from flows.hooks import alert_failed_run, quiet_cancellation
+from pipelines.core.config import Params, load_params
+from pipelines.core.errors import LooplineError
+from pipelines.core.layout import Layout
+from pipelines.core.stages import DATA_STAGES, run_stage
+from pipelines.registry.promotion import Registration, registration_alert, skipped
+from pipelines.training.run import Trained, TrainingResult, check_execution, render_training
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:
@@ -42,7 +40,7 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
 
 def _stage_key(stage: str):
     def key(context, parameters: dict[str, Any]) -> str:
-        from pipelines.lineage import stage_fingerprint
+        from pipelines.core.fingerprint import stage_fingerprint
 
         return stage_fingerprint(stage, parameters["params"])
 
@@ -58,10 +56,10 @@ def _stage_task(stage: str):
         retry_delay_seconds=[2, 10],
         retry_condition_fn=_retry_unless_bad_input,
     )
-    def run_stage(params: Params) -> dict[str, Any]:
-        return stages.STAGES[stage](params)
+    def stage_task(params: Params) -> dict[str, Any]:
+        return run_stage(stage, params)
 
-    return run_stage
+    return stage_task
 
 
 STAGE_TASKS = {stage: _stage_task(stage) for stage in DATA_STAGES}
@@ -70,8 +68,8 @@ STAGE_TASKS = {stage: _stage_task(stage) for stage in DATA_STAGES}
 def _search_key(context, parameters: dict[str, Any]) -> str:
     """The training fingerprint and the tracking store its runs and model go to: a result
     logged to another store must not stand in for this one."""
-    from pipelines.tracking import store_identity
-    from pipelines.training import training_fingerprint
+    from pipelines.registry.tracking import store_identity
+    from pipelines.training.run import training_fingerprint
 
     params = parameters["params"]
     return f"{training_fingerprint(params)}|{store_identity(params)}"
@@ -80,7 +78,7 @@ def _search_key(context, parameters: dict[str, Any]) -> str:
 @task(name="search-candidates", cache_key_fn=_search_key, persist_result=True)
 def search_task(params: Params, params_path: str, flow_run_id: str) -> Trained:
     """Train every candidate and log the best model (pipelines.training.search_and_log)."""
-    from pipelines.training import search_and_log
+    from pipelines.training.run import search_and_log
 
     return search_and_log(params, params_path, flow_run_id, warn=get_run_logger().warning)
 
@@ -88,14 +86,14 @@ def search_task(params: Params, params_path: str, flow_run_id: str) -> Trained:
 @task(name="register-and-promote", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_unless_bad_input)
 def register_task(params: Params, trained: Trained) -> Registration:
     """Register the best model; promote it only if better (pipelines.training.register_best)."""
-    from pipelines.training import register_best
+    from pipelines.registry.promotion import register_best
 
     return register_best(params, trained)
 
 
 @task(name="record-data-version")
 def record_data_version_task(params: Params, params_path: str) -> str:
-    from pipelines.lineage import commit_data_version
+    from pipelines.registry.lineage import commit_data_version
 
     return commit_data_version(params_path, list(DATA_STAGES), Layout.of(params).ingested)
 
@@ -107,6 +105,7 @@ def training_flow(
     """Data stages → candidate search → register and promote only if better.
     `record_data_version`: pin the data stages' outputs in dvc.lock (`dvc commit`), as a
     retrain started by monitoring does."""
+    quiet_cancellation()
     logger = get_run_logger()
     params = load_params(params_path)  # once per run; a malformed file fails here, naming the key
     check_execution(params)
@@ -145,7 +144,7 @@ def training_flow(
     )
     alert = registration_alert(params, trained, decision)
     if alert is not None:
-        from pipelines.alerts import send
+        from pipelines.core.alerts import send
 
         send(params.alerts, alert, warn=logger.warning)
     return result
@@ -153,7 +152,7 @@ def training_flow(
 
 def _data_stages(params: Params, force: bool, storage) -> tuple[dict[str, Any], list[str], dict[str, float]]:
     """The dvc.yaml data stages in order; a stage whose outputs were deleted runs again."""
-    from pipelines.lineage import stage_outputs_exist
+    from pipelines.core.fingerprint import stage_outputs_exist
 
     outputs: dict[str, Any] = {}
     cached: list[str] = []
@@ -174,7 +173,7 @@ def _data_stages(params: Params, force: bool, storage) -> tuple[dict[str, Any], 
 def _search(params: Params, params_path: str, force: bool, storage) -> tuple[Trained, bool, str]:
     """The search's result, whether it came from the cache, and what this tracking store
     holds of it (a cached result is trusted only if its run is in this store)."""
-    from pipelines.tracking import client_for, logged_run_state
+    from pipelines.registry.tracking import client_for, logged_run_state
 
     state = search_task.with_options(refresh_cache=force, result_storage=storage)(
         params, params_path, str(flow_run.id), return_state=True

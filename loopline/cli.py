@@ -1,18 +1,32 @@
 """The `loopline` command, above every layer: it runs the flows, the service and the stages.
-Heavy libraries are imported inside commands so `--help` is fast."""
+Heavy libraries are imported inside commands so `--help` is fast.
+
+Conventions every command keeps:
+- `--params/-p` names the params file (default params.yaml);
+- a command that returns a result prints it for a person, or as JSON with `--json`;
+- a command that starts a server takes `--host/--port`, defaulting from the params file
+  (`serve:` for the service, `servers:` for MLflow, Prefect and the dashboard);
+- an expected failure (bad data, bad params, no champion) is one line on stderr and exit 2.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from pipelines.core.stages import STAGES
+
 app = typer.Typer(
-    help="loopline: data → validated features → tracked models → served predictions.",
+    help="loopline: data → validated features → tracked models → served predictions.\n\n"
+    "Every command takes --params (default params.yaml); one that returns a result prints it as JSON with "
+    "--json; one that starts a server takes --host/--port, defaulting from the params file. An expected "
+    "failure (bad data, bad params, no champion) is one line on stderr and exit status 2.",
     rich_markup_mode=None,  # typer 0.29's Rich help prints "<bool>" beside --help with click 8.5
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -20,13 +34,43 @@ app = typer.Typer(
 )
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
-STAGE_NAMES = ("params", "ingest", "clean", "validate", "split", "train", "evaluate")
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+HostOption = Annotated[str | None, typer.Option(help="The address to listen on (default: from the params file).")]
+PortOption = Annotated[int | None, typer.Option(help="The port (default: from the params file).")]
+WorkdirOption = Annotated[Path | None, typer.Option(help="Scratch directory (recreated).")]
+PeriodsOption = Annotated[int | None, typer.Option(help="Stop after this many batches.")]
+TrainMonthsOption = Annotated[
+    int | None, typer.Option(help="Months the first champion trains on (default: backtest.train_months).")
+]
+PeriodOption = Annotated[str, typer.Option(help="Batch size: month or week.")]
+ChartOption = Annotated[Path | None, typer.Option(help="Also copy the chart PNG here.")]
 
 
 def _params(path: Path):
-    from pipelines.config import load_params
+    from pipelines.core.config import load_params
 
     return load_params(path)
+
+
+def _emit(result: Any, as_json: bool, render: Callable[[Any], str]) -> None:
+    """A command's result: rendered for a person, or as JSON (`--json`)."""
+    if as_json:
+        payload = asdict(result) if is_dataclass(result) and not isinstance(result, type) else result
+        typer.echo(json.dumps(payload, default=str))
+    else:
+        typer.echo(render(result))
+
+
+def _exec(name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+    """Become one of the tools installed beside loopline (mlflow, bentoml, evidently)."""
+    import os
+
+    from pipelines.core.processes import venv_bin
+
+    executable = venv_bin(name)
+    if env is None:
+        os.execv(executable, [executable, *args])
+    os.execve(executable, [executable, *args], env)
 
 
 def _console_without_expected_errors() -> None:
@@ -37,7 +81,7 @@ def _console_without_expected_errors() -> None:
     to Prefect's docs. Called once Prefect is imported, whose logging set-up adds the handler."""
     import logging
 
-    from pipelines.errors import LooplineError
+    from pipelines.core.errors import LooplineError
 
     class SkipExpected(logging.Filter):
         seen: set[str] = set()  # texts of the expected errors, quoted again by the "Failed" state lines
@@ -65,6 +109,7 @@ def _flow_api():
     where it cannot mix with --json output."""
     from flows.api import command_api
 
+    _console_without_expected_errors()
     return command_api(lambda line: typer.echo(line, err=True))
 
 
@@ -79,49 +124,49 @@ def _metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+# --- the pipeline ---------------------------------------------------------------------------
+
+
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGE_NAMES)}.")],
+    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGES)}.")],
     params: ParamsOption = Path("params.yaml"),
+    as_json: JsonOption = False,
 ) -> None:
     """Run one pipeline stage (what each dvc.yaml stage calls)."""
-    if name not in STAGE_NAMES:
-        raise typer.BadParameter(f"unknown stage {name!r}; choose one of {', '.join(STAGE_NAMES)}")
-    from pipelines.stages import STAGES
+    if name not in STAGES:
+        raise typer.BadParameter(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+    from pipelines.core.stages import run_stage
 
-    result = STAGES[name](_params(params))
-    typer.echo(f"{name}: {json.dumps(result, sort_keys=True)}")
+    result = run_stage(name, _params(params))
+    _emit(result, as_json, lambda r: f"{name}: {json.dumps(r, sort_keys=True)}")
 
 
 @app.command()
-def run(params: ParamsOption = Path("params.yaml")) -> None:
+def run(params: ParamsOption = Path("params.yaml"), as_json: JsonOption = False) -> None:
     """Run every stage in this process and print the metrics (no DVC bookkeeping)."""
-    from pipelines.stages import run_all
+    from pipelines.core.stages import run_all
 
-    summary = run_all(_params(params), echo=typer.echo)
-    typer.echo(_metrics_table(summary["evaluate"]))
+    summary = run_all(_params(params), echo=lambda line: typer.echo(line, err=as_json))
+    _emit(summary, as_json, lambda s: _metrics_table(s["evaluate"]))
 
 
 @app.command()
 def train(
     params: ParamsOption = Path("params.yaml"),
     force: Annotated[bool, typer.Option(help="Ignore cached stage results and retrain.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Run the training flow (Prefect): data stages, candidate search, guarded promotion."""
-    from pipelines.execution import check_execution
+    from pipelines.training.run import check_execution
 
     check_execution(_params(params))  # a malformed file or setting fails here, before any Prefect start-up
     from flows.training import training_flow
-    from pipelines.training import render_training
+    from pipelines.training.run import render_training
 
-    _console_without_expected_errors()
     with _flow_api():
         result = training_flow(params_path=str(params), force=force)
-    if as_json:
-        typer.echo(json.dumps(asdict(result), default=str))
-        return
-    typer.echo("\n" + render_training(result))
+    _emit(result, as_json, lambda r: "\n" + render_training(r))
 
 
 @app.command()
@@ -131,14 +176,13 @@ def monitor(
         bool,
         typer.Option(help="Start the training flow when the policy says so (--no-retrain: decide and record only)."),
     ] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the flow's result as JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Run the monitoring flow: accept landed batches, measure drift and live metrics, retrain if needed."""
     _params(params)
     from flows.monitoring import monitoring_flow
-    from pipelines.measure import render_monitoring
+    from pipelines.monitoring.run import render_monitoring
 
-    _console_without_expected_errors()
     with _flow_api():
         result = monitoring_flow(params_path=str(params), trigger="subflow" if retrain else "none")
     if as_json:
@@ -152,46 +196,340 @@ def monitor(
 @app.command()
 def replay(
     params: ParamsOption = Path("params.yaml"),
-    workdir: Annotated[Path, typer.Option(help="Scratch directory for the replay (recreated).")] = Path("data/replay"),
-    period: Annotated[str, typer.Option(help="Batch size: month or week.")] = "month",
-    train_months: Annotated[int, typer.Option(help="Months of data the first champion is trained on.")] = 3,
-    periods: Annotated[int | None, typer.Option(help="Stop after this many batches.")] = None,
-    chart: Annotated[Path | None, typer.Option(help="Also copy the timeline PNG here.")] = None,
+    workdir: WorkdirOption = None,
+    period: PeriodOption = "month",
+    train_months: TrainMonthsOption = None,
+    periods: PeriodsOption = None,
+    chart: ChartOption = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Replay 2011: first champion on Jan-Mar, then each later batch served, labelled, monitored, retrained."""
+    """Replay 2011 through a real service: first champion, then each batch served, labelled, monitored, retrained."""
     if period not in ("month", "week"):
         raise typer.BadParameter(f"--period must be month or week, not {period!r}")
     _params(params)
     from flows.replay import run_replay
 
-    _console_without_expected_errors()
-
+    workdir = workdir or Path("data/replay")
     with _flow_api():
         frame = run_replay(workdir, params, period, train_months, periods, chart, echo=typer.echo)  # type: ignore[arg-type]
     retrains = frame[frame["decision"] == "retrain"]
-    typer.echo(
-        f"\n{len(frame)} batches, {len(retrains)} retrains, {int(frame['promoted'].sum())} promotions; "
-        f"timeline: {workdir / 'timeline.png'} and timeline.csv"
+    summary = {
+        "batches": len(frame),
+        "retrains": len(retrains),
+        "promotions": int(frame["promoted"].sum()),
+        "timeline": str(workdir / "timeline.csv"),
+        "chart": str(workdir / "timeline.png"),
+    }
+    _emit(
+        summary,
+        as_json,
+        lambda s: (
+            f"\n{s['batches']} batches, {s['retrains']} retrains, {s['promotions']} promotions; "
+            f"timeline: {s['chart']} and timeline.csv"
+        ),
     )
 
 
 @app.command()
 def backtest(
     params: ParamsOption = Path("params.yaml"),
-    workdir: Annotated[Path, typer.Option(help="Scratch directory for the back-test (recreated).")] = Path(
-        "data/backtest"
-    ),
-    periods: Annotated[int | None, typer.Option(help="Stop after this many monthly batches.")] = None,
+    workdir: WorkdirOption = None,
+    period: PeriodOption = "month",
+    train_months: TrainMonthsOption = None,
+    periods: PeriodsOption = None,
     policy: Annotated[list[str] | None, typer.Option(help="Run only this policy (repeatable).")] = None,
-    chart: Annotated[Path | None, typer.Option(help="Also copy the chart PNG here (and the table as CSV).")] = None,
+    chart: ChartOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Replay 2011 under every policy in `backtest.policies`: live error, retrains, promotions, training time."""
+    if period not in ("month", "week"):
+        raise typer.BadParameter(f"--period must be month or week, not {period!r}")
     _params(params)
     from flows.backtest import run_backtest
 
     _console_without_expected_errors()
-    run_backtest(workdir, params, periods, policy, chart, echo=typer.echo)
-    typer.echo(f"chart: {workdir / 'backtest.png'}; table: summary.csv, summary.md; per month: timeline.csv")
+    workdir = workdir or Path("data/backtest")
+    summary, _ = run_backtest(
+        workdir,
+        params,
+        periods,
+        policy,
+        chart,
+        echo=lambda line: typer.echo(line, err=as_json),
+        train_months=train_months,
+        period=period,  # type: ignore[arg-type]
+    )
+    _emit(
+        summary.to_dict(orient="records"),
+        as_json,
+        lambda _: f"chart: {workdir / 'backtest.png'}; table: summary.csv, summary.md; per batch: timeline.csv",
+    )
+
+
+@app.command()
+def score(
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT.csv", help="Records to score (CSV or Parquet).")],
+    output_path: Annotated[Path, typer.Argument(metavar="OUTPUT.parquet", help="Where to write predictions.")],
+    params: ParamsOption = Path("params.yaml"),
+    as_json: JsonOption = False,
+) -> None:
+    """Batch predictions with the champion (a Prefect flow): same checks and preprocessing as serving."""
+    _params(params)
+    from flows.scoring import scoring_flow
+
+    with _flow_api():
+        result = scoring_flow(params_path=str(params), input_path=str(input_path), output_path=str(output_path))
+    _emit(
+        result,
+        as_json,
+        lambda r: f"scored {r['rows']} rows with {r['model_name']} v{r['model_version']} -> {r['output']}",
+    )
+
+
+# --- the registry ---------------------------------------------------------------------------
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="The model version to make champion.")],
+    params: ParamsOption = Path("params.yaml"),
+    as_json: JsonOption = False,
+) -> None:
+    """Make a registered model version the champion by hand (audited)."""
+    from pipelines.registry.champion import promote as promote_version
+    from pipelines.registry.tracking import registry_client, registry_lock_target
+
+    p = _params(params)
+    replaced = promote_version(registry_client(p), p.tracking.model_name, version, registry_lock_target(p))
+    result = {"model_name": p.tracking.model_name, "champion": version, "replaced": replaced}
+
+    def render(r: dict) -> str:
+        if r["replaced"] == version:
+            return f"{r['model_name']}: v{version} is already the champion; nothing changed"
+        return f"{r['model_name']}: champion is v{version} (was {'v' + r['replaced'] if r['replaced'] else 'none'})"
+
+    _emit(result, as_json, render)
+
+
+@app.command()
+def rollback(params: ParamsOption = Path("params.yaml"), as_json: JsonOption = False) -> None:
+    """Move the champion back to the version it replaced (audited)."""
+    from pipelines.registry.champion import rollback as rollback_champion
+    from pipelines.registry.tracking import registry_client, registry_lock_target
+
+    p = _params(params)
+    old, new = rollback_champion(registry_client(p), p.tracking.model_name, registry_lock_target(p))
+    _emit(
+        {"model_name": p.tracking.model_name, "from": old, "to": new},
+        as_json,
+        lambda r: f"{r['model_name']}: champion rolled back from v{r['from']} to v{r['to']}",
+    )
+
+
+@app.command()
+def card(
+    version: Annotated[str, typer.Argument(help="The registered model version.")],
+    params: ParamsOption = Path("params.yaml"),
+    save: Annotated[
+        Path | None, typer.Option(help="Also write model_card.md and its slice plot into this folder.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print a registered version's model card, as of now (the one logged with it, card/model_card.md,
+    is as of its promotion decision)."""
+    from pipelines.core.errors import LooplineError
+    from pipelines.registry.card import build_card, save_card
+    from pipelines.registry.tracking import registry_client
+
+    p = _params(params)
+    client = registry_client(p)
+    try:
+        client.get_model_version(p.tracking.model_name, version)
+    except Exception:
+        raise LooplineError("card", f"{p.tracking.model_name} has no version {version!r} in {p.tracking.uri}") from None
+    text = build_card(client, p, p.tracking.model_name, version)
+    saved = save_card(client, p.tracking.model_name, version, text, save) if save is not None else None
+    if saved is not None and not as_json:
+        typer.echo(f"saved {saved}", err=True)
+    _emit({"version": version, "card": text, "saved": saved}, as_json, lambda r: r["card"].rstrip("\n"))
+
+
+@app.command()
+def reproduce(
+    version: Annotated[str, typer.Argument(help="The registered model version to rebuild.")],
+    params: ParamsOption = Path("params.yaml"),
+    as_json: JsonOption = False,
+) -> None:
+    """Rebuild a registered version from its commit, data version and params; say whether it is identical."""
+    from pipelines.registry.reproduce import reproduce as rebuild
+
+    result = rebuild(_params(params), version)
+    _emit(result, as_json, lambda r: r.render())
+    if result.verdict != "identical":
+        sys.exit(1)
+
+
+@app.command()
+def package(params: ParamsOption = Path("params.yaml"), as_json: JsonOption = False) -> None:
+    """Build a Bento holding the current champion (serving/bentofile.yaml); prints its tag."""
+    from serving.package import build_bento
+
+    tag, _, version, built = build_bento(_params(params))
+    _emit(
+        {"bento": tag, "registry_version": version, "built": built},
+        as_json,
+        lambda r: (
+            f"bento {tag} (registry version {version}; {'built' if built else 'unchanged, reused'}); "
+            f"serve it with `loopline serve --bento {tag}`, containerize it with `bentoml containerize {tag}`"
+        ),
+    )
+
+
+@app.command("check-params")
+def check_params(
+    params: ParamsOption = Path("params.yaml"),
+    show: Annotated[bool, typer.Option(help="Also print the file as loaded, with every default filled in.")] = False,
+    reference: Annotated[
+        bool, typer.Option(help="Print the configuration reference (every section and key) instead.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Validate a params file: one line when it is valid, the key and the rule when it is not."""
+    if reference:
+        from pipelines.core.reference import config_reference
+
+        typer.echo(config_reference(), nl=False)
+        return
+    loaded = _params(params).model_dump(mode="json", by_alias=True)
+    if as_json:
+        typer.echo(json.dumps(loaded))
+        return
+    typer.echo(f"{params}: valid ({len(loaded)} sections, defaults filled in for the keys it leaves out)")
+    if show:
+        import yaml
+
+        typer.echo(yaml.safe_dump(loaded, sort_keys=False), nl=False)
+
+
+# --- servers --------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    params: ParamsOption = Path("params.yaml"),
+    host: HostOption = None,
+    port: PortOption = None,
+    bento: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve a Bento built by `loopline package` (its tag, e.g. bikeshare-demand:v1-3f0c9a1b2d) "
+            "instead of the registry's champion."
+        ),
+    ] = None,
+) -> None:
+    """Serve the champion over HTTP with BentoML (POST /predict, /predict_batch; /docs)."""
+    import os
+
+    from pipelines.core.layout import Layout
+
+    p = _params(params)
+    env = {**os.environ, "LOOPLINE_PARAMS": str(params.resolve())}
+    if bento is not None:  # the Bento's own working dir is not ours: log predictions here
+        env["LOOPLINE_PREDICTION_LOG"] = str(Layout.of(p).prediction_log.resolve())
+    where = ["--host", host or p.serve.host, "--port", str(port or p.serve.port)]
+    _exec("bentoml", ["serve", bento or "serving.service:Predictor", *where], env)
+
+
+def _mlflow_server(store: str, options: list[str], host: str, port: int) -> None:
+    """Become `mlflow server` on `store`."""
+    _exec("mlflow", ["server", "--backend-store-uri", store, *options, "--host", host, "--port", str(port)])
+
+
+@app.command("mlflow-ui")
+def mlflow_ui(params: ParamsOption = Path("params.yaml"), host: HostOption = None, port: PortOption = None) -> None:
+    """The MLflow UI on this project's tracking store (mlflow server): runs, metrics, the registry."""
+    from pipelines.registry.tracking import tracking_uri
+
+    p = _params(params)
+    artifacts = ["--default-artifact-root", str(Path(p.tracking.artifact_root).resolve()), "--workers", "1"]
+    _mlflow_server(tracking_uri(p), artifacts, host or p.servers.mlflow.host, port or p.servers.mlflow.port)
+
+
+app.command("ui", hidden=True, help="The MLflow UI (the older name of `mlflow-ui`).")(mlflow_ui)
+
+
+@app.command("tracking-server")
+def tracking_server(
+    store: Annotated[
+        str,
+        typer.Option(
+            help="MLflow's backend store: postgresql+psycopg://host:5432/db for a team, or sqlite:///file.db."
+        ),
+    ],
+    artifacts: Annotated[
+        str, typer.Option(help="Where the server keeps artifacts it serves: a directory or s3://bucket/prefix.")
+    ],
+    params: ParamsOption = Path("params.yaml"),
+    host: HostOption = None,
+    port: PortOption = None,
+    workers: Annotated[int, typer.Option(min=1)] = 2,
+) -> None:
+    """The team's MLflow server: runs and registry in STORE, artifacts served by the server
+    (clients need no access to ARTIFACTS). Point tracking.uri (or MLFLOW_TRACKING_URI) at
+    http://HOST:PORT."""
+    from pipelines.core.postgres import describe
+    from pipelines.registry.tracking import check_backend_store
+
+    p = _params(params)
+    host, port = host or p.servers.mlflow.host, port or p.servers.mlflow.port
+    store = check_backend_store(store)
+    if "://" not in artifacts:
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        artifacts = str(Path(artifacts).resolve())
+    typer.echo(f"MLflow server: store {describe(store)}, artifacts {artifacts}; tracking.uri: http://{host}:{port}")
+    served = ["--serve-artifacts", "--artifacts-destination", artifacts, "--workers", str(workers)]
+    _mlflow_server(store, served, host, port)
+
+
+@app.command("prefect-server")
+def prefect_server(
+    params: ParamsOption = Path("params.yaml"),
+    host: HostOption = None,
+    port: PortOption = None,
+    database: Annotated[
+        str | None,
+        typer.Option(help="PostgreSQL for the server's database (postgresql://host:5432/prefect); default SQLite."),
+    ] = None,
+) -> None:
+    """Keep a Prefect API (and its UI) up until Ctrl-C; loopline commands meanwhile use it
+    instead of starting a temporary one each (seconds saved per command)."""
+    from flows.api import keep_server
+
+    p = _params(params)
+    keep_server(host or p.servers.prefect.host, port or p.servers.prefect.port, echo=typer.echo, database=database)
+
+
+@app.command()
+def dashboard(
+    params: ParamsOption = Path("params.yaml"),
+    host: HostOption = None,
+    port: PortOption = None,
+    workspace: Annotated[
+        Path | None, typer.Option(help="The Evidently workspace (default: monitor.workspace of the params).")
+    ] = None,
+) -> None:
+    """Evidently's UI on the monitoring history (one project per model; `make replay` fills it with 2011)."""
+    from pipelines.core.layout import Layout
+
+    p = _params(params)
+    host, port = host or p.servers.dashboard.host, port or p.servers.dashboard.port
+    folder = (workspace or Layout.of(p).workspace).resolve()
+    folder.mkdir(parents=True, exist_ok=True)  # an empty workspace: the UI says there are no projects yet
+    typer.echo(f"Evidently UI on {folder}: http://{host}:{port}", err=True)
+    _exec("evidently", ["ui", "--workspace", str(folder), "--host", host, "--port", str(port)])
+
+
+# --- schedules ------------------------------------------------------------------------------
 
 
 @app.command()
@@ -218,244 +556,12 @@ def deploy(
     serve_deployments(params, echo=typer.echo)
 
 
-@app.command("prefect-server")
-def prefect_server(
-    port: Annotated[int, typer.Option(help="The API and UI port.")] = 4200,
-    host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
-    database: Annotated[
-        str | None,
-        typer.Option(help="PostgreSQL for the server's database (postgresql://host:5432/prefect); default SQLite."),
-    ] = None,
-) -> None:
-    """Keep a Prefect API (and its UI) up until Ctrl-C; loopline commands meanwhile use it
-    instead of starting a temporary one each (seconds saved per command)."""
-    from flows.api import keep_server
-
-    keep_server(host, port, echo=typer.echo, database=database)
-
-
-@app.command()
-def promote(
-    version: Annotated[str, typer.Argument(help="The model version to make champion.")],
-    params: ParamsOption = Path("params.yaml"),
-) -> None:
-    """Make a registered model version the champion by hand (audited)."""
-    from pipelines.registry import promote as promote_version
-    from pipelines.tracking import registry_client, registry_lock_target
-
-    p = _params(params)
-    client = registry_client(p)
-    replaced = promote_version(client, p.tracking.model_name, version, registry_lock_target(p))
-    if replaced == version:
-        typer.echo(f"{p.tracking.model_name}: v{version} is already the champion; nothing changed")
-    else:
-        typer.echo(f"{p.tracking.model_name}: champion is v{version} (was {'v' + replaced if replaced else 'none'})")
-
-
-@app.command()
-def rollback(params: ParamsOption = Path("params.yaml")) -> None:
-    """Move the champion back to the version it replaced (audited)."""
-    from pipelines.registry import rollback as rollback_champion
-    from pipelines.tracking import registry_client, registry_lock_target
-
-    p = _params(params)
-    client = registry_client(p)
-    old, new = rollback_champion(client, p.tracking.model_name, registry_lock_target(p))
-    typer.echo(f"{p.tracking.model_name}: champion rolled back from v{old} to v{new}")
-
-
-@app.command()
-def ui(params: ParamsOption = Path("params.yaml"), port: int = 5000, host: str = "127.0.0.1") -> None:
-    """Open the MLflow UI on the tracking store (mlflow server)."""
-    from pipelines.tracking import tracking_uri
-
-    p = _params(params)
-    artifacts = ["--default-artifact-root", str(Path(p.tracking.artifact_root).resolve())]
-    _exec_mlflow_server(tracking_uri(p), artifacts, host, port, workers=1)
-
-
-def _exec_mlflow_server(store: str, artifacts: list[str], host: str, port: int, workers: int) -> None:
-    """Become `mlflow server` (the one installed beside loopline) on `store`."""
-    import os
-
-    mlflow = str(Path(sys.executable).with_name("mlflow"))
-    os.execv(
-        mlflow,
-        [mlflow, "server", "--backend-store-uri", store, *artifacts]
-        + ["--host", host, "--port", str(port), "--workers", str(workers)],
-    )
-
-
-@app.command("tracking-server")
-def tracking_server(
-    store: Annotated[
-        str,
-        typer.Option(
-            help="MLflow's backend store: postgresql+psycopg://host:5432/db for a team, or sqlite:///file.db."
-        ),
-    ],
-    artifacts: Annotated[
-        str, typer.Option(help="Where the server keeps artifacts it serves: a directory or s3://bucket/prefix.")
-    ],
-    port: int = 5000,
-    host: Annotated[str, typer.Option(help="0.0.0.0 to serve other machines.")] = "127.0.0.1",
-    workers: Annotated[int, typer.Option(min=1)] = 2,
-) -> None:
-    """The team's MLflow server: runs and registry in STORE, artifacts served by the server
-    (clients need no access to ARTIFACTS). Point tracking.uri (or MLFLOW_TRACKING_URI) at
-    http://HOST:PORT."""
-    from pipelines.postgres import describe
-    from pipelines.tracking import check_backend_store
-
-    store = check_backend_store(store)
-    if "://" not in artifacts:
-        Path(artifacts).mkdir(parents=True, exist_ok=True)
-        artifacts = str(Path(artifacts).resolve())
-    typer.echo(f"MLflow server: store {describe(store)}, artifacts {artifacts}; tracking.uri: http://{host}:{port}")
-    _exec_mlflow_server(store, ["--serve-artifacts", "--artifacts-destination", artifacts], host, port, workers)
-
-
-@app.command()
-def serve(
-    params: ParamsOption = Path("params.yaml"),
-    port: Annotated[int | None, typer.Option(help="Default: serve.port.")] = None,
-    host: Annotated[str | None, typer.Option(help="Default: serve.host.")] = None,
-    bento: Annotated[
-        str | None,
-        typer.Option(help="Serve a Bento built by `loopline package` (e.g. loopline:latest) instead of the registry."),
-    ] = None,
-) -> None:
-    """Serve the champion over HTTP with BentoML (POST /predict, /predict_batch; /docs)."""
-    import os
-
-    from pipelines.layout import Layout
-
-    p = _params(params)
-    env = {**os.environ, "LOOPLINE_PARAMS": str(params.resolve())}
-    if bento is not None:  # the Bento's own working dir is not ours: log predictions here
-        env["LOOPLINE_PREDICTION_LOG"] = str(Layout.of(p).prediction_log.resolve())
-    bentoml = str(Path(sys.executable).with_name("bentoml"))
-    os.execve(
-        bentoml,
-        [
-            bentoml,
-            "serve",
-            bento or "serving.service:Predictor",
-            "--host",
-            host or p.serve.host,
-            "--port",
-            str(port or p.serve.port),
-        ],
-        env,
-    )
-
-
-@app.command()
-def package(params: ParamsOption = Path("params.yaml")) -> None:
-    """Build a Bento holding the current champion (serving/bentofile.yaml); prints its tag."""
-    from serving.package import build_bento
-
-    tag, model_tag, version, built = build_bento(_params(params))
-    typer.echo(
-        f"bento {tag}: {model_tag} (registry version {version}; {'built' if built else 'unchanged, reused'}); "
-        f"serve it with `loopline serve --bento {tag}`, containerize it with `bentoml containerize {tag}`"
-    )
-
-
-@app.command()
-def score(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT.csv", help="Records to score (CSV or Parquet).")],
-    output_path: Annotated[Path, typer.Argument(metavar="OUTPUT.parquet", help="Where to write predictions.")],
-    params: ParamsOption = Path("params.yaml"),
-) -> None:
-    """Batch predictions with the champion (a Prefect flow): same checks and preprocessing as serving."""
-    _params(params)
-    from flows.scoring import scoring_flow
-
-    _console_without_expected_errors()
-    with _flow_api():
-        result = scoring_flow(params_path=str(params), input_path=str(input_path), output_path=str(output_path))
-    typer.echo(
-        f"scored {result['rows']} rows with {result['model_name']} v{result['model_version']} -> {result['output']}"
-    )
-
-
-@app.command()
-def dashboard(
-    params: ParamsOption = Path("params.yaml"),
-    port: int = 8000,
-    host: str = "127.0.0.1",
-    workspace: Annotated[
-        Path | None, typer.Option(help="The Evidently workspace (default: monitor.workspace of the params).")
-    ] = None,
-) -> None:
-    """Open Evidently's UI on the monitoring history (one project per model; `make replay` fills it with 2011)."""
-    import os
-    import shutil
-
-    from pipelines.layout import Layout
-
-    folder = (workspace or Layout.of(_params(params)).workspace).resolve()
-    folder.mkdir(parents=True, exist_ok=True)  # an empty workspace: the UI says there are no projects yet
-    evidently = shutil.which("evidently", path=str(Path(sys.executable).parent)) or "evidently"
-    typer.echo(f"Evidently UI on {folder}: http://{host}:{port}", err=True)
-    os.execv(evidently, [evidently, "ui", "--workspace", str(folder), "--host", host, "--port", str(port)])
-
-
-@app.command()
-def card(
-    version: Annotated[str, typer.Argument(help="The registered model version.")],
-    params: ParamsOption = Path("params.yaml"),
-    save: Annotated[
-        Path | None, typer.Option(help="Also write model_card.md and its slice plot into this folder.")
-    ] = None,
-) -> None:
-    """Print a registered version's model card, as of now (the one logged with it, card/model_card.md,
-    is as of its promotion decision)."""
-    from pipelines.card import build_card, save_card
-    from pipelines.errors import LooplineError
-    from pipelines.tracking import registry_client
-
-    p = _params(params)
-    client = registry_client(p)
-    try:
-        client.get_model_version(p.tracking.model_name, version)
-    except Exception:
-        raise LooplineError("card", f"{p.tracking.model_name} has no version {version!r} in {p.tracking.uri}") from None
-    text = build_card(client, p, p.tracking.model_name, version)
-    if save is not None:
-        typer.echo(f"saved {save_card(client, p.tracking.model_name, version, text, save)}", err=True)
-    typer.echo(text, nl=False)
-
-
-@app.command()
-def reproduce(
-    version: Annotated[str, typer.Argument(help="The registered model version to rebuild.")],
-    params: ParamsOption = Path("params.yaml"),
-) -> None:
-    """Rebuild a registered version from its commit, data version and params; say whether it is identical."""
-    from pipelines.reproduce import reproduce as rebuild
-
-    result = rebuild(_params(params), version)
-    typer.echo(result.render())
-    if result.verdict != "identical":
-        sys.exit(1)
-
-
-@app.command("check-params")
-def check_params(params: ParamsOption = Path("params.yaml")) -> None:
-    """Validate a params file and print it, as YAML, with defaults filled in."""
-    import yaml
-
-    typer.echo(yaml.safe_dump(_params(params).model_dump(mode="json", by_alias=True), sort_keys=False), nl=False)
-
-
 def main() -> None:
     import os
 
     import click
 
-    from pipelines.errors import LooplineError
+    from pipelines.core.errors import LooplineError
 
     # Set here, not only by the Makefile: a user running `loopline` from a shell gets no
     # usage reporting and no telemetry errors from the temporary Prefect API either.

@@ -18,8 +18,8 @@ import json
 import re
 from pathlib import Path
 
-from pipelines.config import Params
-from pipelines.errors import LooplineError
+from pipelines.core.config import Params
+from pipelines.core.errors import LooplineError
 
 REPO = Path(__file__).resolve().parents[1]
 BENTOFILE = REPO / "serving" / "bentofile.yaml"
@@ -46,10 +46,11 @@ def build_bento(params: Params) -> tuple[str, str, str, bool]:
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from pipelines.model_io import save_model
-    from pipelines.onnx_engine import ONNX_FILE, PARITY_FILE
-    from pipelines.registry import CHAMPION, alias_version
-    from pipelines.tracking import load_model_files, registry_client
+    from pipelines.core.names import CHAMPION
+    from pipelines.model.io import save_model
+    from pipelines.model.onnx_engine import ONNX_FILE, PARITY_FILE
+    from pipelines.registry.champion import alias_version
+    from pipelines.registry.tracking import load_model_files, registry_client
 
     client = registry_client(params)
     name = params.tracking.model_name

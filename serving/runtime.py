@@ -6,7 +6,7 @@
   gets the new one, no request is dropped.
 - `MicroBatcher` predicts concurrent single-record requests together: while the model is
   busy with one batch, the requests that arrive queue up and form the next one.
-- Every prediction goes to `pipelines.prediction_log.PredictionLog`, which monitoring reads.
+- Every prediction goes to `pipelines.monitoring.prediction_log.PredictionLog`, which monitoring reads.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.config import Params
-from pipelines.errors import LooplineError
-from pipelines.prediction_log import utc_now
+from pipelines.core.config import Params
+from pipelines.core.errors import LooplineError
+from pipelines.monitoring.prediction_log import utc_now
 
 log = logging.getLogger("loopline.serving")
 
@@ -102,7 +102,7 @@ def choose_engine(params: Params, model: Any, meta: dict[str, Any], files: dict[
     serve.engine onnx a model that has no such form is refused (ChampionLoadFailed)."""
     import io
 
-    from pipelines.onnx_engine import ONNX_FILE, PARITY_FILE, OnnxEngine, parity, string_columns
+    from pipelines.model.onnx_engine import ONNX_FILE, PARITY_FILE, OnnxEngine, parity, string_columns
 
     wanted = params.serve.engine
     if wanted == "python":
@@ -188,7 +188,7 @@ class RegistrySource:
         self._inode: tuple[int, int] | None = None
 
     def _registry(self):
-        from pipelines.tracking import StoreMissing, registry_client, sqlite_store, tracking_uri
+        from pipelines.registry.tracking import StoreMissing, registry_client, sqlite_store, tracking_uri
 
         store = sqlite_store(tracking_uri(self.params))
         if store is not None:
@@ -201,7 +201,7 @@ class RegistrySource:
                 self.close()
                 self._inode = (stat.st_dev, stat.st_ino)
         if self._client is None:
-            from pipelines.registry import registry_lock
+            from pipelines.registry.champion import registry_lock
 
             # Under the lock a training holds while it creates the store: a store found half
             # made is opened once it is whole, never migrated from two processes at once.
@@ -224,9 +224,10 @@ class RegistrySource:
 
     def __call__(self, current: ServedModel | None) -> ServedModel | None:
         """The champion if it is not the model in service (None: unchanged)."""
-        from pipelines.onnx_engine import ONNX_FILE, PARITY_FILE
-        from pipelines.registry import CHAMPION, alias_version
-        from pipelines.tracking import load_model_files, tracking_uri
+        from pipelines.core.names import CHAMPION
+        from pipelines.model.onnx_engine import ONNX_FILE, PARITY_FILE
+        from pipelines.registry.champion import alias_version
+        from pipelines.registry.tracking import load_model_files, tracking_uri
 
         name = self.params.tracking.model_name
         try:
@@ -363,7 +364,7 @@ class ChampionHolder:
         """Tell the `alerts:` targets, off the request and polling path (delivery can be slow)."""
         if not self.params.alerts:
             return
-        from pipelines.alerts import Alert, send
+        from pipelines.core.alerts import Alert, send
 
         alert = Alert(
             event="champion not loaded",

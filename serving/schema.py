@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
 
-from pipelines.config import Params, label_key
-from pipelines.errors import LooplineError
-from pipelines.rules import ColumnRule, compile_rules
+from pipelines.core.config import Params
+from pipelines.core.errors import LooplineError
+from pipelines.data.schema import ColumnRule, compile_rules, label_key
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
@@ -51,7 +51,7 @@ def _label_pattern(labels: list[str]) -> str:
 
 
 def _category(rule: ColumnRule) -> Any:
-    """The schema's labels, matched by the one label rule (config.label_key) and returned in
+    """The schema's labels, matched by the one label rule (pipelines/data/schema.py label_key) and returned in
     the schema's spelling; the JSON schema says exactly what is accepted."""
     spelling = rule.labels
 

@@ -30,8 +30,8 @@ from typing import Any
 import bentoml
 from starlette.responses import JSONResponse
 
-from pipelines.config import load_params, parse_params
-from pipelines.prediction_log import PredictionLog, log_location
+from pipelines.core.config import load_params, parse_params
+from pipelines.monitoring.prediction_log import PredictionLog, log_location
 from serving.runtime import (
     ChampionHolder,
     ChampionLoadFailed,
@@ -277,8 +277,8 @@ class RequestGuard:
 
 
 def _load_bento_model(path: Path):
-    from pipelines.model_io import load_model
-    from pipelines.onnx_engine import ONNX_FILE, PARITY_FILE
+    from pipelines.model.io import load_model
+    from pipelines.model.onnx_engine import ONNX_FILE, PARITY_FILE
 
     def load(current: ServedModel | None) -> ServedModel | None:
         if current is not None:

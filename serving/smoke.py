@@ -10,15 +10,16 @@ import json
 import os
 import sys
 
-from pipelines.config import load_params
-from pipelines.layout import Layout
-from pipelines.stages import read_split
-from serving.harness import post, serving
+from pipelines.core.config import load_params
+from pipelines.core.layout import Layout
+from pipelines.core.processes import post
+from pipelines.data.split import read_split
+from serving.local import local_service
 from serving.schema import request_records
 
 
 def main() -> None:
-    from pipelines.errors import LooplineError
+    from pipelines.core.errors import LooplineError
 
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")  # `make run` sets nothing for us
 
@@ -40,7 +41,7 @@ def smoke() -> None:
     print(
         f"packaged {params.tracking.model_name} v{version} as Bento {tag}" + ("" if built else " (unchanged: reused)")
     )
-    with serving(args.params, ["--bento", tag]) as url:
+    with local_service(args.params, ["--bento", tag]) as url:
         record = request_records(read_split(params, "test", "smoke").head(1), params)[0]
         answer = post(f"{url}/predict", record)
     print(f"POST {url}/predict {json.dumps(record)}")

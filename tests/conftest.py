@@ -27,7 +27,7 @@ os.environ.pop("PREFECT_API_URL", None)
 # Prefect servers the tests start create scheduled runs within seconds, not once a minute.
 os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "5"
 
-from serving.harness import free_port, stop, venv_bin, wait_for_http  # noqa: E402,F401  (used by the tests)
+from pipelines.core.processes import free_port, stop, venv_bin, wait_for_http  # noqa: E402,F401  (used by the tests)
 
 
 def raw_params(name: str = "params.yaml") -> dict:
@@ -82,6 +82,15 @@ def loopline_process(*args: str, env: dict[str, str], cwd: Path = REPO, timeout:
     )
 
 
+@pytest.fixture(autouse=True)
+def no_tracking_uri_leaks():
+    """A test that sets MLFLOW_TRACKING_URI (mlflow.set_tracking_uri does) would point every
+    later test of its worker at its store: each test starts and ends without one."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture
 def sample_csv(tmp_path: Path) -> Path:
     return bikeshare_sample(tmp_path)
@@ -90,7 +99,7 @@ def sample_csv(tmp_path: Path) -> Path:
 @pytest.fixture
 def params_of():
     """Load a params file written by write_params."""
-    from pipelines.config import load_params
+    from pipelines.core.config import load_params
 
     return load_params
 
@@ -160,22 +169,43 @@ def register_family(params, family: str, compiled: bool = True, hyperparams: dic
     training logs it, unless `compiled` is False: a model logged before loopline compiled
     models) and register it (alias `challenger`); returns the new version. The splits must
     exist (run_all)."""
-    from pipelines import stages
-    from pipelines.onnx_engine import compile_model
-    from pipelines.registry import register
-    from pipelines.tracking import client_for, log_model
+    from pipelines.data import split as split_module
+    from pipelines.model import stages as model_stages
+    from pipelines.model.onnx_engine import compile_model
+    from pipelines.registry.champion import register
+    from pipelines.registry.tracking import client_for, log_model
 
     chosen = {**params.train.hyperparams, family: hyperparams} if hyperparams is not None else params.train.hyperparams
     train = params.train.model_copy(update={"model": family, "hyperparams": chosen})
     params = params.model_copy(update={"train": train})
-    model, meta = stages.fit_configured_model(params)
+    model, meta = model_stages.fit_configured_model(params)
     client, experiment_id = client_for(params)
     run_id = client.create_run(experiment_id, run_name=family).info.run_id
-    rows = stages.read_split(params, "train")
+    rows = split_module.read_split(params, "train")
     files, meta["onnx"] = compile_model(model, params, rows) if compiled else ({}, "logged without an ONNX form")
     uri = log_model(client, run_id, model, rows[params.features.columns].head(5), meta, files)
     client.set_terminated(run_id)
     return register(client, params.tracking.model_name, uri, run_id, {})
+
+
+STORED_MODELS = REPO / "tests" / "fixtures" / "flat-layout-models"
+STORED_FAMILIES = ("linear", "random_forest", "hist_gradient_boosting", "torch_mlp")
+
+
+def register_stored(params, family: str) -> str:
+    """Register one of the models logged by loopline's flat layout (tests/fixtures): its MLflow
+    model directory, as it was written then, logged into a new run of this store (with its
+    performance estimator where the fixture has one). Returns the new version."""
+    from pipelines.registry.champion import register
+    from pipelines.registry.tracking import client_for
+
+    client, experiment_id = client_for(params)
+    run_id = client.create_run(experiment_id, run_name=f"stored-{family}").info.run_id
+    client.log_artifacts(run_id, str(STORED_MODELS / family / "model"), "model")
+    if (STORED_MODELS / family / "reference").is_dir():
+        client.log_artifacts(run_id, str(STORED_MODELS / family / "reference"), "reference")
+    client.set_terminated(run_id)
+    return register(client, params.tracking.model_name, f"runs:/{run_id}/model", run_id, {})
 
 
 def git_env() -> dict[str, str]:
@@ -225,7 +255,8 @@ def client_of(store: Path):
 
 
 def champion(client, name="bikes") -> str | None:
-    from pipelines.registry import CHAMPION, alias_version
+    from pipelines.core.names import CHAMPION
+    from pipelines.registry.champion import alias_version
 
     return alias_version(client, name, CHAMPION)
 
@@ -257,7 +288,7 @@ def wait_for_version(client, version: str, timeout: float = 30) -> None:
 def start_tracking_server(tmp: Path, store: str) -> tuple[subprocess.Popen, str]:
     """A real `loopline tracking-server` on `store`, its artifacts below `tmp`; its URL once
     it answers."""
-    from serving.harness import start_server
+    from pipelines.core.processes import start_server
 
     port = free_port()
     log = open(tmp / f"tracking-server-{port}.log", "w")  # noqa: SIM115  (the server writes it until stopped)
@@ -281,7 +312,7 @@ def dask_cluster(tmp_path):
     address, the worker processes and the workers' addresses."""
     from distributed import Client
 
-    from serving.harness import start_server
+    from pipelines.core.processes import start_server
 
     address = f"tcp://127.0.0.1:{free_port()}"
     log = open(tmp_path / "dask.log", "w")  # noqa: SIM115  (the cluster writes it until stopped)

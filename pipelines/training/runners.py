@@ -1,0 +1,171 @@
+"""Where the candidate search's fits run (`execution:`): one after another in the training
+process, or as tasks on a Dask cluster.
+
+The search itself (which candidates, Optuna's study, MLflow's runs) stays in the training
+process; a runner only fits and scores. So a worker needs loopline's code and nothing else:
+no tracking store, no Optuna storage, no data files. The training and validation rows go
+to every worker once (`scatter(broadcast=True)`); each task then carries a family and its
+hyperparameters, and brings back the fitted model, its validation metrics and the worker's
+address.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from pipelines.core.config import Params
+from pipelines.core.errors import LooplineError
+
+STAGE = "execution"
+CONNECT_TIMEOUT_S = 20
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One unit of work: a candidate's name, family and hyperparameters."""
+
+    name: str
+    family: str
+    hyperparams: dict[str, Any]
+
+
+@dataclass
+class Fitted:
+    model: Any = field(repr=False)
+    val: dict[str, float]
+    seconds: float
+    worker: str
+
+
+def worker_name() -> str:
+    """The Dask worker running this call (its address), or local:host:pid outside one."""
+    if "distributed" in sys.modules:
+        from distributed import get_worker
+
+        try:
+            return str(get_worker().address)
+        except ValueError:  # not inside a worker task
+            pass
+    return f"local:{socket.gethostname()}:{os.getpid()}"
+
+
+def fit_and_score(
+    params: Params, fit: Fit, train: pd.DataFrame, val: pd.DataFrame, baseline: Any, threads: int | None = None
+) -> Fitted:
+    """Fit one candidate on the training rows and score it on the validation rows."""
+    from pipelines.model.estimators import build_model, fit_model
+    from pipelines.model.evaluation import score
+
+    model = build_model(params, fit.family, fit.hyperparams)
+    if threads is not None and "n_jobs" in model[-1].get_params():
+        model[-1].set_params(n_jobs=threads)  # the worker's budget; seeded, the fit is the same
+    started = time.perf_counter()
+    with warnings.catch_warnings():  # joblib in a (daemonic) Dask worker: n_jobs is the budget already
+        warnings.filterwarnings("ignore", message="Inside a Dask worker", category=UserWarning)
+        model = fit_model(model, train, params, threads=threads)
+    seconds = time.perf_counter() - started
+    metrics, _ = score(model, val, params.features.columns, params.data.target, params.data.task, baseline)
+    return Fitted(model, metrics, seconds, worker_name())
+
+
+class SequentialRunner:
+    """Fits in this process, one after another, within this training's share of the cores."""
+
+    def __init__(self, params: Params, train: pd.DataFrame, val: pd.DataFrame, baseline: Any):
+        self.params, self.train, self.val, self.baseline = params, train, val, baseline
+
+    def map(self, fits: list[Fit]) -> Iterator[Fitted]:
+        for fit in fits:
+            yield fit_and_score(self.params, fit, self.train, self.val, self.baseline)
+
+
+class DaskRunner:
+    """Fits as tasks on a Dask cluster, all of a round at once; results in submission order."""
+
+    def __init__(self, client, params: Params, train: pd.DataFrame, val: pd.DataFrame, baseline: Any):
+        self.client, self.params, self.baseline = client, params, baseline
+        self.threads = params.execution.dask.threads_per_worker
+        self.data = client.scatter([train, val], broadcast=True)  # once per worker, not per task
+
+    def map(self, fits: list[Fit]) -> Iterator[Fitted]:
+        from distributed import KilledWorker
+
+        train, val = self.data
+        token = uuid.uuid4().hex[:12]  # a shared scheduler treats equal keys as one task, whoever submits them
+        futures = [
+            self.client.submit(
+                fit_and_score, self.params, fit, train, val, self.baseline, self.threads, key=f"fit-{fit.name}-{token}"
+            )
+            for fit in fits
+        ]
+        try:
+            for fit, future in zip(fits, futures, strict=True):
+                try:
+                    yield future.result()
+                except KilledWorker as err:
+                    raise LooplineError(
+                        "search",
+                        f"candidate {fit.name} ({fit.family}) was lost with every Dask worker that ran it: {err}",
+                    ) from None
+        finally:
+            self.client.cancel([f for f in futures if not f.done()])
+
+
+@contextmanager
+def runner_for(params: Params, train: pd.DataFrame, val: pd.DataFrame, baseline: Any) -> Iterator[Any]:
+    """The configured runner for one search; a LocalCluster it starts stops with it."""
+    if params.execution.runner == "sequential":
+        from pipelines.core.threads import training_slot
+
+        with training_slot():  # counted as one training for the whole search, not per fit
+            yield SequentialRunner(params, train, val, baseline)
+        return
+    with dask_client(params) as client:
+        yield DaskRunner(client, params, train, val, baseline)
+
+
+@contextmanager
+def dask_client(params: Params) -> Iterator[Any]:
+    """A client of the configured cluster, or of a LocalCluster started here for the block."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    config = params.execution.dask
+    if not config.address:
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+        with (
+            LocalCluster(
+                n_workers=config.n_workers, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            yield client
+        return
+    try:
+        client = Client(config.address, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError) as err:
+        raise LooplineError(
+            STAGE, f"execution.dask.address {config.address}: no Dask scheduler answered ({err})"
+        ) from None
+    try:
+        try:
+            client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+        except TimeoutError:
+            raise LooplineError(
+                STAGE, f"execution.dask.address {config.address}: the scheduler has no workers (`dask worker` …)"
+            ) from None
+        yield client
+    finally:
+        client.close()

@@ -1,0 +1,221 @@
+"""The `loopline` command as a user runs it: every command refuses a malformed params file
+the same way (one line naming the problem, exit 2, before any Prefect, MLflow or BentoML
+start-up), as a real process."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, free_port, raw_params, run_cli, venv_bin
+
+MALFORMED = {
+    "not_yaml": ("data: [unclosed\n", "is not valid YAML"),
+    "unknown_key": (None, "train.modle: unknown key"),
+}
+
+COMMANDS = [
+    ["stage", "ingest"],
+    ["run"],
+    ["train"],
+    ["monitor"],
+    ["replay", "--workdir", "{tmp}/replay"],
+    ["deploy"],
+    ["promote", "1"],
+    ["rollback"],
+    ["mlflow-ui"],
+    ["dashboard"],
+    ["prefect-server"],
+    ["backtest", "--workdir", "{tmp}/backtest"],
+    ["card", "1"],
+    ["reproduce", "1"],
+    ["serve"],
+    ["package"],
+    ["score", "{tmp}/in.csv", "{tmp}/out.parquet"],
+    ["check-params"],
+]
+
+
+def malformed_files(tmp: Path) -> dict[str, Path]:
+    files = {}
+    for name, (text, _) in MALFORMED.items():
+        raw = raw_params()
+        if name == "unknown_key":
+            raw["train"]["modle"] = "linear"
+        path = tmp / f"{name}.yaml"
+        path.write_text(text if text is not None else yaml.safe_dump(raw))
+        files[name] = path
+    return files
+
+
+def run(args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.perf_counter()
+    proc = subprocess.run([venv_bin("loopline"), *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return proc, time.perf_counter() - started
+
+
+def test_every_command_refuses_malformed_params_with_one_line(tmp_path):
+    files = malformed_files(tmp_path)
+    (tmp_path / "in.csv").write_text("hr\n1\n")
+    cases = [(name, command) for name in files for command in COMMANDS]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(
+            pool.map(
+                lambda case: run([c.format(tmp=tmp_path) for c in case[1]] + ["--params", str(files[case[0]])]), cases
+            )
+        )
+    for (name, command), (proc, seconds) in zip(cases, results, strict=True):
+        where = f"loopline {' '.join(command)} with {name}"
+        assert proc.returncode == 2, f"{where}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: params: {files[name]}"), f"{where}:\n{proc.stderr}"
+        assert MALFORMED[name][1] in lines[0], f"{where}: {lines[0]}"
+        assert proc.stdout == "", f"{where} printed: {proc.stdout}"
+        assert seconds < 10, f"{where} took {seconds:.1f}s"  # no Prefect server was started
+    assert not (tmp_path / "replay").exists()
+
+
+def test_help_is_quick_and_shows_no_type_placeholders():
+    proc, seconds = run(["--help"])
+    assert proc.returncode == 0 and "train" in proc.stdout and "<bool>" not in proc.stdout
+    assert seconds < 5
+
+
+@pytest.mark.slow
+def test_expected_errors_inside_flows_print_one_line(prefect_api, tmp_path):
+    """Bad data met inside a flow (a validation failure in training, a missing column in
+    batch scoring): the error line and exit 2, no Prefect traceback or ERROR records."""
+    import os
+
+    import pandas as pd
+
+    from conftest import bikeshare_sample, tracking_section, write_params
+
+    source = bikeshare_sample(tmp_path, 600)
+    frame = pd.read_csv(source)
+    frame.loc[7, "hum"] = 5.5
+    frame.to_csv(source, index=False)
+    params = write_params(
+        tmp_path, source, tracking=tracking_section(tmp_path), search={"families": ["linear"], "n_trials": 0}
+    )
+    frame.drop(columns=["hum"]).to_csv(tmp_path / "no_hum.csv", index=False)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    cases = {
+        ("train",): "error: validate: 1 of ",
+        ("score", str(tmp_path / "no_hum.csv"), str(tmp_path / "out.parquet")): "error: score: "
+        + f"{tmp_path / 'no_hum.csv'}: missing column(s) ['hum']",
+    }
+    for args, expected in cases.items():
+        proc = subprocess.run(
+            [venv_bin("loopline"), *args, "--params", str(params)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and "| ERROR" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(expected), proc.stderr[-2000:]
+    assert not (tmp_path / "out.parquet").exists()
+
+
+@pytest.mark.slow
+def test_prefect_server_is_used_by_later_commands_and_stops_cleanly(tmp_path):
+    """`loopline prefect-server` keeps one API up: `loopline train` runs its flows there
+    instead of starting a temporary API; a second server is refused; SIGTERM stops it and
+    removes its record, after which a command falls back to the temporary API."""
+    import json
+    import os
+    import signal
+    import urllib.request
+
+    from conftest import bikeshare_sample, tracking_section, write_params
+    from pipelines.core.processes import free_port
+
+    params = write_params(
+        tmp_path,
+        bikeshare_sample(tmp_path, 600),
+        tracking=tracking_section(tmp_path),
+        search={"families": ["linear"], "n_trials": 0},
+    )
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    record = tmp_path / "prefect-home" / "loopline-api.json"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+
+    def loopline(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [venv_bin("loopline"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+
+    server = subprocess.Popen(
+        [venv_bin("loopline"), "prefect-server", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not record.is_file():
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read() if server.stdout else ""
+            time.sleep(0.5)
+        assert json.loads(record.read_text()) == {"url": url, "pid": server.pid}
+        for _ in range(2):  # a training, then a fully cached one
+            proc = loopline("train", "--params", str(params))
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert f"Prefect API: {url} (loopline prefect-server)" in proc.stderr
+            assert "temporary server" not in proc.stderr + proc.stdout
+        assert "training skipped" in proc.stdout
+        request = urllib.request.Request(f"{url}/flow_runs/filter", data=b"{}", method="POST")
+        request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            runs = json.load(response)
+        assert sorted(r["state_type"] for r in runs if r["name"]) == ["COMPLETED", "COMPLETED"]
+
+        second = loopline("prefect-server", "--port", str(free_port()))
+        assert second.returncode == 2 and f"already runs at {url}" in second.stderr
+
+        os.killpg(server.pid, signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        assert not record.exists()
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    record.write_text(json.dumps({"url": url, "pid": 1}))  # a stale record: nothing answers there
+    proc = loopline("train", "--params", str(params))
+    assert proc.returncode == 0 and "Prefect API" not in proc.stderr
+    assert "Starting temporary server" in proc.stdout + proc.stderr
+    assert "`loopline prefect-server` keeps one up" in proc.stdout + proc.stderr
+
+
+def test_team_servers_refuse_a_store_they_cannot_use_naming_it(tmp_path, capsys):
+    """`loopline tracking-server` and `loopline prefect-server --database` check their
+    database before starting anything."""
+    code, _, err = run_cli(
+        "tracking-server", "--store", "mysql://db/mlflow", "--artifacts", str(tmp_path), capsys=capsys
+    )
+    assert code == 2 and "tracking-server --store" in err and "mysql://db/mlflow" in err
+    port = free_port()  # nothing listens there
+    code, _, err = run_cli(
+        "tracking-server",
+        "--store",
+        f"postgresql://127.0.0.1:{port}/mlflow",
+        "--artifacts",
+        str(tmp_path),
+        capsys=capsys,
+    )
+    assert code == 2 and f"port={port}" in err and "cannot reach PostgreSQL" in err
+    code, _, err = run_cli("prefect-server", "--database", f"postgresql://127.0.0.1:{port}/prefect", capsys=capsys)
+    assert code == 2 and "prefect-server --database" in err and f"port={port}" in err

@@ -1,0 +1,268 @@
+"""loopline beyond one machine, on a real PostgreSQL server (skipped where none answers):
+service replicas sharing one prediction log that monitoring joins."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from conftest import (
+    bikeshare_sample,
+    free_port,
+    loopline_process,
+    register_family,
+    start_service,
+    stop,
+    tracking_section,
+    wait_for_http,
+    write_params,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_service_replicas_log_to_one_postgresql_table_and_monitoring_joins_every_id(postgres_db, tmp_path):
+    """Two real `loopline serve` processes, one /predict_batch call to the first and single
+    /predict calls to the second, both stopped (a clean shutdown writes what is queued);
+    a labelled batch with those request ids then gets a live metric on every row."""
+    from pipelines.core.config import load_params
+    from pipelines.core.layout import Layout
+    from pipelines.core.stages import run_all
+    from pipelines.data.arrivals import accept_landed
+    from pipelines.data.split import read_split
+    from pipelines.monitoring.prediction_log import read_prediction_log
+    from pipelines.monitoring.run import measure
+    from pipelines.registry.champion import promote
+    from pipelines.registry.tracking import client_for, load_model_version, plain_frame
+    from pipelines.training.run import log_reference
+
+    path = write_params(
+        tmp_path,
+        bikeshare_sample(tmp_path),
+        tracking=tracking_section(tmp_path),
+        serve={"prediction_log": postgres_db},
+        monitor={"settle_seconds": 0, "estimate_performance": False},
+    )
+    params = load_params(path)
+    run_all(params, echo=lambda _: None)
+    version = register_family(params, "linear")
+    client, _ = client_for(params)
+    model, _ = load_model_version(client, "bikes", version)
+    log_reference(client, client.get_model_version("bikes", version).run_id, model, read_split(params, "train"), params)
+    promote(client, "bikes", version, params.tracking.uri, reason="test")
+
+    labelled = read_split(params, "test").head(60)
+    records = plain_frame(labelled[params.features.columns]).to_dict(orient="records")
+    ports = [free_port(), free_port()]
+    replicas = [start_service(["--params", str(path)], tmp_path, port) for port in ports]
+    try:
+        for proc, port in zip(replicas, ports, strict=True):
+            wait_for_http(f"http://127.0.0.1:{port}/readyz", timeout=120, proc=proc)
+        with (
+            httpx.Client(base_url=f"http://127.0.0.1:{ports[0]}", timeout=30) as first,
+            httpx.Client(base_url=f"http://127.0.0.1:{ports[1]}", timeout=30) as second,
+        ):
+            answer = first.post("/predict_batch", json={"records": records[:30]}, headers={"X-Request-ID": "batch"})
+            assert answer.status_code == 200, answer.text
+            for i, record in enumerate(records[30:]):
+                assert second.post("/predict", json=record, headers={"X-Request-ID": f"one-{i}"}).status_code == 200
+    finally:
+        for proc in replicas:
+            stop(proc)
+    ids = [f"batch-{i}" for i in range(30)] + [f"one-{i}" for i in range(30)]
+    served = read_prediction_log(postgres_db, ["hr"])
+    assert sorted(served["request_id"]) == sorted(ids)
+    assert served["hr"].tolist() == [int(r["hr"]) for r in records]  # written in the order served
+    assert set(served["model_version"]) == {version}
+
+    landing = Layout.of(params).landing
+    landing.mkdir(parents=True, exist_ok=True)
+    labelled.assign(request_id=ids).to_csv(landing / "labels.csv", index=False)
+    assert [b.accepted for b in accept_landed(params)] == [True]
+    measured = measure(params)
+    assert measured.status == "measured", measured.detail
+    assert measured.live is not None and measured.live.rows == 60 and measured.live.served_versions == {version: 60}
+
+
+def test_advisory_lock_makes_a_second_process_wait(postgres_db):
+    """The registry lock on PostgreSQL: a process holding it keeps another out until it ends."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from pipelines.registry.champion import registry_lock
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom pipelines.registry.champion import registry_lock\n"
+            "with registry_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(3)\n",
+            postgres_db,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with registry_lock(postgres_db):
+            waited = time.monotonic() - started
+            assert holder.poll() is not None or waited >= 2.0
+        assert waited >= 1.5, f"took the lock after {waited:.2f} s while another process held it"
+    finally:
+        holder.wait(timeout=30)
+
+
+def test_the_loop_through_an_mlflow_server_on_postgresql(postgres_db, prefect_api, tmp_path, capsys):
+    """`loopline tracking-server` on a fresh PostgreSQL database, and everything through it
+    over http://: two trainings started together from separate processes (separate data
+    folders, different seeds) give exactly one champion, the later decision made against the
+    earlier one under the advisory lock (locks.dsn); `loopline serve` follows a promotion
+    (hot reload); `loopline monitor` measures a landed batch; `loopline package` builds the
+    champion's Bento."""
+    import os
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    from conftest import REPO, run_cli, start_tracking_server, venv_bin, wait_for_version
+    from pipelines.core.config import load_params
+    from pipelines.core.layout import Layout
+    from pipelines.core.names import CHAMPION
+    from pipelines.data.split import read_split
+    from pipelines.registry.champion import alias_version
+
+    server, url = start_tracking_server(tmp_path, postgres_db)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "BENTOML_HOME": str(tmp_path / "bentoml")}
+    try:
+        sample = bikeshare_sample(tmp_path)
+        paths = []
+        for i in range(2):
+            folder = tmp_path / f"team-{i}"
+            folder.mkdir()
+            paths.append(
+                write_params(
+                    folder,
+                    sample,
+                    tracking={"uri": url, "experiment": "bikes", "model_name": "bikes"},
+                    locks={"dsn": postgres_db},
+                    train={"seed": i},
+                    search={"families": ["linear", "hist_gradient_boosting"], "n_trials": 0},
+                    serve={"reload_interval_s": 1},
+                    monitor={"settle_seconds": 0, "estimate_performance": False, "min_new_rows": 0},
+                )
+            )
+        trainings = [
+            subprocess.Popen(
+                [venv_bin("loopline"), "train", "--params", str(p)],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for p in paths
+        ]
+        for proc in trainings:
+            out, _ = proc.communicate(timeout=600)
+            assert proc.returncode == 0, out[-3000:]
+
+        client = MlflowClient(tracking_uri=url, registry_uri=url)
+        versions = {v.version: v.tags for v in client.search_model_versions("name='bikes'")}
+        assert sorted(versions) == ["1", "2"]
+        reasons = [tags["loopline.decision_reason"] for tags in versions.values()]
+        firsts = [v for v, tags in versions.items() if tags["loopline.decision_reason"].startswith("first model")]
+        assert len(firsts) == 1, reasons  # decided one after the other, not both against "no champion"
+        later = next(v for v in versions if v != firsts[0])
+        assert f"v{later} against champion v{firsts[0]}" in versions[later]["loopline.decision_reason"]
+        champion_version = alias_version(client, "bikes", CHAMPION)
+        other = next(v for v in versions if v != champion_version)
+
+        params = load_params(paths[0])
+        port = free_port()
+        service = start_service(["--params", str(paths[0])], tmp_path, port)
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/readyz", timeout=120, proc=service)
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+                wait_for_version(http, champion_version)
+                code, _, err = run_cli("promote", other, "--params", str(paths[0]), capsys=capsys)
+                assert code == 0, err
+                wait_for_version(http, other)  # the service follows the registry over http
+        finally:
+            stop(service)
+
+        landing = Layout.of(params).landing
+        landing.mkdir(parents=True, exist_ok=True)
+        read_split(params, "test").head(120).to_csv(landing / "batch-1.csv", index=False)
+        monitored = loopline_process("monitor", "--params", str(paths[0]), "--no-retrain", "--json", env=env)
+        assert monitored.returncode == 0, monitored.stderr[-3000:]
+        assert '"status": "measured"' in monitored.stdout
+        experiments = {e.name for e in client.search_experiments()}
+        assert any(name.startswith("bikes") and name != "bikes" for name in experiments)  # the monitoring runs
+
+        packaged = loopline_process("package", "--params", str(paths[0]), env=env, cwd=tmp_path)
+        assert packaged.returncode == 0, packaged.stderr[-3000:]
+        assert f"registry version {other}" in packaged.stdout
+    finally:
+        stop(server)
+
+
+def test_prefect_server_on_postgresql_runs_the_deployments_on_a_work_pool_worker(postgres_db, tmp_path):
+    """`loopline prefect-server --database` keeps its state in PostgreSQL; `loopline deploy
+    --work-pool` registers the deployments on a process pool and exits; a real `prefect
+    worker` runs a triggered training, then the retrain a monitoring run starts through
+    run_deployment."""
+    import os
+
+    import psycopg
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from conftest import (
+        client_of,
+        monitoring_retrains_through_the_training_deployment,
+        venv_bin,
+    )
+    from pipelines.core.processes import start_server
+
+    path = write_params(
+        tmp_path,
+        bikeshare_sample(tmp_path, 1000),
+        search={"families": ["linear"], "n_trials": 0},
+        tracking=tracking_section(tmp_path),
+        schedule={"training": None, "monitoring": None},
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    home = {"PREFECT_HOME": str(tmp_path / "prefect-home")}
+    log = open(tmp_path / "prefect.log", "w")  # noqa: SIM115  (written until the processes stop)
+    server = start_server(
+        [venv_bin("loopline"), "prefect-server", "--port", str(port), "--database", postgres_db], log=log, env=home
+    )
+    worker = None
+    try:
+        wait_for_http(f"{url}/health", timeout=180, proc=server)
+        with psycopg.connect(postgres_db) as db:  # the server's state is in PostgreSQL
+            assert db.execute("SELECT to_regclass('public.flow_run') IS NOT NULL").fetchone() == (True,)
+        env = {**os.environ, **home, "PREFECT_API_URL": url}
+        deployed = loopline_process("deploy", "--params", str(path), "--work-pool", "loopline-pool", env=env)
+        assert deployed.returncode == 0, deployed.stderr[-3000:]
+        assert "prefect worker start --pool loopline-pool" in deployed.stdout
+        worker = start_server(
+            [venv_bin("prefect"), "worker", "start", "--pool", "loopline-pool"],
+            log=log,
+            env={**home, "PREFECT_API_URL": url, "PREFECT_WORKER_QUERY_SECONDS": "2"},
+        )
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            run = run_deployment("training/scheduled-training", timeout=300)
+            assert run.state.is_completed(), run.state
+            assert len(client_of(tmp_path).search_model_versions("name='bikes'")) == 1
+            monitoring_retrains_through_the_training_deployment(tmp_path)
+    finally:
+        for proc in (worker, server):
+            if proc is not None:
+                stop(proc)
+        log.close()
