@@ -100,11 +100,13 @@ def record_data_version_task(params: Params, params_path: str) -> str:
 
 @flow(name="training", on_failure=[alert_failed_run])
 def training_flow(
-    params_path: str = "params.yaml", force: bool = False, record_data_version: bool = False
+    params_path: str = "params.yaml", force: bool = False, record_data_version: bool | None = None
 ) -> TrainingResult:
     """Data stages → candidate search → register and promote only if better.
-    `record_data_version`: pin the data stages' outputs in dvc.lock (`dvc commit`), as a
-    retrain started by monitoring does."""
+    `record_data_version`: pin the data stages' outputs in dvc.lock and the DVC cache (`dvc
+    commit`, in the DVC workspace of the params file, with monitor.dvc_commit); by default
+    whenever a data stage ran, so that every version's data can be checked out again
+    (`loopline reproduce`)."""
     quiet_cancellation()
     logger = get_run_logger()
     params = load_params(params_path)  # once per run; a malformed file fails here, naming the key
@@ -112,6 +114,8 @@ def training_flow(
     storage = Layout.of(params).flow_cache.resolve()  # a Path: a local store needing no saved block
     outputs, cached, timings = _data_stages(params, force, storage)
     data_version = None
+    if record_data_version is None:
+        record_data_version = len(cached) < len(DATA_STAGES)
     if record_data_version and params.monitor.dvc_commit:
         data_version = record_data_version_task(params, params_path)
         logger.info("Data version %s", data_version)

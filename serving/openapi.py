@@ -91,6 +91,11 @@ def corrected_spec(
         for status, description in ERROR_STATUSES.items():
             if status != "503" or path in unavailable_routes:
                 responses[status] = _json(error, description)
+    if "/model" in spec["paths"]:  # the status is a read: GET answers it too (POST stays for old clients)
+        status = copy.deepcopy(spec["paths"]["/model"]["post"])
+        status.pop("requestBody", None)  # a GET takes no body
+        status["operationId"] = status.get("operationId", "model") + "__get"
+        spec["paths"]["/model"]["get"] = status
     readyz = spec["paths"].get("/readyz", {}).get("get")
     if readyz is not None:
         readyz["responses"] = {str(k): v for k, v in readyz.get("responses", {}).items()}

@@ -350,11 +350,11 @@ class ChampionHolder:
             limit_threads(self.params.serve.model_threads)  # again: loading may have brought a new pool (torch)
             self.current = loaded
             log.info(
-                "now serving %s v%s (run %s), was v%s; engine %s: %s",
+                "now serving %s v%s (run %s), %s; engine %s: %s",
                 loaded.name,
                 loaded.version,
                 loaded.run_id,
-                known,
+                f"was v{known}" if known else "the first model since start-up",
                 loaded.engine_name,
                 loaded.engine_reason,
             )

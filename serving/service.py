@@ -206,7 +206,7 @@ class RequestGuard:
     """ASGI middleware for every POST (the API routes): JSON bodies only (415), and no body
     larger than `serve.max_body_bytes` (413), checked before anything parses it. It also
     answers GET /readyz with the reason when there is no model to serve (BentoML's own
-    probe only says that `__is_ready__` returned False)."""
+    probe only says that `__is_ready__` returned False), and GET /model with the status."""
 
     def __init__(self, app: Any, max_body_bytes: int):
         self.app, self.max = app, max_body_bytes
@@ -236,8 +236,14 @@ class RequestGuard:
                 return await self._reject(send, 503, reason)
             if scope["path"] == "/docs.json":
                 return await self._send_json(send, 200, openapi_document())
+            if scope["path"] == "/model" and _HOLDER:  # a read: GET, as /readyz is (POST is kept too)
+                status = ServiceStatus(**_HOLDER[0].status()).model_dump_json().encode()
+                return await self._send_json(send, 200, status)
             if scope["path"] == "/docs":  # where the README and --help say the UI is; BentoML serves it at /
                 return await self._send_json(send, 307, b"{}", [(b"location", b"/")])
+        if scope["type"] == "http" and scope["path"] == "/model" and scope["method"] not in ("GET", "POST"):
+            body = json.dumps({"error": "/model answers GET (and POST)"}).encode()
+            return await self._send_json(send, 405, body, [(b"allow", b"GET, POST")])
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])

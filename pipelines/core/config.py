@@ -354,8 +354,9 @@ class MonitorConfig(_Section):
     picks its tests by the reference's size (KS and chi-square up to 1000 rows, Wasserstein and
     Jensen-Shannon above) and the profile must get the same."""
     dvc_commit: bool = True
-    """After a retrain, record the new data version in dvc.lock and the DVC cache (`dvc commit`),
-    when loopline runs in the DVC workspace of this params file."""
+    """Record the data version of each training whose data stages ran (a first training, a
+    retrain on new batches) in dvc.lock and the DVC cache (`dvc commit`), when loopline runs in
+    the DVC workspace of this params file; nothing is staged in git."""
     workspace: Path | None = None
     """The Evidently workspace every monitoring run adds its snapshots to (one project per model
     name; `loopline dashboard` shows it); default <paths.data>/monitoring/workspace."""

@@ -157,10 +157,6 @@ def arrival_files(arrivals: Path) -> list[Path]:
     return sorted(arrivals.glob("*.parquet")) if arrivals.is_dir() else []
 
 
-def arrival_rows(files: Sequence[Path]) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-
-
 def read_arrivals(files: Sequence[Path], columns: list[str]) -> pa.Table:
     """Accepted batches as one text table with `columns` (a column a batch lacks is null)."""
     tables = []

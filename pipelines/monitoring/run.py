@@ -179,7 +179,7 @@ def measure(params: Params) -> Measurement:
     from pipelines.core.names import CHAMPION
     from pipelines.core.storage import write_text
     from pipelines.data.arrivals import typed_rows
-    from pipelines.data.ingest import arrival_files, arrival_rows, read_arrivals
+    from pipelines.data.ingest import arrival_files, read_arrivals
     from pipelines.monitoring.drift import PREDICTION, REFERENCE_ROWS, measure_drift
     from pipelines.monitoring.labels import labelled_metrics
     from pipelines.monitoring.prediction_log import log_location, prediction_log_exists, read_prediction_log
@@ -230,7 +230,7 @@ def measure(params: Params) -> Measurement:
     metric, _ = params.metric
     tested = champion.tags.get(names.version_metric_tag(metric))
     seen = last_training_arrival(client, training_id)
-    unseen = [f for f in files if seen is None or seen == "none" or f.name > seen]
+    since = [f for f in files if seen is None or seen == "none" or f.name > seen]
     return Measurement(
         "measured",
         champion=version,
@@ -245,11 +245,35 @@ def measure(params: Params) -> Measurement:
         offline=labelled.offline,
         labels=labelled.note,
         estimate=estimate,
-        new_rows=arrival_rows(unseen),
+        new_rows=new_rows(since, params),
         report=str(report.resolve()),
         snapshot=str(snapshot.resolve()),
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+def new_rows(files: list[Path], params: Params) -> int:
+    """Rows of the batches accepted since the last training that no training has seen: not
+    equal, on the features and the target, to a row of the latest splits (the test the
+    promotion's recent-row evidence uses), each distinct row counted once. A batch of hours a
+    model already trained on is not new data."""
+    from pipelines.core.errors import LooplineError
+    from pipelines.data.arrivals import typed_rows
+    from pipelines.data.ingest import read_arrivals
+    from pipelines.data.split import SPLITS, read_split
+    from pipelines.registry.evidence import unseen
+
+    if not files:
+        return 0
+    columns = [*params.features.columns, params.data.target]
+    rows = typed_rows(read_arrivals(files, list(params.table_schema.columns)), params).dropna(
+        subset=[params.data.target]
+    )
+    try:
+        seen = [read_split(params, split, "monitor") for split in SPLITS]
+    except LooplineError:  # no splits here (another machine trained): what arrived since is new
+        seen = []
+    return len(unseen(rows, seen, columns).drop_duplicates(subset=columns))
 
 
 def _estimate(client, run_id: str, model, window: pd.DataFrame, params: Params) -> Estimate:

@@ -33,15 +33,25 @@ from pipelines.core.config import Params
 from pipelines.core.errors import LooplineError
 
 STAGE = "reproduce"
+# Predictions within this of the registered ones (relative, and absolute near 0) are the same
+# model computed another way: a float summed in another order. Both models predict on one
+# thread here, so a rebuild on this machine is compared bit for bit first.
+TOLERANCE = 1e-9
+REBUILT = ("identical", "identical within tolerance")  # the verdicts `loopline reproduce` exits 0 on
 
 
 @dataclass(frozen=True)
 class Reproduction:
     name: str
     version: str
-    # identical: same predictions from the recorded commit, data and params; same predictions,
-    # lineage incomplete: the same model, but the commit or data version does not hold all of it
-    verdict: Literal["identical", "same predictions, lineage incomplete", "different", "not rebuilt"]
+    # identical: the same predictions, bit for bit, from the recorded commit, data and params;
+    # identical within tolerance: every prediction within TOLERANCE of the registered one, not
+    # bit for bit (the matched line says how many rows differ and by how much); same
+    # predictions, lineage incomplete: the same model, but the commit or data version does not
+    # hold all of it
+    verdict: Literal[
+        "identical", "identical within tolerance", "same predictions, lineage incomplete", "different", "not rebuilt"
+    ]
     commit: str
     matched: list[str] = field(default_factory=list)  # what was checked and is the same
     differences: list[str] = field(default_factory=list)  # what differs, and why where known
@@ -91,8 +101,25 @@ def _checkout_data(repo: Path, tree: Path, stages: list[str]) -> str | None:
     _run([dvc, "remote", "modify", "--local", name, "url", url], tree)
     pulled = _run([dvc, "pull", "--quiet", *stages], tree)
     if pulled.returncode != 0:
-        return f"the data is neither in the DVC cache nor in the remote {url}: {(pulled.stderr or pulled.stdout).strip()[-500:]}"
+        said = (pulled.stderr or pulled.stdout).strip()[-500:]
+        return (
+            f"the data is neither in the DVC cache nor in the remote {url}: {_missing(tree, stages)}"
+            + (f" ({said})" if said else "")
+            + "; on the machine that trained it, `dvc commit "
+            + " ".join(stages)
+            + "` then `dvc push` keeps them"
+        )
     return None
+
+
+def _missing(tree: Path, stages: list[str]) -> str:
+    """The stages' outputs dvc.lock at the commit records and this checkout lacks."""
+    import yaml
+
+    lock = yaml.safe_load((tree / "dvc.lock").read_text()) if (tree / "dvc.lock").is_file() else {}
+    outs = [o for stage in stages for o in (lock or {}).get("stages", {}).get(stage, {}).get("outs", [])]
+    gone = [f"{o['path']} (md5 {o.get('md5', '?')})" for o in outs if not (tree / o["path"]).exists()]
+    return ", ".join(gone) or "the stages' outputs"
 
 
 def _library_differences(recorded: str | None) -> list[str]:
@@ -217,10 +244,11 @@ def _rebuild(
         return not_rebuilt(f"the refit failed: {why}")
     matched.append(f"params: {params_file} at the commit; {meta['family']} with the recorded hyperparameters")
     test = pd.read_parquet(tree / layout.split_file("test"))
-    registered = np.asarray(model.predict(test[meta["features"]]))
+    registered = np.asarray(predict_on_one_thread(model, test[meta["features"]]))
     rebuilt = pd.read_parquet(out)["prediction"].to_numpy()
     libraries = _library_differences(version_tags.get(names.LIBRARIES))
-    if registered.shape == rebuilt.shape and np.array_equal(registered, rebuilt):
+    same_shape = registered.shape == rebuilt.shape
+    if same_shape and np.array_equal(registered, rebuilt):
         matched.append(f"predictions: all {len(test)} test rows, bit for bit")
         return Reproduction(
             name,
@@ -232,18 +260,45 @@ def _rebuild(
             len(test),
             0.0,
         )
-    gap = (
-        float(np.max(np.abs(registered.astype(float) - rebuilt.astype(float))))
-        if registered.dtype.kind in "fiu"
-        else None
-    )
-    unequal = int((registered != rebuilt).sum()) if registered.shape == rebuilt.shape else len(test)
-    differences.append(
-        f"predictions: {unequal} of {len(test)} test rows differ"
-        + (f" (largest gap {gap:.6g})" if gap is not None else "")
-    )
-    differences += libraries
+    numeric = registered.dtype.kind in "fiu" and rebuilt.dtype.kind in "fiu"
+    gap = float(np.max(np.abs(registered.astype(float) - rebuilt.astype(float)))) if numeric and same_shape else None
+    unequal = int((registered != rebuilt).sum()) if same_shape else len(test)
+    bitwise = f"{unequal} of {len(test)} test rows differ" + (f" (largest gap {gap:.3g})" if gap is not None else "")
+    if numeric and same_shape and np.allclose(rebuilt, registered, rtol=TOLERANCE, atol=TOLERANCE) and not differences:
+        matched.append(f"predictions: all {len(test)} test rows within {TOLERANCE:g}; bit for bit, {bitwise}")
+        return Reproduction(
+            name,
+            version,
+            "identical within tolerance",
+            commit,
+            matched,
+            [f"(no effect) {d}" for d in libraries],
+            len(test),
+            gap,
+        )
+    differences.append(f"predictions: {bitwise}")
+    differences += libraries or [
+        "library versions: the same as at training (numpy, pandas, scikit-learn, torch, skops)"
+    ]
     return Reproduction(name, version, "different", commit, matched, differences, len(test), gap)
+
+
+def predict_on_one_thread(model: Any, rows: pd.DataFrame) -> Any:
+    """Predictions that do not depend on how threads are scheduled: a forest's trees are
+    summed in the order its threads finish, so with n_jobs > 1 two runs differ in the last
+    bits; on one thread (and one native thread) the sum has one order."""
+    from threadpoolctl import threadpool_limits
+
+    estimator = model[-1] if hasattr(model, "steps") else model
+    jobs = estimator.get_params().get("n_jobs") if hasattr(estimator, "get_params") else None
+    if jobs not in (None, 1):
+        estimator.set_params(n_jobs=1)
+    try:
+        with threadpool_limits(limits=1):
+            return model.predict(rows)
+    finally:
+        if jobs not in (None, 1):
+            estimator.set_params(n_jobs=jobs)
 
 
 def refit_module(tree: Path) -> str:
@@ -262,7 +317,8 @@ def refit(params_path: str, family: str, hyperparams: dict[str, Any], out: str) 
     params = load_params(params_path)
     train, test = (read_split(params, split, STAGE) for split in ("train", "test"))
     model = fit_model(build_model(params, family, hyperparams), train, params)
-    pd.DataFrame({"prediction": model.predict(test[params.features.columns])}).to_parquet(out)
+    predictions = predict_on_one_thread(model, test[params.features.columns])
+    pd.DataFrame({"prediction": predictions}).to_parquet(out)
 
 
 if __name__ == "__main__":  # python -m pipelines.registry.reproduce refit PARAMS FAMILY HYPERPARAMS_JSON OUT

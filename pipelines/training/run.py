@@ -204,7 +204,10 @@ def search_and_log(params: Params, params_path: str, flow_run_id: str, warn=prin
             )
         timings["search: fit and score candidates"] = time.perf_counter() - started
         best_run = next(c.run_id for c in log_candidate.runs if c.name == best.name)
-        model_uri, test_metrics = _log_best(client, parent_id, best_run, best, params, (train, val, test), timings)
+        with progress(f"log {best.name}", LOG_STEPS, "steps") as advance:
+            model_uri, test_metrics = _log_best(
+                client, parent_id, best_run, best, params, (train, val, test), _Clock(timings, "log: ", advance)
+            )
         client.set_terminated(parent_id)
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
@@ -233,12 +236,12 @@ def _log_best(
     best,
     params: Params,
     splits: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame],
-    timings: dict[str, float],
+    clock: _Clock,
 ) -> tuple[str, dict[str, float]]:
     """The best candidate's model, weights, test metrics and plots, and what monitoring
     reads beside it: reference rows, feature importance, the performance estimator. The
     fitted pipeline is the search's; the test rows are predicted once, here. Each step's
-    seconds go into `timings`."""
+    seconds go to `clock`, which shows it done."""
     from pipelines.model.evaluation import feature_importance, score
     from pipelines.model.onnx_engine import compile_model
     from pipelines.registry.card import log_slices, slice_metrics, training_facts
@@ -252,7 +255,6 @@ def _log_best(
 
     train, val, test = splits
     features, target, task = params.features.columns, params.data.target, params.data.task
-    clock = _Clock(timings, "log: ")
     metadata = model_metadata(params, best.family, best.model, train, best.hyperparams)
     test_metrics, predictions = score(best.model, test, features, target, task, metadata["baseline"])
     clock("test scoring")
@@ -286,15 +288,19 @@ def _log_best(
     return model_uri, test_metrics
 
 
-class _Clock:
-    """Seconds since the last call, recorded under a name."""
+LOG_STEPS = 7  # the steps of _log_best, each a line of the progress display
 
-    def __init__(self, timings: dict[str, float], prefix: str):
-        self.timings, self.prefix, self.last = timings, prefix, time.perf_counter()
+
+class _Clock:
+    """Seconds since the last call, recorded under a name, and the step shown as done."""
+
+    def __init__(self, timings: dict[str, float], prefix: str, advance: Callable[..., None] = lambda **_: None):
+        self.timings, self.prefix, self.advance, self.last = timings, prefix, advance, time.perf_counter()
 
     def __call__(self, step: str) -> None:
         now = time.perf_counter()
         self.timings[self.prefix + step] = now - self.last
+        self.advance(note=f"{step} ({now - self.last:.1f} s)")
         self.last = now
 
 

@@ -96,9 +96,21 @@ class DaskRunner:
     def __init__(self, client, params: Params, train: pd.DataFrame, val: pd.DataFrame, baseline: Any):
         self.client, self.params, self.baseline = client, params, baseline
         self.threads = params.execution.dask.threads_per_worker
-        self.data = client.scatter([train, val], broadcast=True)  # once per worker, not per task
+        self.data = [self._rows(frame, name) for frame, name in ((train, "train"), (val, "val"))]
+
+    def _rows(self, frame: pd.DataFrame, name: str) -> Any:
+        """The rows as a task of their own, which Dask can compute again from its recipe (the
+        rows themselves) on any worker: scattered data has no recipe, so when every worker
+        holding it died (Dask's memory manager keeps one replica of what was broadcast), the
+        fits that needed it were forgotten ("already forgotten") and the search failed. The
+        workers fetch the rows from each other, once per worker, not per task."""
+        with warnings.catch_warnings():  # the rows are meant to travel in the graph, once
+            warnings.filterwarnings("ignore", message="Large object", category=UserWarning)
+            return self.client.submit(_rows, frame, key=f"rows-{name}-{uuid.uuid4().hex[:12]}", pure=False)
 
     def map(self, fits: list[Fit]) -> Iterator[Fitted]:
+        """Every fit submitted at once; results in submission order. Every future is kept
+        until its result is read (a released future lets the scheduler forget its task)."""
         from distributed import KilledWorker
 
         train, val = self.data
@@ -120,6 +132,10 @@ class DaskRunner:
                     ) from None
         finally:
             self.client.cancel([f for f in futures if not f.done()])
+
+
+def _rows(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame
 
 
 @contextmanager

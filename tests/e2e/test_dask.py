@@ -113,6 +113,97 @@ def test_training_on_a_dask_cluster_survives_a_lost_worker_and_matches_the_seque
         stop(server)
 
 
+KILL_POINTS = ["while the first round runs", "after two results", "between rounds"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", KILL_POINTS)
+def test_a_search_whose_workers_all_die_completes_on_a_worker_that_joins_later(dask_cluster, tmp_path, when):
+    """Every worker that holds the training rows is SIGKILLed at three points of the search,
+    then a new worker joins. The rows are a task with a recipe, not scattered data, so Dask
+    computes them again on the new worker and runs the lost fits there; the search ends with
+    the candidates of a sequential search of the same splits. (With scattered rows the fits
+    that needed them were forgotten: FutureCancelledError, "already forgotten".)"""
+    import threading
+
+    from distributed import Client
+
+    from conftest import free_port
+    from pipelines.core.config import load_params
+    from pipelines.core.processes import start_server
+    from pipelines.core.stages import run_all
+    from pipelines.data.split import read_split
+    from pipelines.training.search import STARTUP_TRIALS, search_candidates
+
+    address, workers, _ = dask_cluster
+    dask = load_params(
+        write_params(tmp_path, bikeshare_sample(tmp_path), execution={"runner": "dask", "dask": {"address": address}})
+    )
+    run_all(dask, echo=lambda _: None)
+    train, val = read_split(dask, "train"), read_split(dask, "val")
+    first_round = len(dask.search.families) + min(STARTUP_TRIALS, dask.search.n_trials)
+    seen: list[str] = []
+    at_kill: list[int] = []
+    log = open(tmp_path / "late-worker.log", "w")  # noqa: SIM115  (the worker writes it until stopped)
+    late: list[subprocess.Popen] = []
+
+    def kill_the_holders() -> None:
+        """Every worker holding the rows dies; then a worker without them joins."""
+        with Client(address, timeout=60) as watcher:
+            holders = {w for key, ws in watcher.who_has().items() if str(key).startswith("rows-") for w in ws}
+            names = {a: info["name"] for a, info in watcher.scheduler_info(n_workers=-1)["workers"].items()}
+        at_kill.append(len(seen))
+        for i, proc in enumerate(workers):
+            if any(names.get(h) == f"worker-{i}" for h in holders):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        late.append(
+            start_server(
+                [venv_bin("dask"), "worker", address, "--nthreads", "1", "--name", "late", "--no-dashboard"]
+                + ["--host", "127.0.0.1", "--worker-port", str(free_port())],
+                log=log,
+            )
+        )
+
+    def on_candidate(candidate) -> None:
+        seen.append(candidate.name)
+        if not at_kill and (
+            (when == "after two results" and len(seen) == 2) or (when == "between rounds" and len(seen) == first_round)
+        ):
+            kill_the_holders()
+
+    def kill_while_processing() -> None:
+        with Client(address, timeout=60) as watcher:
+            deadline = time.monotonic() + 120
+            while not any(str(k).startswith("fit-") for keys in watcher.processing().values() for k in keys):
+                assert time.monotonic() < deadline, "no fit ever started"
+                time.sleep(0.01)
+        kill_the_holders()
+
+    watcher = threading.Thread(target=kill_while_processing) if when == "while the first round runs" else None
+    try:
+        if watcher is not None:
+            watcher.start()
+        best, on_cluster = search_candidates(dask, train, val, on_candidate=on_candidate)
+        if watcher is not None:
+            watcher.join(timeout=180)
+    finally:
+        for proc in late:
+            stop(proc)
+        log.close()
+    expected = {
+        "while the first round runs": range(first_round),
+        "after two results": [2],
+        "between rounds": [first_round],
+    }
+    assert at_kill and at_kill[0] in expected[when], f"killed after {at_kill} results, not {when}"
+    sequential = dask.model_copy(update={"execution": dask.execution.model_copy(update={"runner": "sequential"})})
+    local_best, local = search_candidates(sequential, train, val)
+    assert _candidates(on_cluster) == _candidates(local) and best.name == local_best.name
+    for remote, here in zip(on_cluster, local, strict=True):
+        assert remote.val["rmse"] == pytest.approx(here.val["rmse"], abs=1.5e-6)
+
+
 @pytest.fixture(params=["journal", "postgresql"])
 def search_storage(request, tmp_path) -> str:
     """search.storage: a journal file, or a fresh PostgreSQL database (psycopg 3)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, copy_of_repo
+from conftest import REPO, copy_of_repo, sh
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +27,14 @@ def small_search(root: Path) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["search"] = {"families": ["linear"], "n_trials": 0}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def clone(root: Path) -> Path:
+    """A fresh clone whose commit's dvc.lock records its (edited) params file, as a commit would."""
+    copy_of_repo(root, small_search)  # mtimes kept: make finds the shared venv up to date
+    sh("dvc", "commit", "--force", "--quiet", "params", cwd=root)
+    sh("git", "commit", "-qam", "dvc.lock records the params file", cwd=root)
+    return root
 
 
 def make_run(root: Path, bentoml_home: Path, api_url: str | None) -> subprocess.CompletedProcess:
@@ -54,14 +62,22 @@ def champion_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def test_make_run_twice_in_two_clones_and_after_the_store_is_removed(prefect_api, tmp_path):
-    a = copy_of_repo(tmp_path / "a", small_search)  # mtimes kept: make finds the shared venv up to date
-    b = copy_of_repo(tmp_path / "b", small_search)
+    a, b = clone(tmp_path / "a"), clone(tmp_path / "b")
     bentoml_home = tmp_path / "bentoml"
 
     started = make_run(a, bentoml_home, api_url=None)  # the temporary API, as a new user has it
     first = champion_line(started)
     assert "bikeshare-demand v1: promoted to champion" in first
     assert "telemetry" not in started.stderr.lower(), started.stderr[-3000:]
+    # The flow put its data version in the DVC cache, changed nothing git tracks, staged nothing,
+    # and the first version rebuilds identical right away (the README's next step).
+    assert sh("git", "status", "--porcelain", "--untracked-files=no", cwd=a) == ""
+    rebuilt = subprocess.run(
+        [str(VENV / "bin" / "loopline"), "reproduce", "1"], cwd=a, capture_output=True, text=True, timeout=600
+    )
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr[-3000:]
+    assert rebuilt.stdout.splitlines()[0].endswith(": identical"), rebuilt.stdout
+    print(rebuilt.stdout)
     again = champion_line(make_run(a, bentoml_home, prefect_api))
     assert "training skipped" in again and 'model_version": "1"' in again
 

@@ -137,6 +137,8 @@ def test_predictions_equal_mlflow_pyfunc_single_and_batch(service, champion_v1, 
     assert {r["model_version"] for r in single} == {v1} and all(r["run_id"] for r in single)
     # served by ONNX Runtime: equal to the Python model within the parity tolerance
     assert service.post("/model").json()["engine"] == "onnx"
+    status = service.get("/model")  # a read is a GET too; POST stays for older clients
+    assert status.status_code == 200 and status.json()["model_version"] == v1 and status.json()["engine"] == "onnx"
     np.testing.assert_allclose([r["prediction"] for r in single], expected, rtol=1e-4, atol=1e-4)
     batch = service.post("/predict_batch", json={"records": bodies}, headers={"X-Request-ID": "batch-7"}).json()
     np.testing.assert_allclose(batch["predictions"], expected, rtol=1e-4, atol=1e-4)
@@ -236,6 +238,7 @@ def test_a_refused_request_is_one_warning_line_in_the_service_log(service, champ
     assert "/predict (400, request id refused-1): hum: less_than_equal" in lines[0]
     assert "(415, request id refused-2)" in lines[1]
     assert "Exception on /predict" not in log and "ValidationError" not in log
+    assert "the first model since start-up" in log and "was vNone" not in log
 
 
 def metric(text: str, name: str) -> float:

@@ -292,3 +292,25 @@ def test_monitor_id_column_must_not_be_a_schema_column(tmp_path):
 
     with pytest.raises(LooplineError, match="monitor.id_column 'temp'"):
         load_params(write_params(tmp_path, Path("x.csv"), monitor={"id_column": "temp"}))
+
+
+def test_rows_a_training_already_read_are_not_new_and_a_row_counts_once(tmp_path):
+    """A batch of hours the splits hold (a re-sent January) adds nothing toward
+    monitor.min_new_rows; hours they lack count, each distinct row once."""
+    from pipelines.core.layout import Layout
+    from pipelines.core.stages import DATA_STAGES, run_stage
+    from pipelines.data.arrivals import accept_landed
+    from pipelines.data.ingest import arrival_files
+    from pipelines.monitoring.run import new_rows
+
+    params = load_params(write_params(tmp_path, bikeshare_sample(tmp_path, 2000), monitor={"settle_seconds": 0}))
+    for stage in DATA_STAGES:
+        run_stage(stage, params)
+    layout = Layout.of(params)
+    layout.landing.mkdir(parents=True)
+    full = pd.read_csv(BIKESHARE)
+    seen, fresh = full.iloc[100:400], full.iloc[4000:4200]
+    pd.concat([seen, fresh, fresh.head(50)]).to_csv(layout.landing / "batch.csv", index=False)
+    [outcome] = accept_landed(params)
+    assert outcome.status == "accepted" and outcome.rows == 550
+    assert new_rows(arrival_files(layout.arrivals), params) == 200
