@@ -53,7 +53,7 @@ def run(reference_rows: int, window_rows: int, workdir: Path) -> dict[str, float
     from flows.training import training_flow
     from pipelines.core.config import load_params
     from pipelines.monitoring.drift import PREDICTION, drift_reference, measure_drift
-    from pipelines.monitoring.run import reference_rows as logged_reference
+    from pipelines.monitoring.reference import reference_rows as logged_reference
     from pipelines.registry.tracking import client_for, load_model_version
 
     # The training split is the first 70% of rows: size the source so it is `reference_rows`.

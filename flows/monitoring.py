@@ -1,11 +1,14 @@
-"""The monitoring flow: accept landed batches, compare the latest window with the data the
-champion was trained on, decide by the `monitor:` policy, record the decision, and start the
-training flow when the policy says so. Training promotes a new champion only if it is
-better; a running service picks a new champion up by itself (serve.reload_interval_s).
+"""The monitoring flow: accept landed files, join label files to the prediction log, measure
+what the champion served (and what landed) against the data it was trained on, decide by the
+`monitor:` policy, record the decision, start the training flow when the policy says so and
+the labels it needs are there, and prune the prediction log. Training promotes a new
+champion only if it is better; a running service picks a new champion up by itself
+(serve.reload_interval_s).
 
-Wiring only: the checks live in pipelines/data/arrivals.py, the measurements and the record
-in pipelines/monitoring/run.py, the policy in pipelines/monitoring/policy.py. The params file is read once per
-run; state between runs is read from MLflow, so a run needs nothing but the params file.
+Wiring only: the checks live in pipelines/data/arrivals.py, the label join in
+pipelines/monitoring/labels.py, the measurements and the record in pipelines/monitoring/run.py,
+the policy in pipelines/monitoring/policy.py. The params file is read once per run; state
+between runs is read from MLflow, so a run needs nothing but the params file.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from flows.hooks import alert_failed_run, quiet_cancellation
 from pipelines.core.config import Params, load_params
 from pipelines.core.names import TRAINING_DEPLOYMENT
 from pipelines.data.arrivals import BatchOutcome
+from pipelines.monitoring.labels import LabelFeed
 from pipelines.monitoring.policy import Verdict
-from pipelines.monitoring.run import Measurement, MonitoringResult, Retrain, render_monitoring
+from pipelines.monitoring.prediction_log import LogSize
+from pipelines.monitoring.report import render_monitoring
+from pipelines.monitoring.run import Measurement, MonitoringResult, Retrain
 
 Trigger = Literal["subflow", "deployment", "none"]
 
@@ -33,11 +39,20 @@ def accept_task(params: Params) -> list[BatchOutcome]:
     return accept_landed(params)
 
 
+@task(name="join-labels")
+def join_labels_task(params: Params) -> LabelFeed:
+    """Label files joined to the answers they label; the joined rows become training rows."""
+    from pipelines.monitoring.labels import join_label_files
+    from pipelines.monitoring.prediction_log import log_location
+
+    return join_label_files(params, log_location(params))
+
+
 @task(name="measure")
-def measure_task(params: Params) -> Measurement:
+def measure_task(params: Params, at: datetime, feed: LabelFeed) -> Measurement:
     from pipelines.monitoring.run import measure
 
-    return measure(params)
+    return measure(params, at, feed)
 
 
 @task(name="decide")
@@ -46,28 +61,35 @@ def decide_task(params: Params, measured: Measurement, at: datetime) -> Verdict:
     from pipelines.monitoring.run import last_retrain
     from pipelines.registry.tracking import client_for, monitoring_experiment
 
-    if measured.drift is None:  # nothing measured: nothing to decide on
+    if measured.status != "measured" and not measured.pending:  # nothing measured: nothing to decide on
         return Verdict(False, [], [], unmeasured=f"{measured.status}: {measured.detail}")
     client, monitoring_id = client_for(params, monitoring_experiment(params))
     return decide(
         params.monitor,
         now=at,
-        drift=measured.drift,
+        windows=[(w.source, w.drift, w.estimate) for w in measured.windows if w.measured],
         live=measured.live,
         offline=measured.offline,
-        estimate=measured.estimate,
         champion_metric=measured.champion_metric,
         higher_is_better=params.metric[1],
         new_rows=measured.new_rows,
         last_retrain=last_retrain(client, monitoring_id),
+        pending=measured.pending,
     )
 
 
 @task(name="record-decision")
 def record_task(params: Params, result: MonitoringResult) -> str:
-    from pipelines.monitoring.run import record
+    from pipelines.monitoring.report import record
 
     return record(params, result)
+
+
+@task(name="prune-prediction-log")
+def prune_task(params: Params, measured: Measurement, at: datetime) -> LogSize | None:
+    from pipelines.monitoring.run import prune_log
+
+    return prune_log(params, measured, at)
 
 
 @task(name="add-to-dashboard")
@@ -111,13 +133,16 @@ def _start_training(params_path: str, trigger: Trigger) -> Retrain:
 def monitoring_flow(
     params_path: str = "params.yaml", trigger: Trigger = "subflow", now: str | None = None
 ) -> MonitoringResult:
-    """Accept landed batches → measure drift and live metrics → decide → record → retrain.
+    """Accept landed files → join labels → measure the served and landed windows → decide →
+    record → retrain → prune the log.
 
     trigger: how a retrain starts — `subflow` (in this process), `deployment` (the served
     training deployment, as `loopline deploy` runs it), or `none` (decide and record only).
     now: the time the decision is taken at (ISO 8601; default: the clock), for replays."""
+    from dataclasses import replace
+
     from pipelines.core.alerts import send
-    from pipelines.monitoring.run import monitoring_alerts, record_retrain
+    from pipelines.monitoring.report import monitoring_alerts, record_retrain
 
     quiet_cancellation()
     logger = get_run_logger()
@@ -127,11 +152,15 @@ def monitoring_flow(
     batches = accept_task(params)
     for b in batches:
         (logger.warning if b.status == "rejected" else logger.info)("batch %s: %s", b.file, b.describe())
-    measured = measure_task(params)
+    feed = join_labels_task(params)
+    for joined in feed.files:
+        logger.info("%s", joined.describe())
+    measured = measure_task(params, at, feed)
     verdict = decide_task(params, measured, at)
     if trigger == "none" and verdict.retrain:
         verdict = Verdict(False, verdict.triggers, ["trigger=none: decide and record only"])
     logger.info("Decision: %s — %s", verdict.outcome, verdict.reason())
+    measured = replace(measured, log=prune_task(params, measured, at))
     result = MonitoringResult(at=at.isoformat(timespec="seconds"), batches=batches, measured=measured, verdict=verdict)
     run_id = record_task(params, result)
     training = _start_training(params_path, trigger) if verdict.retrain else None
@@ -145,7 +174,7 @@ def monitoring_flow(
     create_markdown_artifact(
         render_monitoring(result),
         key="monitoring-decision",
-        description="Batches, drift, live metric, the decision and its reasons",
+        description="Batches, labels, the served and landed windows, the decision and its reasons",
     )
     for alert in monitoring_alerts(params, result):
         send(params.alerts, alert, warn=logger.warning)

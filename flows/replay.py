@@ -3,11 +3,16 @@
 The first champion is trained on the first months; every later period (a month or a week)
 then goes through the loop as it would in production:
 
-1. its rows are sent to a real `loopline serve` process (POST /predict_batch), which logs
-   each prediction under a request id;
-2. the same rows, now with the observed demand and the request ids, land as a batch file;
-3. the monitoring flow accepts the batch, measures drift and the served predictions' live
-   error, and retrains (promoting only a better model) when the policy says so;
+1. its rows are sent to a real `loopline serve` process (POST /predict_batch, every schema
+   column but the target: the features and the context fields), which logs each prediction
+   under a request id; the replay files each answer under the hour it replays, so the
+   served window of a monitoring run at the period's end holds the period;
+2. the observed demand of each hour lands as a label file (request id and target)
+   `--label-delay` after the hour (0: at the period's end);
+3. the monitoring flow joins the labels that landed to the log, measures the served
+   window's drift and estimate and the live error of the labelled answers, and retrains on
+   the logged inputs with their labels (promoting only a better model) when the policy says
+   so; a retrain decided before its labels are there waits for them (pending);
 4. a promotion reaches the service through its registry poll (the replay asks it to check
    at once with POST /admin/reload, so the next period is served by the new champion).
 
@@ -55,9 +60,18 @@ def split_periods(
     return initial, [(labels[k], part) for k, part in rest.groupby(keys, sort=True)]
 
 
-def replay_params(base: dict[str, Any], workdir: Path, workspace: Path) -> dict[str, Any]:
+def hours_of(frame: pd.DataFrame) -> pd.Series:
+    """The hour of 2011 each row answers (its day of the year and hour), as UTC timestamps."""
+    start = pd.Timestamp(YEAR, 1, 1, tz="UTC")
+    days = pd.to_timedelta(frame["day"].to_numpy(dtype="int64") - 1, unit="D")
+    return pd.Series(start + days + pd.to_timedelta(frame["hr"].to_numpy(dtype="int64"), unit="h"), index=frame.index)
+
+
+def replay_params(base: dict[str, Any], workdir: Path, workspace: Path, window: str = "31d") -> dict[str, Any]:
     """The project's params, pointed at the work directory, with a quick candidate search
-    (a replay trains many times) and a service that checks the registry every second. Its
+    (a replay trains many times) and a service that checks the registry every second. A
+    request carries every schema column that is not a feature (the day) as a context field,
+    so joined labels become training rows; the served window is a period (`window`). Its
     monitoring history goes to the project's Evidently `workspace`, so `loopline dashboard`
     shows it beside the real model's."""
     raw = json.loads(json.dumps(base))
@@ -71,8 +85,13 @@ def replay_params(base: dict[str, Any], workdir: Path, workspace: Path) -> dict[
     }
     raw["search"] = {"families": ["linear", "hist_gradient_boosting"], "n_trials": 0}
     raw.setdefault("serve", {})["reload_interval_s"] = 1.0
+    features = {*raw["features"].get("numeric", []), *raw["features"].get("categorical", [])}
+    features |= set(raw["features"].get("cyclical", {}))
+    context = [c for c in raw["schema"]["columns"] if c not in features and c != raw["data"]["target"]]
+    raw["serve"]["context_columns"] = context
     raw.setdefault("monitor", {})["settle_seconds"] = 0  # batches land by write-then-rename
     raw["monitor"]["workspace"] = str(workspace)
+    raw["monitor"]["window"] = window
     return raw
 
 
@@ -113,19 +132,27 @@ def run_replay(
     periods: int | None = None,
     chart: Path | None = None,
     echo=print,
+    label_delay: str = "0",
 ) -> pd.DataFrame:
     """Run the replay; returns the timeline (one row per period). `train_months`: the first
-    champion's months (default backtest.train_months)."""
+    champion's months (default backtest.train_months); `label_delay`: how long after its
+    hour each label lands (a duration: 0, 7d, 30d)."""
     from flows.monitoring import monitoring_flow
     from flows.training import training_flow
     from pipelines.core.config import load_params
     from pipelines.core.layout import Layout
     from pipelines.core.processes import post
     from pipelines.core.progress import progress
+    from pipelines.core.spans import parse_duration
     from pipelines.core.storage import write_csv
     from pipelines.monitoring.dashboard import remove_project
+    from pipelines.monitoring.prediction_log import log_location, retime, wait_for_answers
     from serving.local import local_service
 
+    try:
+        delay = parse_duration(label_delay)
+    except ValueError as err:
+        raise LooplineError("replay", f"--label-delay {label_delay!r}: {err}") from None
     workdir = Path(workdir).resolve()
     base = yaml.safe_load(Path(params_path).read_text())
     train_months = train_months or load_params(params_path).backtest.train_months
@@ -136,20 +163,24 @@ def run_replay(
     initial.to_csv(workdir / "initial.csv", index=False)
     replay_path = workdir / "params.yaml"
     workspace = Layout.of(load_params(params_path)).workspace.resolve()
-    replay_path.write_text(yaml.safe_dump(replay_params(base, workdir, workspace), sort_keys=False))
+    window = "31d" if period == "month" else "7d"
+    replay_path.write_text(yaml.safe_dump(replay_params(base, workdir, workspace, window), sort_keys=False))
     params = load_params(replay_path)
     remove_project(workspace, params.tracking.model_name)  # the dashboard shows this replay, not the last
     layout = Layout.of(params)
     metric, _ = params.metric
-    id_column = params.monitor.id_column or "request_id"  # the replay's batches carry the served ids
+    id_column = params.monitor.id_column or "request_id"  # labels name the answers they label
+    target = params.data.target
 
     echo(
         f"replay: first champion on {len(initial)} rows (months 1-{train_months}); "
-        f"{len(batches)} {period}ly batches to follow; work directory {workdir}"
+        f"{len(batches)} {period}ly batches to follow, labels {_delay_words(label_delay)}; work directory {workdir}"
     )
     first = training_flow(params_path=str(replay_path))
     echo(f"  v{first.decision.version} {first.decision.outcome}: test {metric} {first.trained.test[metric]:.2f}")
     timeline: list[dict[str, Any]] = []
+    answered: dict[str, tuple[list[str], pd.Series]] = {}  # period -> its request ids and observed demand
+    waiting = pd.DataFrame(columns=[id_column, target, "hour"])  # served, labels not landed yet
     with (
         open(workdir / "serve.log", "w") as log,
         local_service(replay_path, log=log) as url,
@@ -157,21 +188,35 @@ def run_replay(
     ):
         for label, rows in batches:
             ids = serve_period(url, rows, label, params, params.serve.max_batch_records)
-            write_csv(rows.assign(**{id_column: ids}), layout.landing / f"{label}.csv")
+            answered[label] = (ids, rows[target])
+            hours = hours_of(rows)
+            wait_for_answers(log_location(params), ids)  # the service logs after it answers
+            retime(log_location(params), ids, hours.dt.to_pydatetime().tolist())
+            served = pd.DataFrame({id_column: ids, target: rows[target].to_numpy(), "hour": hours.to_numpy()})
+            waiting = pd.concat([waiting, served], ignore_index=True)
             end = datetime.combine(_day_of_year(rows["day"].max()), time(23, 59), UTC)
+            due = waiting["hour"] + delay <= pd.Timestamp(end)
+            if due.any():
+                write_csv(waiting.loc[due, [id_column, target]], layout.landing / f"labels-{label}.csv")
+            waiting = waiting[~due]
             result = monitoring_flow(params_path=str(replay_path), now=end.isoformat())
-            timeline.append(_timeline_row(label, len(rows), result))
+            timeline.append(_timeline_row(label, len(rows), int(due.sum()), result))
             if result.training is not None and result.training.promoted:
                 post(f"{url}/admin/reload", {}, request_id=f"{label}.reload")
             row = timeline[-1]
+            seen = (
+                f"live {metric} {row['live_seen']:.1f} on {row['live_rows']} labelled"
+                if row["live_rows"]
+                else "no labels yet"
+            )
             echo(
-                f"  {label}: served v{row['served_version']}, live {metric} {row['live']:.1f} "
-                f"(naive {row['baseline']:.1f}, estimated {row['estimated']:.1f}), weighted drift "
-                f"{row['weighted_drift']:.0%} -> {row['decision']}"
+                f"  {label}: served v{row['served_version']}, {seen}; {row['labels_landed']} labels landed, weighted "
+                f"drift {row['weighted_drift']:.0%}, estimated {row['estimated']:.1f} -> {row['decision']}"
                 + (f"; v{row['retrained_version']} {result.training.outcome}" if result.training else "")
             )
             advance(note=f"{label}: {row['decision']}")
     frame = pd.DataFrame(timeline)
+    frame = frame.join(served_errors(params, initial, answered), on="period")
     frame.to_csv(workdir / "timeline.csv", index=False)
     figure = timeline_figure(frame, metric, params.monitor.drift_share)
     png = workdir / "timeline.png"
@@ -184,15 +229,40 @@ def run_replay(
     return frame
 
 
-def _timeline_row(label: str, rows: int, result: MonitoringResult) -> dict[str, Any]:
+def _delay_words(label_delay: str) -> str:
+    return "at the end of each period" if str(label_delay).strip() in ("0", "0d") else f"{label_delay} after each hour"
+
+
+def served_errors(params, initial: pd.DataFrame, answered: dict[str, tuple[list[str], pd.Series]]) -> pd.DataFrame:
+    """Per period, in hindsight (every label known): the error of what the service answered
+    (read back from the prediction log by request id) and of the naive baseline (the first
+    champion's training mean), whatever the labels' delay was when monitoring ran."""
+    from pipelines.core.layout import Layout
+    from pipelines.core.metrics import naive_baseline
+    from pipelines.monitoring.labels import _task_metrics
+    from pipelines.monitoring.prediction_log import read_prediction_log
+
+    log = read_prediction_log(Layout.of(params).prediction_log, []).drop_duplicates("request_id", keep="last")
+    predicted = log.set_index("request_id")["prediction"]
+    baseline = naive_baseline(initial[params.data.target], params.data.task)
+    out = {}
+    for label, (ids, truth) in answered.items():
+        value, base = _task_metrics(
+            truth.reset_index(drop=True), predicted.loc[ids].reset_index(drop=True), baseline, params
+        )
+        out[label] = {"live": value, "baseline": base}
+    return pd.DataFrame.from_dict(out, orient="index")
+
+
+def _timeline_row(label: str, rows: int, landed: int, result: MonitoringResult) -> dict[str, Any]:
     measured, training, live = result.measured, result.training, result.measured.live
     drift, estimate = measured.drift, measured.estimate
     return {
         "period": label,
         "rows": rows,
-        "served_version": "/".join(sorted(live.served_versions, key=int)) if live else "none",
-        "live": live.value if live else float("nan"),
-        "baseline": live.baseline if live else float("nan"),
+        "labels_landed": landed,
+        "served_version": measured.champion or "none",
+        "live_seen": live.value if live else float("nan"),  # the live error monitoring measured, on the labels landed
         "live_rows": live.rows if live else 0,  # labelled rows measured live (by id or time key) ...
         "offline": measured.offline.value if measured.offline else float("nan"),
         "offline_rows": measured.offline.rows if measured.offline else 0,  # ... and by the champion now
@@ -203,6 +273,7 @@ def _timeline_row(label: str, rows: int, result: MonitoringResult) -> dict[str, 
         "drifted": " ".join(drift.drifted) if drift else "",
         "prediction_drift": drift.prediction_score if drift else float("nan"),
         "decision": result.verdict.outcome,
+        "alarm": result.verdict.outcome in ("retrain", "retrain pending"),
         "reason": result.verdict.reason(),
         "retrained_version": (training.version or "") if training else "",
         "promoted": bool(training and training.promoted),
@@ -211,9 +282,10 @@ def _timeline_row(label: str, rows: int, result: MonitoringResult) -> dict[str, 
 
 
 def timeline_figure(frame: pd.DataFrame, metric: str, drift_threshold: float):
-    """Live error of the serving model and the naive baseline per period above, drift share
-    below; a dotted line after a period marks a retrain (green: promoted, grey: the champion
-    stayed), so the next period is served by the version named there."""
+    """Live error of the serving model (in hindsight: every label known) and the naive
+    baseline per period above, drift share below; a red cross marks an alarm that waited for
+    labels (retrain pending), a dotted line after a period marks a retrain (green: promoted, so
+    the next period is served by the version named there; grey: the champion stayed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,6 +308,17 @@ def timeline_figure(frame: pd.DataFrame, metric: str, drift_threshold: float):
             ha="center",
             fontsize=8,
         )
+        if row["decision"] == "retrain pending":
+            top.scatter([i], [row["live"]], marker="x", s=120, color="#d62728", zorder=4)
+            top.annotate(
+                "alarm: waiting for labels",
+                (i, row["live"]),
+                textcoords="offset points",
+                xytext=(0, -14),
+                ha="center",
+                fontsize=7,
+                color="#d62728",
+            )
         if row["decision"] == "retrain":
             for ax in (top, bottom):
                 ax.axvline(i + 0.5, color="#2ca02c" if row["promoted"] else "#7f7f7f", linestyle=":", linewidth=1.5)

@@ -181,7 +181,7 @@ def monitor(
     """Run the monitoring flow: accept landed batches, measure drift and live metrics, retrain if needed."""
     _params(params)
     from flows.monitoring import monitoring_flow
-    from pipelines.monitoring.run import render_monitoring
+    from pipelines.monitoring.report import render_monitoring
 
     with _flow_api():
         result = monitoring_flow(params_path=str(params), trigger="subflow" if retrain else "none")
@@ -201,6 +201,9 @@ def replay(
     train_months: TrainMonthsOption = None,
     periods: PeriodsOption = None,
     chart: ChartOption = None,
+    label_delay: Annotated[
+        str, typer.Option(help="How long after its hour each label lands (0: at the end of the period; 7d, 30d).")
+    ] = "0",
     as_json: JsonOption = False,
 ) -> None:
     """Replay 2011 through a real service: first champion, then each batch served, labelled, monitored, retrained."""
@@ -211,10 +214,20 @@ def replay(
 
     workdir = workdir or Path("data/replay")
     with _flow_api():
-        frame = run_replay(workdir, params, period, train_months, periods, chart, echo=typer.echo)  # type: ignore[arg-type]
+        frame = run_replay(
+            workdir,
+            params,
+            period,  # type: ignore[arg-type]
+            train_months,
+            periods,
+            chart,
+            echo=typer.echo,
+            label_delay=label_delay,
+        )
     retrains = frame[frame["decision"] == "retrain"]
     summary = {
         "batches": len(frame),
+        "alarms": int(frame["alarm"].sum()),
         "retrains": len(retrains),
         "promotions": int(frame["promoted"].sum()),
         "timeline": str(workdir / "timeline.csv"),
@@ -224,7 +237,7 @@ def replay(
         summary,
         as_json,
         lambda s: (
-            f"\n{s['batches']} batches, {s['retrains']} retrains, {s['promotions']} promotions; "
+            f"\n{s['batches']} batches, {s['alarms']} alarms, {s['retrains']} retrains, {s['promotions']} promotions; "
             f"timeline: {s['chart']} and timeline.csv"
         ),
     )
@@ -238,6 +251,12 @@ def backtest(
     train_months: TrainMonthsOption = None,
     periods: PeriodsOption = None,
     policy: Annotated[list[str] | None, typer.Option(help="Run only this policy (repeatable).")] = None,
+    label_delay: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="How long after its hour each label arrives (repeatable: 0, 7d, 30d; default backtest.label_delays)."
+        ),
+    ] = None,
     chart: ChartOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -258,6 +277,7 @@ def backtest(
         echo=lambda line: typer.echo(line, err=as_json),
         train_months=train_months,
         period=period,  # type: ignore[arg-type]
+        label_delays=label_delay,
     )
     _emit(
         summary.to_dict(orient="records"),

@@ -83,9 +83,16 @@ def _field_type(rule: ColumnRule) -> Any:
 
 
 def record_model(params: Params) -> type[BaseModel]:
-    """One record: the feature columns, in the order the model was configured with."""
+    """One record: the feature columns, in the order the model was configured with, then the
+    context fields (serve.context_columns), which a request may leave out: checked by the
+    same rules, logged with the inputs, never given to the model."""
     rules = compile_rules(params.table_schema, params.data.target).columns
     fields: dict[str, Any] = {name: (_field_type(rules[name]), Field(...)) for name in params.features.columns}
+    for name in params.serve.context_columns:
+        fields[name] = (
+            _field_type(rules[name]) | None,
+            Field(None, description=f"context: logged with the prediction, not given to the model; {name!r}"),
+        )
     return create_model("Record", __config__=_STRICT, **fields)
 
 
@@ -139,11 +146,13 @@ class ServiceStatus(BaseModel):
 
 
 def request_records(frame: pd.DataFrame, params: Params) -> list[dict[str, Any]]:
-    """Rows as the JSON records /predict accepts: the feature columns, integer columns as
-    JSON integers (the service refuses 3.0 for an int), missing values as null."""
+    """Rows as the JSON records /predict accepts: the feature columns and the context fields
+    the frame has, integer columns as JSON integers (the service refuses 3.0 for an int),
+    missing values as null."""
     columns = params.table_schema.columns
-    ints = {c: "Int64" for c in params.features.columns if columns[c].type == "int"}
-    return json.loads(frame[params.features.columns].astype(ints).to_json(orient="records"))
+    sent = [*params.features.columns, *(c for c in params.serve.context_columns if c in frame)]
+    ints = {c: "Int64" for c in sent if columns[c].type == "int"}
+    return json.loads(frame[sent].astype(ints).to_json(orient="records"))
 
 
 def _first_violation(
@@ -171,17 +180,18 @@ def _first_violation(
 
 def check_records(frame: pd.DataFrame, params: Params, source: str) -> pd.DataFrame:
     """The batch-scoring counterpart of `Record`, vectorised over a whole file and built from
-    the same compiled rules: columns, types, ranges, allowed values and null rules. Returns
-    the feature columns typed as the model expects; the first broken rule raises, naming
-    column, rule, row and value."""
+    the same compiled rules: columns, types, ranges, allowed values and null rules, for the
+    features and the context fields the file has. Returns those columns typed as the model
+    expects; the first broken rule raises, naming column, rule, row and value."""
     rules = compile_rules(params.table_schema, params.data.target).columns
+    checked = [*params.features.columns, *(c for c in params.serve.context_columns if c in frame.columns)]
     missing = [c for c in params.features.columns if c not in frame.columns]
     if missing:
         raise LooplineError(
             "score", f"{source}: missing column(s) {missing}; the model needs {params.features.columns}"
         )
     out = {}
-    for name in params.features.columns:
+    for name in checked:
         out[name], broken = _first_violation(frame, rules[name])
         if broken is not None:
             mask, words, shown = broken

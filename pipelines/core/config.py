@@ -320,8 +320,14 @@ class MonitorConfig(_Section):
     """Columns that name a row's time (Bikeshare: day and hr): a labelled row with no request id is
     matched to the prediction served for the same values. Rows nothing served are scored by the
     champion now (the offline metric). Empty: match by id only."""
+    window: str = "7d"
+    """The served window: the rows the current champion answered in this long before the
+    monitoring run (a duration: 7d, 36h), or its latest N answers (a row count: 5000), read
+    from the prediction log. Rows earlier versions answered in the same span are reported
+    apart, never mixed in."""
     window_batches: int = Field(1, ge=1)
-    """The window compared with the champion's reference: the latest N accepted batches."""
+    """The landed window: the latest N batches that landed with features (with or without the
+    target), measured apart from the served window, with its source named."""
     drift_share: float = Field(0.5, gt=0.0, le=1.0)
     """Trigger: retrain when the drifted features carry at least this share of the champion's
     permutation importance (Evidently's per-column tests say which drifted; features expected to
@@ -361,6 +367,14 @@ class MonitorConfig(_Section):
     """The Evidently workspace every monitoring run adds its snapshots to (one project per model
     name; `loopline dashboard` shows it); default <paths.data>/monitoring/workspace."""
 
+    @field_validator("window")
+    @classmethod
+    def _window(cls, window: str) -> str:
+        from pipelines.core.spans import parse_span
+
+        parse_span(window)
+        return window
+
     @model_validator(mode="after")
     def _check(self) -> MonitorConfig:
         if 0 < self.reference_profile_rows <= 1000:
@@ -394,6 +408,14 @@ class ServeConfig(_Section):
     """Where every served prediction is logged for monitoring: a SQLite file (default
     <paths.data>/serving/predictions.db) or a PostgreSQL DSN (postgresql://…), which several
     service replicas share."""
+    log_retention: str | None = None
+    """How long the prediction log keeps a served row (a duration: 90d); monitoring prunes older
+    rows, never those of the current window or awaiting the labels of a pending retrain. Null:
+    keep every row."""
+    context_columns: list[str] = []
+    """Columns of `schema:` a request may carry beside the features (an id, a day, a timestamp,
+    an entity key): checked by the schema's rules, logged with the inputs, never given to the
+    model. They let `monitor.time_key` match labels to what was served."""
     request_timeout_s: float = Field(30.0, gt=0.0)
     """A request whose answer has not started within this many seconds gets 504."""
     engine: Literal["auto", "onnx", "python"] = "auto"
@@ -405,6 +427,15 @@ class ServeConfig(_Section):
     """Native threads per worker for model calls (ONNX Runtime's session, OpenMP and BLAS through
     threadpoolctl, torch): a training beside the service cannot make a one-row prediction wait for
     a busy core's worth of threads."""
+
+    @field_validator("log_retention")
+    @classmethod
+    def _retention(cls, retention: str | None) -> str | None:
+        from pipelines.core.spans import parse_duration
+
+        if retention is not None:
+            parse_duration(retention)
+        return retention
 
 
 class PolicyConfig(_Section):
@@ -438,6 +469,24 @@ class BacktestConfig(_Section):
     """The first champion trains on this many months; every later month is a batch."""
     policies: list[PolicyConfig] = DEFAULT_POLICIES
     """The policies compared side by side, each a row of the table."""
+    label_delays: list[str] = ["0"]
+    """How long after its hour each label arrives, one back-test per delay side by side
+    (durations: 0, 7d, 30d); `--label-delay` overrides."""
+    alpha_max: float = Field(50.0, gt=0.0)
+    """The cost-aware score C_α = mean live metric + α × retrains ÷ periods (α: what one
+    retrain costs, in metric points of one period) is averaged over α from 0 to this, relative
+    to the best policy at each α."""
+
+    @field_validator("label_delays")
+    @classmethod
+    def _delays(cls, delays: list[str]) -> list[str]:
+        from pipelines.core.spans import parse_duration
+
+        for delay in delays:
+            parse_duration(delay)
+        if not delays:
+            raise ValueError("label_delays lists no delay (0: labels at once)")
+        return delays
 
     @model_validator(mode="after")
     def _check(self) -> BacktestConfig:
@@ -564,6 +613,11 @@ class Params(_Section):
         for col in self.monitor.time_key:
             if col not in cols:
                 raise ValueError(f"monitor.time_key names {col!r}, which is not in schema.columns")
+        for col in self.serve.context_columns:
+            if col not in cols:
+                raise ValueError(f"serve.context_columns names {col!r}, which is not in schema.columns")
+            if col in self.features.columns or col == target:
+                raise ValueError(f"serve.context_columns names {col!r}, which is a feature or the target, not context")
         for i, policy in enumerate(self.backtest.policies):
             try:
                 self.policy_monitor(policy)

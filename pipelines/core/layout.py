@@ -34,6 +34,23 @@ class Layout:
         return self.data / "arrivals"
 
     @property
+    def observed(self) -> Path:
+        """Accepted batches of features without the target: measured by monitoring, never
+        read by training (not a DVC dependency)."""
+        return self.data / "observed"
+
+    @property
+    def labels(self) -> Path:
+        """Accepted label files (ids or time keys with the target) waiting to be joined to
+        the prediction log; once joined, their rows are a batch in arrivals/."""
+        return self.data / "labels"
+
+    @property
+    def joined_labels(self) -> Path:
+        """Label files joined to the log, each beside a report of what joined."""
+        return self.labels / "joined"
+
+    @property
     def rejected(self) -> Path:
         return self.landing / "rejected"
 

@@ -78,6 +78,9 @@ DRIFTED = "loopline.drifted"
 REPLAY = "loopline.replay"
 ESTIMATE = "loopline.estimate"  # the label-free estimate, or why there is none
 LABELS = "loopline.labels"  # which labelled rows were measured how (live by id / by time, offline)
+PENDING = "loopline.pending"  # a retrain decided and waiting for labels: "<since>: <reason>", open until one runs
+LOG_SIZE = "loopline.log_size"  # the prediction log's rows and bytes after the run's prune
+
 
 # Promotion evidence, on the challenger's version, the champion's version and the training run.
 EVIDENCE_INTERVAL = "loopline.evidence.interval"
@@ -107,3 +110,8 @@ def version_metric_tag(metric: str) -> str:
 def training_tag(key: str) -> str:
     """What a retrain started by monitoring reported, on the monitoring run."""
     return f"loopline.training_{key}"
+
+
+def window_tag(source: str) -> str:
+    """Which rows a monitoring run's window of `source` (served, landed) held, in words."""
+    return f"loopline.window.{source}"

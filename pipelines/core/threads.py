@@ -18,8 +18,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SLOTS = Path(tempfile.gettempdir()) / "loopline-training-slots"
 MAX_SLOTS = 64
+
+
+def slots_folder() -> Path:
+    """Where the slots are: one folder per machine (the temp folder's), or the one
+    $LOOPLINE_TRAINING_SLOTS names (trainings that should count only each other)."""
+    return Path(os.environ.get("LOOPLINE_TRAINING_SLOTS") or Path(tempfile.gettempdir()) / "loopline-training-slots")
 
 
 def available_cores() -> int:
@@ -28,8 +33,9 @@ def available_cores() -> int:
 
 
 def _slot_files() -> list[Path]:
-    SLOTS.mkdir(parents=True, exist_ok=True)
-    return [SLOTS / f"slot-{i:02d}.lock" for i in range(MAX_SLOTS)]
+    folder = slots_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    return [folder / f"slot-{i:02d}.lock" for i in range(MAX_SLOTS)]
 
 
 def _held(path: Path) -> bool:

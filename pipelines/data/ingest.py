@@ -89,14 +89,22 @@ def _read_header(path: Path) -> list[str]:
 
 
 def check_columns(
-    path: Path, header: list[str], schema: SchemaConfig, data: DataConfig, keep: tuple[str, ...] = ()
+    path: Path,
+    header: list[str],
+    schema: SchemaConfig,
+    data: DataConfig,
+    keep: tuple[str, ...] = (),
+    declared_schema: SchemaConfig | None = None,
 ) -> None:
-    if data.target not in header:
+    """Every column of `schema` is in the header (the target first, named apart), and every
+    other column of the file is declared (schema, data.drop_columns or `keep`)."""
+    if data.target in schema.columns and data.target not in header:
         raise _fail(path, f"the target column {data.target!r} (data.target) is missing; the file has columns {header}")
+    declared = (declared_schema or schema).columns
     missing = [c for c in schema.columns if c not in header]
     if missing:
         raise _fail(path, f"column(s) {missing} required by schema.columns are missing; the file has columns {header}")
-    extra = [c for c in header if c not in schema.columns and c not in data.drop_columns and c not in keep]
+    extra = [c for c in header if c not in declared and c not in data.drop_columns and c not in keep]
     if extra:
         raise _fail(
             path,
@@ -104,13 +112,21 @@ def check_columns(
         )
 
 
-def read_source(path: str | Path, schema: SchemaConfig, data: DataConfig, keep: tuple[str, ...] = ()) -> Ingested:
-    """`keep`: further columns (such as a request id) read as text beside the schema's."""
+def read_source(
+    path: str | Path,
+    schema: SchemaConfig,
+    data: DataConfig,
+    keep: tuple[str, ...] = (),
+    declared: SchemaConfig | None = None,
+) -> Ingested:
+    """`keep`: further columns (such as a request id) read as text beside the schema's.
+    `declared`: the schema a column must be in to be read (default `schema`, which the file
+    must hold whole; a landed batch of another kind holds part of it)."""
     path = Path(path)
     if not path.is_file():
         raise _fail(path, "no such file (data.source)")
     header = _read_header(path)
-    check_columns(path, header, schema, data, keep)
+    check_columns(path, header, schema, data, keep, declared)
 
     bad_rows: list[dict[str, object]] = []
 
@@ -128,7 +144,7 @@ def read_source(path: str | Path, schema: SchemaConfig, data: DataConfig, keep: 
             parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid_row),
             convert_options=pacsv.ConvertOptions(
                 column_types={c: pa.string() for c in header},
-                include_columns=list(schema.columns) + [c for c in keep if c in header],
+                include_columns=[c for c in (declared or schema).columns if c in header] + [c for c in keep if c in header],
                 strings_can_be_null=True,
             ),
         )

@@ -90,8 +90,23 @@ def _panels(params: Params) -> list[Any]:
             size="half",
         ),
         bar_plot_panel(
+            "Served rows",
+            [
+                loop("served_rows", "served by the champion in monitor.window"),
+                loop("labels_joined", "labelled (label files joined to served answers)"),
+                loop("labels_pending", "labels pending (served, not yet labelled)"),
+            ],
+            description="The served window: what the champion answered, and how much of it has its labels yet",
+            size="half",
+        ),
+        bar_plot_panel(
             "Decisions",
-            [loop("retrain", "retrain"), loop("held_back", "held back"), loop("no_action", "no action")],
+            [
+                loop("retrain", "retrain"),
+                loop("retrain_pending", "retrain pending (waiting for labels)"),
+                loop("held_back", "held back"),
+                loop("no_action", "no action"),
+            ],
             description="What each monitoring run decided",
             stacked=True,
             size="half",
@@ -114,11 +129,18 @@ def project_for(workspace, params: Params):
 def loop_values(result: MonitoringResult, params: Params) -> dict[str, float]:
     """The figures of one monitoring run the dashboard plots beside Evidently's drift."""
     measured, verdict = result.measured, result.verdict
+    served = measured.source("served")
+    served_rows = served.rows if served is not None else 0
+    labelled = measured.live.rows if measured.live is not None else 0
     values = {
         "retrain": float(verdict.outcome == "retrain"),
+        "retrain_pending": float(verdict.outcome == "retrain pending"),
         "held_back": float(verdict.outcome == "held back"),
         "no_action": float(verdict.outcome == "no action"),
         "window_rows": float(measured.window_rows),
+        "served_rows": float(served_rows),
+        "labels_joined": float(sum(f.joined for f in measured.label_files)),
+        "labels_pending": float(max(served_rows - labelled, 0)),
     }
     if measured.drift is not None:
         values["drift_share"] = measured.drift.share
@@ -158,7 +180,8 @@ def add_monitoring_run(params: Params, result: MonitoringResult) -> str:
     if measured.snapshot:
         drift = Snapshot.loads(Path(measured.snapshot).read_text())
         drift._timestamp, drift._tags, drift._metadata = at, [DRIFT_TAG, *tags], metadata
-        workspace.add_run(project.id, drift, name=f"drift {result.at}: {', '.join(measured.window)}")
+        primary = measured.primary
+        workspace.add_run(project.id, drift, name=f"drift {result.at}: {primary.source if primary else ''}")
     values = loop_values(result, params)
     table = pd.DataFrame({k: [v] for k, v in values.items()})
     report = Report([MeanValue(column=c) for c in values])

@@ -69,15 +69,28 @@ def _method(params: Params) -> str:
     return "DLE" if params.data.task == "regression" else "CBPE"
 
 
-def _frame(est: PerformanceEstimator, model, rows: pd.DataFrame) -> pd.DataFrame:
+@dataclass(frozen=True)
+class Served:
+    """What the service answered for a window's rows, as the prediction log holds it: the
+    estimate reads these instead of predicting again."""
+
+    predictions: np.ndarray
+    probabilities: np.ndarray | None = None  # one column per class, in the estimator's class order
+
+
+def _frame(est: PerformanceEstimator, model, rows: pd.DataFrame, served: Served | None = None) -> pd.DataFrame:
     out = rows[est.features].copy()
     for column in est.categorical:  # NannyML encodes object columns as categories
         out[column] = out[column].astype("string").astype(object)
     if est.method == "DLE":
-        out[PREDICTION] = np.asarray(model.predict(rows[est.features]), dtype="float64")
+        predicted = served.predictions if served is not None else model.predict(rows[est.features])
+        out[PREDICTION] = np.asarray(predicted, dtype="float64")
         return out
-    proba = model.predict_proba(rows[est.features])
-    out[PREDICTION] = _labels(est, model.predict(rows[est.features]))
+    if served is not None and served.probabilities is not None:
+        proba, labels = served.probabilities, served.predictions
+    else:
+        proba, labels = model.predict_proba(rows[est.features]), model.predict(rows[est.features])
+    out[PREDICTION] = _labels(est, labels)
     if len(est.classes) == 2:
         out["proba"] = proba[:, 1]
     else:
@@ -143,13 +156,16 @@ def fit_estimator(model, rows: pd.DataFrame, params: Params) -> tuple[Performanc
     return est, f"{method} fitted on {len(frame)} held-out rows ({metric} there {est.reference:.4g})"
 
 
-def estimate(est: PerformanceEstimator, model, window: pd.DataFrame, min_rows: int) -> Estimate:
-    """The metric NannyML estimates on `window` (features only; labels are not read)."""
+def estimate(
+    est: PerformanceEstimator, model, window: pd.DataFrame, min_rows: int, served: Served | None = None
+) -> Estimate:
+    """The metric NannyML estimates on `window` (features only; labels are not read), from
+    the predictions the service logged (`served`) or, without them, the model's now."""
     base = Estimate(est.metric, est.method, None, rows=len(window), reference=est.reference)
     if len(window) < min_rows:
         return _with(base, f"only {len(window)} rows in the window (monitor.min_window_rows {min_rows})")
     try:
-        result = est.estimator.estimate(_frame(est, model, window).reset_index(drop=True))
+        result = est.estimator.estimate(_frame(est, model, window, served).reset_index(drop=True))
         frame = result.filter(period="analysis").to_df()
         value = float(frame[(est.metric, "value")].iloc[-1])
     except Exception as err:  # NannyML raises its own and pandas errors for data it cannot handle

@@ -1,10 +1,17 @@
-"""The prediction log: every served prediction, in one table. The service writes it through
-`PredictionLog` (a writer thread, so the request path only puts rows on a queue);
-monitoring reads it through `read_prediction_log`.
+"""The prediction log: every served prediction, in one table, and the store monitoring reads.
+
+The service writes it through `PredictionLog`: the request path only puts the answered
+records on a queue; a writer thread encodes them and writes each burst in one transaction.
+Monitoring reads it through `read_window` (the rows the champion answered in the served
+window), `read_answers` (the answers a label file's ids or time keys name) and prunes it
+(`prune`, serve.log_retention).
 
 Where it lives (`serve.prediction_log`): a SQLite file (WAL), the default, for one service
 on one machine; or a PostgreSQL DSN (`postgresql://…`), so that several service replicas
-write to one log and monitoring reads them all."""
+write to one log and monitoring reads them all. Both have the same columns, and indexes on
+what monitoring selects by: the request id, the time, and the model version with the time.
+`role` says who answered: the `champion` (what the client got) or a `shadow`.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +22,8 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -28,6 +36,21 @@ if TYPE_CHECKING:
     from pipelines.core.config import Params
 
 log = logging.getLogger("loopline.serving")
+
+CHAMPION_ROLE = "champion"
+LOG_COLUMNS = (
+    "request_id",
+    "ts",
+    "model_name",
+    "model_version",
+    "run_id",
+    "inputs",
+    "prediction",
+    "probabilities",
+    "role",
+)
+READ_COLUMNS = ("request_id", "ts", "model_version", "role", "prediction", "probabilities")
+PRUNE_CHUNK = 20_000  # rows deleted per transaction: the service's writer never waits long
 
 
 class ModelIdentity(Protocol):
@@ -45,9 +68,6 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-LOG_COLUMNS = ("request_id", "ts", "model_name", "model_version", "run_id", "inputs", "prediction", "probabilities")
-
-
 def log_location(params: Params) -> str | Path:
     """serve.prediction_log, else <paths.data>/serving/predictions.db."""
     from pipelines.core.layout import Layout
@@ -59,7 +79,8 @@ def log_location(params: Params) -> str | Path:
 
 
 class _SQLite:
-    INSERT = f"INSERT INTO predictions VALUES ({', '.join('?' * len(LOG_COLUMNS))})"
+    INSERT = f"INSERT INTO predictions ({', '.join(LOG_COLUMNS)}) VALUES ({', '.join('?' * len(LOG_COLUMNS))})"
+    ORDER = "rowid"
 
     def __init__(self, path: Path):
         self.path = path
@@ -71,10 +92,14 @@ class _SQLite:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS predictions (request_id TEXT NOT NULL, ts TEXT NOT NULL, "
                 "model_name TEXT NOT NULL, model_version TEXT NOT NULL, run_id TEXT NOT NULL, "
-                "inputs TEXT NOT NULL, prediction NOT NULL, probabilities TEXT)"
+                "inputs TEXT NOT NULL, prediction NOT NULL, probabilities TEXT, role TEXT NOT NULL DEFAULT 'champion')"
             )
+            known = {row[1] for row in db.execute("PRAGMA table_info(predictions)")}
+            if "role" not in known:  # a log written before roles existed: every row was the champion's
+                db.execute("ALTER TABLE predictions ADD COLUMN role TEXT NOT NULL DEFAULT 'champion'")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_request_id ON predictions (request_id)")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
+            db.execute("CREATE INDEX IF NOT EXISTS predictions_version_ts ON predictions (model_version, ts)")
 
     def connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30)
@@ -85,12 +110,21 @@ class _SQLite:
         with db:
             db.executemany(self.INSERT, rows)
 
+    @staticmethod
+    def field(column: str) -> str:
+        return f'json_extract(inputs, \'$."{column}"\') AS "{column}"'
+
+    @staticmethod
+    def param(n: int) -> str:
+        return ", ".join("?" * n)
+
 
 class _PostgreSQL:
     """One table for every replica. `id` keeps the order rows were written in (SQLite's rowid);
     inputs, prediction and probabilities are JSONB; rows go in with COPY, one per burst."""
 
     COPY = f"COPY predictions ({', '.join(LOG_COLUMNS)}) FROM STDIN"
+    ORDER = "id"
 
     def __init__(self, dsn: str):
         self.dsn = dsn
@@ -102,18 +136,68 @@ class _PostgreSQL:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS predictions (id BIGSERIAL PRIMARY KEY, request_id TEXT NOT NULL, "
                 "ts TEXT NOT NULL, model_name TEXT NOT NULL, model_version TEXT NOT NULL, run_id TEXT NOT NULL, "
-                "inputs JSONB NOT NULL, prediction JSONB NOT NULL, probabilities JSONB)"
+                "inputs JSONB NOT NULL, prediction JSONB NOT NULL, probabilities JSONB, "
+                "role TEXT NOT NULL DEFAULT 'champion')"
             )
+            db.execute("ALTER TABLE predictions ADD COLUMN IF NOT EXISTS role TEXT NOT NULL DEFAULT 'champion'")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_request_id ON predictions (request_id)")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
+            db.execute("CREATE INDEX IF NOT EXISTS predictions_version_ts ON predictions (model_version, ts)")
 
     def connect(self):
         return connect(self.dsn, "prediction log")
 
     def insert(self, db, rows: list[tuple]) -> None:
         with db.transaction(), db.cursor() as cur, cur.copy(self.COPY) as copy:
-            for rid, ts, name, version, run_id, inputs, prediction, probabilities in rows:
-                copy.write_row((rid, ts, name, version, run_id, inputs, json.dumps(prediction), probabilities))
+            for row in rows:
+                copy.write_row(row)
+
+    @staticmethod
+    def field(column: str) -> str:
+        quoted = column.replace('"', '""')
+        return f"inputs -> '{column.replace(chr(39), chr(39) * 2)}' AS \"{quoted}\""
+
+    @staticmethod
+    def param(n: int) -> str:
+        return ", ".join(["%s"] * n)
+
+
+def _store(location: str | Path) -> _SQLite | _PostgreSQL:
+    return _PostgreSQL(str(location)) if is_postgres(location) else _SQLite(Path(location))
+
+
+@dataclass(frozen=True)
+class _Burst:
+    """What one call of `append` hands the writer: encoding happens off the request path."""
+
+    ts: str
+    served: tuple[str, str, str]
+    role: str
+    request_ids: Sequence[str]
+    records: Sequence[dict[str, Any]]
+    predictions: Sequence[Any]
+    probabilities: Sequence[dict[str, float]] | None
+
+    def rows(self, postgres: bool) -> list[tuple]:
+        name, version, run_id = self.served
+        probs = [json.dumps(p) for p in self.probabilities] if self.probabilities is not None else None
+        dump = json.dumps
+        return [
+            (
+                rid,
+                self.ts,
+                name,
+                version,
+                run_id,
+                dump(record),
+                dump(prediction) if postgres else prediction,
+                probs[i] if probs is not None else None,
+                self.role,
+            )
+            for i, (rid, record, prediction) in enumerate(
+                zip(self.request_ids, self.records, self.predictions, strict=True)
+            )
+        ]
 
 
 class PredictionLog:
@@ -121,12 +205,13 @@ class PredictionLog:
     (a SQLite path or a PostgreSQL DSN).
 
     Columns: request_id, ts (UTC ISO), model_name, model_version, run_id, inputs (JSON
-    object of the record), prediction (number or label), probabilities (JSON or NULL). A
-    failed write is logged and its rows counted in `dropped`; the next burst reconnects."""
+    object of the record: features and context fields), prediction (number or label),
+    probabilities (JSON or NULL), role (champion | shadow). A failed write is logged and its
+    rows counted in `dropped`; the next burst reconnects."""
 
     def __init__(self, location: str | Path):
         self.location = location
-        self._store = _PostgreSQL(str(location)) if is_postgres(location) else _SQLite(Path(location))
+        self._store = _store(location)
         try:
             self._store.create()
         except LooplineError:
@@ -147,26 +232,32 @@ class PredictionLog:
         records: Sequence[dict[str, Any]],
         predictions: Sequence[Any],
         probabilities: Sequence[dict[str, float]] | None,
+        role: str = CHAMPION_ROLE,
     ) -> None:
-        ts = utc_now()
-        probs = [json.dumps(p) for p in probabilities] if probabilities is not None else [None] * len(records)
-        rows = [
-            (rid, ts, served.name, served.version, served.run_id, json.dumps(rec), pred, prob)
-            for rid, rec, pred, prob in zip(request_ids, records, predictions, probs, strict=True)
-        ]
-        self._queue.put(rows)
+        """Queue the answers of one call; the writer thread encodes and writes them."""
+        burst = _Burst(
+            utc_now(),
+            (served.name, served.version, served.run_id),
+            role,
+            request_ids,
+            records,
+            predictions,
+            probabilities,
+        )
+        self._queue.put(burst)
 
     def _write_loop(self) -> None:
         db = None
+        postgres = isinstance(self._store, _PostgreSQL)
         while True:
             item = self._queue.get()
-            rows, done = ([], item) if isinstance(item, threading.Event) else (item, None)
+            rows, done = ([], item) if isinstance(item, threading.Event) else (item.rows(postgres), None)
             while done is None and not self._queue.empty() and len(rows) < 50_000:  # one transaction per burst
                 more = self._queue.get()
                 if isinstance(more, threading.Event):
                     done = more
                 else:
-                    rows.extend(more)
+                    rows.extend(more.rows(postgres))
             if rows:
                 try:
                     db = db or self._store.connect()
@@ -200,39 +291,240 @@ def prediction_log_exists(location: str | Path) -> bool:
     return bool(row and row[0])
 
 
-def read_prediction_log(location: str | Path, columns: Sequence[str], since: str | None = None) -> pd.DataFrame:
-    """The prediction log as a frame with one column per input field in `columns` (extracted
-    from the JSON by the database), in the order rows were written, for monitoring."""
-    if not prediction_log_exists(location):
+def _require(location: str | Path) -> _SQLite | _PostgreSQL:
+    """The log's store, or an error naming it: a log that is missing or unreadable is never
+    read as "nothing served"."""
+    try:
+        exists = prediction_log_exists(location)
+    except LooplineError:
+        raise
+    except Exception as err:
+        raise LooplineError(
+            "monitor", f"prediction log {describe(location)} cannot be read: {type(err).__name__}: {err}"
+        ) from None
+    if not exists:
         raise LooplineError(
             "monitor", f"prediction log {describe(location)} does not exist; nothing has been served yet"
         )
-    if is_postgres(location):
-        return _read_postgresql(str(location), columns, since)
-    fields = "".join(f', json_extract(inputs, \'$."{c}"\') AS "{c}"' for c in columns)
-    query = (
-        f"SELECT request_id, ts, model_name, model_version, run_id, prediction, probabilities{fields} FROM predictions"
+    return _store(location)
+
+
+def _query(location: str | Path, sql: str, args: Sequence[Any] = ()) -> pd.DataFrame:
+    store = _require(location)
+    try:
+        if isinstance(store, _SQLite):
+            with sqlite3.connect(store.path, timeout=30) as db:
+                return pd.read_sql_query(sql, db, params=tuple(args))
+        with store.connect() as db, db.cursor() as cur:
+            cur.execute(sql, tuple(args) or None)
+            columns = [d.name for d in cur.description or []]
+            return pd.DataFrame(cur.fetchall(), columns=columns)
+    except LooplineError:
+        raise
+    except Exception as err:  # a damaged file, a lost connection: say which log
+        raise LooplineError(
+            "monitor", f"prediction log {describe(location)} cannot be read: {type(err).__name__}: {err}"
+        ) from None
+
+
+def _select(store: _SQLite | _PostgreSQL, columns: Sequence[str]) -> str:
+    probabilities = "probabilities" if isinstance(store, _SQLite) else "probabilities::text AS probabilities"
+    fixed = ", ".join(c if c != "probabilities" else probabilities for c in READ_COLUMNS)
+    return "SELECT " + ", ".join([fixed, *(store.field(c) for c in columns)]) + " FROM predictions"
+
+
+def read_prediction_log(location: str | Path, columns: Sequence[str], since: str | None = None) -> pd.DataFrame:
+    """The whole prediction log (or the rows since `since`) with one column per input field in
+    `columns`, in the order rows were written."""
+    store = _require(location)
+    where, args = (f" WHERE ts >= {store.param(1)}", [since]) if since is not None else ("", [])
+    return _query(location, _select(store, columns) + where + f" ORDER BY {store.ORDER}", args)
+
+
+@dataclass(frozen=True)
+class ServedWindow:
+    """The rows the champion answered in the served window, and what else was served then."""
+
+    rows: pd.DataFrame  # request_id, ts, model_version, role, prediction, probabilities, the fields asked for
+    start: str | None  # the window's first timestamp (None: no rows)
+    end: str | None
+    others: dict[str, int]  # rows answered by other versions in the same span: reported apart
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+
+def read_window(
+    location: str | Path, columns: Sequence[str], version: str, span: timedelta | int, now: datetime
+) -> ServedWindow:
+    """What the champion `version` answered (role champion) in the `span` up to `now` (a
+    duration: after now - span, up to and with now), or its latest `span` answers (a row
+    count), with the input fields `columns`;
+    rows other versions answered in that time are counted apart. Reads by the (model_version,
+    ts) index: the cost follows the window, not the log."""
+    store = _require(location)
+    select = _select(store, columns)
+    role = f"role = '{CHAMPION_ROLE}'"
+    p = store.param
+    if isinstance(span, timedelta):  # (now - span, now]
+        since, until, after = (
+            (now - span).isoformat(timespec="milliseconds"),
+            now.isoformat(timespec="milliseconds"),
+            ">",
+        )
+        rows = _query(
+            location,
+            f"{select} WHERE model_version = {p(1)} AND {role} AND ts > {p(1)} AND ts <= {p(1)} ORDER BY {store.ORDER}",
+            [version, since, until],
+        )
+    else:  # the latest `span` answers up to now
+        newest_first = _query(
+            location,
+            f"{select} WHERE model_version = {p(1)} AND {role} AND ts <= {p(1)} ORDER BY {store.ORDER} DESC LIMIT {int(span)}",
+            [version, now.isoformat(timespec="milliseconds")],
+        )
+        rows = newest_first.iloc[::-1].reset_index(drop=True)
+        since, until, after = (str(rows["ts"].iloc[0]), str(rows["ts"].iloc[-1]), ">=") if len(rows) else ("", "", "")
+    if rows.empty:
+        return ServedWindow(rows, None, None, {})
+    counted = _query(
+        location,
+        f"SELECT model_version, count(*) AS n FROM predictions WHERE {role} AND model_version <> {p(1)} "
+        f"AND ts {after} {p(1)} AND ts <= {p(1)} GROUP BY model_version",
+        [version, since, until],
     )
-    args: tuple = ()
-    if since is not None:
-        query, args = query + " WHERE ts >= ?", (since,)
-    with sqlite3.connect(location, timeout=30) as db:
-        return pd.read_sql_query(query + " ORDER BY rowid", db, params=args)
+    others = {str(v): int(n) for v, n in zip(counted["model_version"], counted["n"], strict=True)}
+    return ServedWindow(rows, str(rows["ts"].min()), str(rows["ts"].max()), others)
 
 
-def _read_postgresql(dsn: str, columns: Sequence[str], since: str | None) -> pd.DataFrame:
-    from psycopg import sql
+def read_answers(
+    location: str | Path,
+    columns: Sequence[str],
+    request_ids: Sequence[str] = (),
+    key: str | None = None,
+    key_values: Sequence[Any] = (),
+) -> pd.DataFrame:
+    """The champion's answers (role champion) to the given request ids, or to the requests
+    whose input field `key` took one of `key_values`, with the input fields `columns`, in the
+    order written: what a label file is joined to."""
+    store = _require(location)
+    select, p = _select(store, columns), store.param
+    frames = []
+    role = f"role = '{CHAMPION_ROLE}'"
+    ids = list(dict.fromkeys(str(i) for i in request_ids))
+    for start in range(0, len(ids), 900):  # SQLite binds at most 999 values per statement
+        chunk = ids[start : start + 900]
+        frames.append(_query(location, f"{select} WHERE {role} AND request_id IN ({p(len(chunk))})", chunk))
+    if key is not None and len(key_values):
+        values = list(dict.fromkeys(v.item() if hasattr(v, "item") else v for v in key_values))
+        extract = store.field(key).split(" AS ")[0]
+        if isinstance(store, _PostgreSQL):  # JSONB as text: 45, or "label" with its quotes
+            extract = f"({extract})::text"
+            values = [json.dumps(v) for v in values]
+        for start in range(0, len(values), 900):
+            chunk = values[start : start + 900]
+            frames.append(_query(location, f"{select} WHERE {role} AND {extract} IN ({p(len(chunk))})", chunk))
+    if not frames:
+        return _query(location, f"{select} WHERE 1 = 0")
+    return pd.concat(frames, ignore_index=True).drop_duplicates(subset=["request_id", "ts", "model_version"])
 
-    query = sql.SQL(
-        "SELECT request_id, ts, model_name, model_version, run_id, prediction, probabilities::text AS probabilities"
-        "{fields} FROM predictions {where} ORDER BY id"
-    ).format(
-        fields=sql.SQL("").join(
-            sql.SQL(", inputs -> {} AS {}").format(sql.Literal(c), sql.Identifier(c)) for c in columns
-        ),
-        where=sql.SQL("WHERE ts >= %s" if since is not None else ""),
-    )
-    with _PostgreSQL(dsn).connect() as db, db.cursor() as cur:
-        cur.execute(query, (since,) if since is not None else None)
-        names = [d.name for d in cur.description or []]
-        return pd.DataFrame(cur.fetchall(), columns=names)
+
+def wait_for_answers(location: str | Path, request_ids: Sequence[str], timeout: float = 30.0) -> None:
+    """Until the log holds an answer to every request id: a service writes its log from a
+    background thread, after the response has gone out."""
+    import time
+
+    store, wanted = _require(location), list(dict.fromkeys(str(i) for i in request_ids))
+    deadline = time.monotonic() + timeout
+    while True:
+        found = 0
+        for start in range(0, len(wanted), 900):  # SQLite binds at most 999 values per statement
+            chunk = wanted[start : start + 900]
+            sql = f"SELECT count(DISTINCT request_id) AS n FROM predictions WHERE request_id IN ({store.param(len(chunk))})"
+            found += int(_query(location, sql, chunk)["n"].iloc[0])
+        if found == len(wanted):
+            return
+        if time.monotonic() > deadline:
+            raise LooplineError(
+                "monitor",
+                f"prediction log {describe(location)} holds {found} of {len(wanted)} answers after {timeout:g} s",
+            )
+        time.sleep(0.1)
+
+
+def retime(location: str | Path, request_ids: Sequence[str], times: Sequence[datetime]) -> int:
+    """Set the logged time of each request id's rows (every role) to the time given for it:
+    the replay serves 2011 now and files each answer under the hour it replays, so that
+    monitoring's served window (a span before the decision time) finds it. Returns the rows
+    changed."""
+    store = _require(location)
+    rows = [
+        (t.astimezone(UTC).isoformat(timespec="milliseconds"), str(i)) for i, t in zip(request_ids, times, strict=True)
+    ]
+    db: Any = store.connect()
+    try:
+        if isinstance(store, _SQLite):
+            with db:
+                return db.executemany("UPDATE predictions SET ts = ? WHERE request_id = ?", rows).rowcount
+        with db.transaction(), db.cursor() as cur:
+            cur.executemany("UPDATE predictions SET ts = %s WHERE request_id = %s", rows)
+            return cur.rowcount
+    finally:
+        _close(db)
+
+
+@dataclass(frozen=True)
+class LogSize:
+    rows: int
+    bytes: int | None  # the file (SQLite) or the table with its indexes (PostgreSQL)
+    pruned: int = 0  # rows this monitoring run removed (serve.log_retention)
+
+    def describe(self) -> str:
+        size = f", {self.bytes / 1e6:.1f} MB" if self.bytes is not None else ""
+        pruned = f"; {self.pruned} rows older than serve.log_retention pruned" if self.pruned else ""
+        return f"{self.rows} rows{size}{pruned}"
+
+
+def log_size(location: str | Path) -> LogSize:
+    store = _require(location)
+    rows = int(_query(location, "SELECT count(*) AS n FROM predictions")["n"].iloc[0])
+    if isinstance(store, _SQLite):
+        files = [store.path, store.path.with_name(store.path.name + "-wal")]
+        return LogSize(rows, sum(f.stat().st_size for f in files if f.is_file()))
+    size = _query(location, "SELECT pg_total_relation_size('predictions') AS b")["b"].iloc[0]
+    return LogSize(rows, int(size))
+
+
+def prune(location: str | Path, before: datetime, keep_since: datetime | None = None) -> int:
+    """Delete the rows written before `before` (serve.log_retention), never those at or after
+    `keep_since` (the current window, rows a pending retrain waits on labels for), in
+    transactions of PRUNE_CHUNK rows so that the service's writer waits for none long.
+    Returns how many rows went."""
+    store = _require(location)
+    limit = before if keep_since is None else min(before, keep_since)
+    cutoff = limit.isoformat(timespec="milliseconds")
+    removed = 0
+    db: Any = store.connect()
+    try:
+        while True:
+            if isinstance(store, _SQLite):
+                with db:
+                    cursor = db.execute(
+                        "DELETE FROM predictions WHERE rowid IN "
+                        f"(SELECT rowid FROM predictions WHERE ts < ? ORDER BY ts LIMIT {PRUNE_CHUNK})",
+                        (cutoff,),
+                    )
+                gone = cursor.rowcount
+            else:
+                with db.transaction():
+                    gone = db.execute(
+                        "DELETE FROM predictions WHERE id IN "
+                        f"(SELECT id FROM predictions WHERE ts < %s ORDER BY ts LIMIT {PRUNE_CHUNK})",
+                        (cutoff,),
+                    ).rowcount
+            removed += max(gone, 0)
+            if gone < PRUNE_CHUNK:
+                return removed
+    finally:
+        _close(db)

@@ -1,13 +1,17 @@
 """One monitoring run's work, as the monitoring flow's tasks call it:
 
-- `measure`: the latest window of accepted batches against the champion's reference rows
-  (drift, prediction drift), the live metric of served predictions that have ground truth,
-  and how many rows no training has seen;
+- `measure`: each source of observed rows against the champion's reference, as a window of
+  its own: the **served** window (what the champion answered in `monitor.window`, read from
+  the prediction log, with the predictions it gave) and the **landed** window (the latest
+  batches that landed with features); the labelled rows (labels joined to served answers by
+  id or time key: the live metric; the rest scored now: the offline metric); how many
+  labelled rows no training has seen; a retrain still pending for labels;
 - `record`: the run in the monitoring experiment (decision and reasons as tags, scores as
-  metrics, the Evidently report as an artifact).
+  metrics per source, the Evidently reports as artifacts).
 
-State between runs (last retrain, data the last training saw) is read from MLflow. Results
-are dataclasses with one renderer (`render_monitoring`) for the CLI and the Prefect artifact.
+State between runs (last retrain, a pending retrain, data the last training saw) is read
+from MLflow. Results are dataclasses with one renderer (pipelines/monitoring/report.py) for
+the CLI and the Prefect artifact.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+import numpy as np
 import pandas as pd
 
 from pipelines.core import names
@@ -27,11 +32,33 @@ from pipelines.core.layout import Layout
 from pipelines.data.arrivals import BatchOutcome
 from pipelines.monitoring.drift import Drift
 from pipelines.monitoring.estimate import Estimate
-from pipelines.monitoring.labels import LiveMetric
+from pipelines.monitoring.labels import LabelFeed, LabelFile, LiveMetric
 from pipelines.monitoring.policy import Verdict
+from pipelines.monitoring.prediction_log import LogSize
 
-if TYPE_CHECKING:
-    from pipelines.core.alerts import Alert
+Source = Literal["served", "landed"]
+
+
+@dataclass(frozen=True)
+class Window:
+    """One source of observed rows, measured against the champion's reference on its own."""
+
+    source: Source
+    what: str  # which rows, in words
+    rows: int = 0
+    status: Literal["measured", "not enough rows", "no rows"] = "no rows"
+    detail: str = ""  # why it was not measured
+    drift: Drift | None = None  # without its HTML, which is in `report`
+    estimate: Estimate | None = None
+    report: str = ""  # the Evidently report's path
+    snapshot: str = ""  # the same report as an Evidently snapshot (JSON), for the dashboard
+    earlier: dict[str, int] = field(default_factory=dict)  # served: rows earlier versions answered meanwhile
+    start: str | None = None  # served: the time of the window's first row
+    files: list[str] = field(default_factory=list)  # landed: the batches
+
+    @property
+    def measured(self) -> bool:
+        return self.status == "measured"
 
 
 @dataclass(frozen=True)
@@ -42,18 +69,51 @@ class Measurement:
     champion_run: str | None = None
     champion_metric: float | None = None  # its test metric, as registered
     metric: str = ""
-    window: list[str] = field(default_factory=list)  # the accepted batches measured
-    window_rows: int = 0
+    windows: list[Window] = field(default_factory=list)
     reference_rows: int = 0
-    drift: Drift | None = None  # without its HTML, which is in `report`
-    live: LiveMetric | None = None  # served predictions on labelled rows
+    live: LiveMetric | None = None  # the champion's served predictions on labelled rows
+    earlier: dict[str, LiveMetric] = field(default_factory=dict)  # ... earlier versions', apart
     offline: LiveMetric | None = None  # the champion on labelled rows nothing served answers
     labels: str = ""  # why a labelled measurement is missing ("no labels in window", too few rows)
-    estimate: Estimate | None = None  # NannyML's label-free estimate (or why there is none)
-    new_rows: int = 0  # rows no training has seen
-    report: str = ""  # the Evidently report's path
-    snapshot: str = ""  # the same report as an Evidently snapshot (JSON), for the dashboard
+    label_files: list[LabelFile] = field(default_factory=list)  # the label feed of this run
+    new_rows: int = 0  # labelled rows no training has seen
+    pending: str = ""  # an open pending retrain: "<since>: <reason>"
+    log: LogSize | None = None  # the prediction log's size after this run's prune
     seconds: float = 0.0
+
+    @property
+    def primary(self) -> Window | None:
+        """The window the loop's history charts (the dashboard, the replay): the served one
+        when it was measured, else the landed one."""
+        return next((w for w in self.windows if w.measured), None)
+
+    @property
+    def drift(self) -> Drift | None:
+        return self.primary.drift if self.primary else None
+
+    @property
+    def estimate(self) -> Estimate | None:
+        return self.primary.estimate if self.primary else None
+
+    @property
+    def window_rows(self) -> int:
+        return self.primary.rows if self.primary else max((w.rows for w in self.windows), default=0)
+
+    @property
+    def report(self) -> str:
+        return self.primary.report if self.primary else ""
+
+    @property
+    def snapshot(self) -> str:
+        return self.primary.snapshot if self.primary else ""
+
+    @property
+    def window(self) -> list[str]:
+        """The landed batches measured (the landed window's files)."""
+        return next((w.files for w in self.windows if w.source == "landed"), [])
+
+    def source(self, name: Source) -> Window | None:
+        return next((w for w in self.windows if w.source == name), None)
 
 
 @dataclass(frozen=True)
@@ -79,82 +139,6 @@ class MonitoringResult:
     training: Retrain | None = None
 
 
-def _cached_path(run_id: str, artifact: str, params: Params) -> Path:
-    return Layout.of(params).monitoring / "reference" / f"{run_id}-{Path(artifact).name}"
-
-
-def _artifact(client, run_id: str, artifact: str, params: Params, required: bool = True) -> Path | None:
-    """One of the files logged beside the champion's model, downloaded once per run id."""
-    import tempfile
-
-    from pipelines.core.storage import atomic_path
-
-    cached = _cached_path(run_id, artifact, params)
-    if not cached.is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
-                local = client.download_artifacts(run_id, artifact, tmp)
-                with atomic_path(cached) as target:
-                    Path(local).replace(target)
-        except Exception as err:  # MLflow raises several types for a missing artifact
-            if not required:
-                return None
-            raise LooplineError(
-                "monitor",
-                f"the champion's run {run_id} has no {artifact} (trained before loopline logged it?): {err}",
-            ) from None
-    return cached
-
-
-def reference_rows(client, run_id: str, params: Params) -> pd.DataFrame:
-    """The champion's training rows."""
-    path = _artifact(client, run_id, names.REFERENCE_ARTIFACT, params)
-    assert path is not None
-    return pd.read_parquet(path)
-
-
-def champion_drift_reference(client, run_id: str, model, params: Params) -> pd.DataFrame:
-    """What drift compares the window with (monitor.drift_reference): the profile logged at
-    training, or, for a champion trained with another monitor.reference_profile_rows (or
-    before profiles), one made from its reference rows now and kept in the monitoring
-    workspace under the same name, so the next run reads it."""
-    from pipelines.core.storage import atomic_path
-    from pipelines.monitoring.drift import drift_reference
-
-    rows = params.monitor.reference_profile_rows
-    if not rows:
-        return drift_reference(reference_rows(client, run_id, params), model, params)
-    artifact = names.profile_artifact(rows)
-    path = _artifact(client, run_id, artifact, params, required=False)
-    if path is None:
-        profile = drift_reference(reference_rows(client, run_id, params), model, params)
-        path = _cached_path(run_id, artifact, params)
-        with atomic_path(path) as target:
-            profile.to_parquet(target, index=False)
-        return profile
-    return pd.read_parquet(path)
-
-
-def champion_importance(client, run_id: str, params: Params) -> dict[str, float] | None:
-    """The champion's permutation importance per feature (None: logged before loopline kept it)."""
-    import json
-
-    path = _artifact(client, run_id, names.IMPORTANCE_ARTIFACT, params, required=False)
-    return json.loads(path.read_text()) if path is not None else None
-
-
-def champion_estimator(client, run_id: str, params: Params):
-    """The champion's fitted NannyML estimator, or why there is none."""
-    from pipelines.monitoring.estimate import loads_estimator
-
-    path = _artifact(client, run_id, names.ESTIMATOR_ARTIFACT, params, required=False)
-    if path is not None:
-        return loads_estimator(path.read_bytes()), ""
-    why = client.get_run(run_id).data.tags.get(names.ESTIMATE, "the champion was trained without one")
-    return None, f"no performance estimator: {why}"
-
-
 def last_training_arrival(client, experiment_id: str) -> str | None:
     """The last accepted batch the newest training run read (None: no training run says)."""
     for run in client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=20):
@@ -173,91 +157,26 @@ def last_retrain(client, experiment_id: str) -> datetime | None:
     return datetime.fromisoformat(runs[0].data.tags[names.AT]) if runs else None
 
 
-def measure(params: Params) -> Measurement:
-    """Drift of the latest window against the champion's reference, the live metric of the
-    served predictions that have ground truth, and how many rows no training has seen."""
-    from pipelines.core.names import CHAMPION
-    from pipelines.core.storage import write_text
-    from pipelines.data.arrivals import typed_rows
-    from pipelines.data.ingest import arrival_files, read_arrivals
-    from pipelines.monitoring.drift import PREDICTION, REFERENCE_ROWS, measure_drift
-    from pipelines.monitoring.labels import labelled_metrics
-    from pipelines.monitoring.prediction_log import log_location, prediction_log_exists, read_prediction_log
-    from pipelines.registry.champion import alias_version
-    from pipelines.registry.tracking import client_for, load_model_version
-
-    layout = Layout.of(params)
-    client, training_id = client_for(params)
-    name = params.tracking.model_name
-    version = alias_version(client, name, CHAMPION)
-    if version is None:
-        return Measurement("no champion", f"{name} has no champion yet: run `loopline train`")
-    files = arrival_files(layout.arrivals)
-    if not files:
-        return Measurement("no data", f"no accepted batch in {layout.arrivals} yet")
-    started = time.perf_counter()
-    window_files = files[-params.monitor.window_batches :]
-    id_column = [params.monitor.id_column] if params.monitor.id_column else []
-    window = typed_rows(read_arrivals(window_files, [*params.table_schema.columns, *id_column]), params)
-    champion = client.get_model_version(name, version)
-    if len(window) < params.monitor.min_window_rows:
-        return Measurement(
-            "not enough rows",
-            f"the window ({', '.join(f.name for f in window_files)}) has {len(window)} rows, fewer than "
-            f"monitor.min_window_rows {params.monitor.min_window_rows}: too few to measure drift or estimate",
-            champion=version,
-            window_rows=len(window),
-        )
-    model, meta = load_model_version(client, name, version)
-    reference = champion_drift_reference(client, champion.run_id, model, params)
-    window[PREDICTION] = model.predict(window[params.features.columns])
-    drift = measure_drift(reference, window, params, champion_importance(client, champion.run_id, params))
-    estimate = None
-    if params.monitor.estimate_performance:
-        estimate = _estimate(client, champion.run_id, model, window, params)
-    report = layout.monitoring / "reports" / f"{datetime.now(UTC):%Y%m%dT%H%M%S%f}-v{version}.html"
-    write_text(drift.html, report)
-    snapshot = report.with_suffix(".json")
-    write_text(drift.snapshot, snapshot)
-
-    served_log = log_location(params)
-    log = (
-        read_prediction_log(served_log, params.monitor.time_key)
-        if prediction_log_exists(served_log)
-        else pd.DataFrame(columns=["request_id", "model_version", PREDICTION])
+def open_pending(client, experiment_id: str) -> str:
+    """The pending retrain still open ("<since>: <reason>"): the newest run that decided to
+    retrain left it pending, and none has retrained since. Empty when there is none."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{names.DECISION}` LIKE 'retrain%'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
     )
-    labelled = labelled_metrics(window, log, params, meta["baseline"], champion=version)
-    metric, _ = params.metric
-    tested = champion.tags.get(names.version_metric_tag(metric))
-    seen = last_training_arrival(client, training_id)
-    since = [f for f in files if seen is None or seen == "none" or f.name > seen]
-    return Measurement(
-        "measured",
-        champion=version,
-        champion_run=champion.run_id,
-        champion_metric=float(tested) if tested is not None else None,
-        metric=metric,
-        window=[f.name for f in window_files],
-        window_rows=len(window),
-        reference_rows=int(reference.attrs.get(REFERENCE_ROWS, len(reference))),
-        drift=replace(drift, html="", snapshot=""),
-        live=labelled.live,
-        offline=labelled.offline,
-        labels=labelled.note,
-        estimate=estimate,
-        new_rows=new_rows(since, params),
-        report=str(report.resolve()),
-        snapshot=str(snapshot.resolve()),
-        seconds=round(time.perf_counter() - started, 3),
-    )
+    if not runs or runs[0].data.tags.get(names.DECISION) != "retrain pending":
+        return ""
+    return runs[0].data.tags.get(names.PENDING, "")
 
 
 def new_rows(files: list[Path], params: Params) -> int:
-    """Rows of the batches accepted since the last training that no training has seen: not
-    equal, on the features and the target, to a row of the latest splits (the test the
-    promotion's recent-row evidence uses), each distinct row counted once. A batch of hours a
-    model already trained on is not new data."""
-    from pipelines.core.errors import LooplineError
+    """Labelled rows of the batches stored since the last training (landed with their target,
+    or labels joined to served answers) that no training has seen: not equal, on the features
+    and the target, to a row of the latest splits (the test the promotion's recent-row
+    evidence uses), each distinct row counted once. A batch of hours a model already trained
+    on is not new data."""
     from pipelines.data.arrivals import typed_rows
     from pipelines.data.ingest import read_arrivals
     from pipelines.data.split import SPLITS, read_split
@@ -276,212 +195,277 @@ def new_rows(files: list[Path], params: Params) -> int:
     return len(unseen(rows, seen, columns).drop_duplicates(subset=columns))
 
 
-def _estimate(client, run_id: str, model, window: pd.DataFrame, params: Params) -> Estimate:
-    from pipelines.monitoring.estimate import estimate
+class _Champion:
+    """The champion and what monitoring reads beside it, loaded once per run, when a window
+    first needs it."""
 
-    estimator, why = champion_estimator(client, run_id, params)
-    if estimator is None:
-        metric, _ = params.metric
-        return Estimate(metric, "DLE" if params.data.task == "regression" else "CBPE", None, why, len(window))
-    return estimate(estimator, model, window, params.monitor.min_window_rows)
+    def __init__(self, client, params: Params, version: str):
+        self.client, self.params, self.version = client, params, version
+        self.mv = client.get_model_version(params.tracking.model_name, version)
+        self._model: tuple | None = None
+        self._reference: pd.DataFrame | None = None
 
+    @property
+    def model(self):
+        return self.loaded[0]
 
-def _metrics(measured: Measurement) -> dict[str, float]:
-    if measured.drift is None:
-        return {}
-    drift, metric = measured.drift, measured.metric
-    values = {
-        "drift_share": drift.share,
-        "weighted_drift_share": drift.weighted_share,
-        "prediction_drift_score": drift.prediction_score,
-        "window_rows": measured.window_rows,
-        "new_rows": measured.new_rows,
-        **{f"drift_score.{c}": v for c, v in drift.scores.items()},
-        **{f"drift_weight.{c}": v for c, v in drift.weights.items()},
-    }
-    if measured.champion_metric is not None:
-        values[f"champion_test_{metric}"] = measured.champion_metric
-    if measured.live is not None:
-        values |= {
-            f"live_{metric}": measured.live.value,
-            f"live_baseline_{metric}": measured.live.baseline,
-            "live_rows": measured.live.rows,
-            "live_rows_by_id": measured.live.by_id,
-            "live_rows_by_time": measured.live.by_time,
-        }
-    if measured.offline is not None:
-        values |= {
-            f"offline_{metric}": measured.offline.value,
-            f"offline_baseline_{metric}": measured.offline.baseline,
-            "offline_rows": measured.offline.rows,
-        }
-    estimate = measured.estimate
-    if estimate is not None and estimate.value is not None:
-        values[f"estimated_{metric}"] = estimate.value
-    if estimate is not None and estimate.reference is not None:
-        values[f"estimator_reference_{metric}"] = estimate.reference
-    return values
+    @property
+    def loaded(self) -> tuple:
+        if self._model is None:
+            from pipelines.registry.tracking import load_model_version
 
+            self._model = load_model_version(self.client, self.params.tracking.model_name, self.version)
+        return self._model
 
-def record(params: Params, result: MonitoringResult) -> str:
-    """One run in the monitoring experiment: drift scores, live metrics, decision and reasons
-    as tags, the Evidently report as an artifact. Returns its run id."""
-    from pipelines.registry.tracking import client_for, log_dict_batch, monitoring_experiment
+    @property
+    def reference(self) -> pd.DataFrame:
+        if self._reference is None:
+            from pipelines.monitoring.reference import champion_drift_reference
 
-    client, experiment_id = client_for(params, monitoring_experiment(params))
-    measured, verdict = result.measured, result.verdict
-    tags = {
-        names.DECISION: verdict.outcome,
-        names.REASON: verdict.reason()[:5000],
-        names.AT: result.at,
-        names.STATUS: measured.status,
-        names.BATCHES: ", ".join(b.file for b in result.batches) or "none",
-        names.REJECTED: ", ".join(b.file for b in result.batches if b.status == "rejected") or "none",
-    }
-    if measured.drift is not None:
-        tags |= {
-            names.CHAMPION_VERSION: measured.champion or "",
-            names.WINDOW: ", ".join(measured.window),
-            names.DRIFTED: ", ".join(measured.drift.drifted) or "none",
-            names.ESTIMATE: _describe_estimate(measured.estimate, measured.champion_metric)[:5000],
-            names.LABELS: _describe_labelled(measured)[:5000],
-        }
-    metrics = {
-        "batches_accepted": sum(b.status == "accepted" for b in result.batches),
-        "batches_rejected": sum(b.status == "rejected" for b in result.batches),
-        **_metrics(measured),
-    }
-    run = client.create_run(experiment_id, run_name=f"monitoring-{result.at}", tags=tags)
-    log_dict_batch(client, run.info.run_id, metrics=metrics)
-    if measured.report:
-        client.log_artifact(run.info.run_id, measured.report, "drift")
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+            self._reference = champion_drift_reference(self.client, self.mv.run_id, self.model, self.params)
+        return self._reference
+
+    def importance(self) -> dict[str, float] | None:
+        from pipelines.monitoring.reference import champion_importance
+
+        return champion_importance(self.client, self.mv.run_id, self.params)
+
+    def estimate(self, rows: pd.DataFrame, served) -> Estimate:
+        from pipelines.monitoring.estimate import estimate
+        from pipelines.monitoring.reference import champion_estimator
+
+        estimator, why = champion_estimator(self.client, self.mv.run_id, self.params)
+        if estimator is None:
+            metric, _ = self.params.metric
+            return Estimate(metric, "DLE" if self.params.data.task == "regression" else "CBPE", None, why, len(rows))
+        return estimate(estimator, self.model, rows, self.params.monitor.min_window_rows, served)
 
 
-def record_retrain(params: Params, run_id: str, retrain: Retrain) -> None:
-    """What the retrain came to, as tags on the monitoring run that started it."""
-    from pipelines.registry.tracking import client_for, monitoring_experiment
+def _measure_rows(
+    champion: _Champion, source: Source, what: str, rows: pd.DataFrame, served, at: datetime, **extra
+) -> Window:
+    """Drift of `rows` (features and `prediction`) against the champion's reference, and the
+    label-free estimate, as the window of `source`; its Evidently report written."""
+    from pipelines.core.storage import write_text
+    from pipelines.monitoring.drift import measure_drift
 
-    client, _ = client_for(params, monitoring_experiment(params))
-    for key, value in vars(retrain).items():
-        if value is not None:
-            client.set_tag(run_id, names.training_tag(key), str(value)[:5000])
-
-
-def _describe_labelled(measured: Measurement) -> str:
-    """Which labelled rows were measured how, in one line."""
-    metric = measured.metric
-    tested = f"{measured.champion_metric:.4f}" if measured.champion_metric is not None else "unknown"
-    parts = []
-    if measured.live is not None:
-        live = measured.live
-        parts.append(
-            f"live {metric} {live.value:.4f} on {live.rows} labelled served predictions ({live.by_id} joined by "
-            f"request id, {live.by_time} by time key; naive baseline {live.baseline:.4f})"
+    params = champion.params
+    if len(rows) < params.monitor.min_window_rows:
+        detail = (
+            f"{len(rows)} rows, fewer than monitor.min_window_rows {params.monitor.min_window_rows}: "
+            "too few to measure drift or estimate"
         )
-    if measured.offline is not None:
-        off = measured.offline
-        parts.append(
-            f"offline {metric} {off.value:.4f} on {off.rows} labelled rows no served prediction answers, "
-            f"scored by champion v{measured.champion} (naive baseline {off.baseline:.4f})"
-        )
-    if measured.labels:
-        parts.append(measured.labels)
-    if not parts:
-        return "no labelled rows in the window"
-    return "; ".join(parts) + f"; champion's test {metric} {tested}"
-
-
-def _describe_estimate(estimate: Estimate | None, champion_metric: float | None) -> str:
-    if estimate is None:
-        return "not estimated (monitor.estimate_performance is false)"
-    if estimate.value is None:
-        return f"no {estimate.method} estimate of {estimate.metric}: {estimate.detail}; drift and labels only"
-    tested = f"{champion_metric:.4f}" if champion_metric is not None else "unknown"
-    return (
-        f"{estimate.method} estimates {estimate.metric} {estimate.value:.4f} on {estimate.rows} rows without labels "
-        f"(champion's test {estimate.metric} {tested}; {estimate.reference:.4f} on the rows it was fitted on)"
+        return Window(source, what, len(rows), "not enough rows", detail, **extra)
+    drift = measure_drift(champion.reference, rows, params, champion.importance())
+    estimate = champion.estimate(rows, served) if params.monitor.estimate_performance else None
+    report = (
+        Layout.of(params).monitoring
+        / "reports"
+        / f"{datetime.now(UTC):%Y%m%dT%H%M%S%f}-v{champion.version}-{source}.html"
+    )
+    write_text(drift.html, report)
+    snapshot = report.with_suffix(".json")
+    write_text(drift.snapshot, snapshot)
+    return Window(
+        source,
+        what,
+        len(rows),
+        "measured",
+        drift=replace(drift, html="", snapshot=""),
+        estimate=estimate,
+        report=str(report.resolve()),
+        snapshot=str(snapshot.resolve()),
+        **extra,
     )
 
 
-def render_monitoring(result: MonitoringResult) -> str:
-    """The monitoring flow's result as Markdown that also reads as plain text: the CLI prints
-    it, the Prefect artifact shows it."""
-    measured, verdict = result.measured, result.verdict
-    blocks = ["  \n".join(f"batch {b.file}: {b.describe()}" for b in result.batches)]
-    if measured.drift is None:
-        blocks.append(measured.detail)
+def _served_window(champion: _Champion, location, at: datetime) -> tuple[Window, pd.DataFrame]:
+    """What the champion answered in monitor.window before `at`, from the prediction log."""
+    from pipelines.core.postgres import describe
+    from pipelines.core.spans import describe_span, parse_span
+    from pipelines.monitoring.drift import PREDICTION
+    from pipelines.monitoring.prediction_log import prediction_log_exists, read_window
+
+    params = champion.params
+    span = parse_span(params.monitor.window)
+    if not prediction_log_exists(location):
+        what = f"nothing served yet: the prediction log {describe(location)} does not exist"
+        return Window("served", what, detail=what), pd.DataFrame()
+    window = read_window(location, params.features.columns, champion.version, span, at)
+    rows = window.rows
+    what = f"{len(rows)} rows served by v{champion.version} " + (
+        f"in the {describe_span(span)} to {at:%Y-%m-%d %H:%M}"
+        if not isinstance(span, int)
+        else f"up to {at:%Y-%m-%d %H:%M}, its latest (monitor.window {span})"
+    )
+    if window.others:
+        what += " (" + ", ".join(f"{n} by v{v}" for v, n in sorted(window.others.items())) + ", reported apart)"
+    if rows.empty:
+        return Window("served", what, detail=what, earlier=window.others), rows
+    typed = _typed_inputs(rows, params)
+    served = _served(rows, typed, params)
+    typed[PREDICTION] = served.predictions
+    return _measure_rows(champion, "served", what, typed, served, at, earlier=window.others, start=window.start), rows
+
+
+def _typed_inputs(rows: pd.DataFrame, params: Params) -> pd.DataFrame:
+    """Logged inputs as the model reads them: numbers as float64, labels as strings."""
+    out = {}
+    for column in params.features.columns:
+        if params.table_schema.columns[column].type == "category":
+            out[column] = rows[column].astype(object).where(rows[column].notna(), None)
+        else:
+            out[column] = pd.to_numeric(rows[column], errors="coerce").astype("float64")
+    return pd.DataFrame(out, index=rows.index)
+
+
+def _served(rows: pd.DataFrame, typed: pd.DataFrame, params: Params):
+    """The predictions (and class probabilities) the log holds for `rows`."""
+    import json
+
+    from pipelines.monitoring.estimate import Served
+
+    if params.data.task == "regression":
+        return Served(pd.to_numeric(rows["prediction"]).to_numpy(dtype="float64"))
+    predictions = rows["prediction"].map(lambda v: json.loads(v) if isinstance(v, str) and v.startswith('"') else v)
+    probabilities = None
+    if rows["probabilities"].notna().all():
+        parsed = [json.loads(p) for p in rows["probabilities"]]
+        classes = list(parsed[0])
+        probabilities = np.array([[p[c] for c in classes] for p in parsed], dtype="float64")
+    return Served(np.asarray(predictions.astype(str)), probabilities)
+
+
+def _landed_window(champion: _Champion, layout: Layout, at: datetime) -> tuple[Window, pd.DataFrame]:
+    """The latest monitor.window_batches batches that landed with features (with or without
+    their target), scored by the champion now."""
+    from pipelines.data.arrivals import stored_files, stored_kind, typed_rows
+    from pipelines.data.ingest import read_arrivals
+    from pipelines.monitoring.drift import PREDICTION
+
+    params = champion.params
+    landed = [f for f in stored_files(layout.arrivals) if stored_kind(f) == "full"] + stored_files(layout.observed)
+    files = sorted(landed, key=lambda f: f.name)[-params.monitor.window_batches :]
+    if not files:
+        return Window("landed", "no batch landed with features", detail="no batch landed with features"), pd.DataFrame()
+    id_column = [params.monitor.id_column] if params.monitor.id_column else []
+    text = read_arrivals(files, [*params.table_schema.columns, *id_column])
+    present = [c for c in params.table_schema.columns if text.column(c).null_count < text.num_rows]
+    rows = typed_rows(text.select([*present, *[c for c in id_column if c in text.column_names]]), params, present)
+    what = f"{', '.join(f.name for f in files)} ({len(rows)} rows)"
+    if rows.empty:
+        return Window("landed", what, files=[f.name for f in files]), rows
+    rows[PREDICTION] = champion.model.predict(rows[params.features.columns])
+    window = _measure_rows(champion, "landed", what, rows, None, at, files=[f.name for f in files])
+    return window, rows
+
+
+def _answers_for(rows: pd.DataFrame, location, params: Params) -> pd.DataFrame:
+    """The logged answers the landed rows' ids or time keys name (only those, not the log)."""
+    from pipelines.monitoring.prediction_log import prediction_log_exists, read_answers
+
+    cfg = params.monitor
+    if rows.empty or not prediction_log_exists(location):
+        return pd.DataFrame(columns=["request_id", "model_version", "prediction"])
+    ids = rows[cfg.id_column].dropna().astype(str).tolist() if cfg.id_column and cfg.id_column in rows else []
+    keyed = cfg.time_key and all(k in rows for k in cfg.time_key)
+    return read_answers(
+        location,
+        list(cfg.time_key),
+        request_ids=ids,
+        key=cfg.time_key[0] if keyed else None,
+        key_values=rows[cfg.time_key[0]].dropna().tolist() if keyed else (),
+    )
+
+
+def measure(params: Params, at: datetime | None = None, feed: LabelFeed | None = None) -> Measurement:
+    """Every window against the champion's reference, the labelled rows (the landed window's
+    and the label feed's `feed`), the labelled rows no training has seen, and a pending
+    retrain still open, at time `at` (default now)."""
+    from pipelines.core.names import CHAMPION
+    from pipelines.data.arrivals import stored_files
+    from pipelines.monitoring.drift import REFERENCE_ROWS
+    from pipelines.monitoring.labels import labelled_metrics
+    from pipelines.monitoring.prediction_log import log_location, log_size, prediction_log_exists
+    from pipelines.registry.champion import alias_version
+    from pipelines.registry.tracking import client_for, monitoring_experiment
+
+    at = at or datetime.now(UTC)
+    layout = Layout.of(params)
+    client, training_id = client_for(params)
+    name = params.tracking.model_name
+    version = alias_version(client, name, CHAMPION)
+    if version is None:
+        return Measurement("no champion", f"{name} has no champion yet: run `loopline train`")
+    started = time.perf_counter()
+    location = log_location(params)
+    champion = _Champion(client, params, version)
+    served, _ = _served_window(champion, location, at)
+    landed, landed_rows = _landed_window(champion, layout, at)
+    feed = feed or LabelFeed()
+    metric, _ = params.metric
+    tested = champion.mv.tags.get(names.version_metric_tag(metric))
+    labelled = None
+    if not landed_rows.empty or len(feed.answered):
+        meta = champion.loaded[1]
+        labelled = labelled_metrics(
+            landed_rows,
+            _answers_for(landed_rows, location, params),
+            params,
+            meta["baseline"],
+            champion=version,
+            answered=feed.answered,
+        )
+    seen = last_training_arrival(client, training_id)
+    since = [f for f in stored_files(layout.arrivals) if seen is None or seen == "none" or f.name > seen]
+    windows = [served, landed]
+    measured = [w for w in windows if w.measured]
+    if measured or (labelled is not None and (labelled.live or labelled.offline or labelled.earlier)):
+        status: Literal["measured", "no champion", "no data", "not enough rows"] = "measured"
+        detail = ""
+    elif any(w.status == "not enough rows" for w in windows):
+        status, detail = "not enough rows", "; ".join(f"{w.source}: {w.detail}" for w in windows if w.detail)
     else:
-        drift = measured.drift
-        blocks.append(
-            f"champion v{measured.champion}; window {', '.join(measured.window)} "
-            f"({measured.window_rows} rows) vs {measured.reference_rows} reference rows; "
-            f"{measured.new_rows} rows no training has seen  \n"
-            f"drift share {drift.share:.0%} ({', '.join(drift.drifted) or 'no feature'}); "
-            f"importance-weighted {drift.weighted_share:.0%} ({drift.weighting}); "
-            f"prediction drift score {drift.prediction_score:.3f}"
-        )
-        blocks.append(
-            "\n".join(
-                [
-                    "| feature | test | score | drifted | weight |",
-                    "|---|---|---:|---:|---:|",
-                    *(
-                        f"| {c} | {drift.methods.get(c, '')} | {s:.4f} | {'yes' if c in drift.drifted else ''} "
-                        f"| {drift.weights.get(c, 0.0):.0%} |"
-                        for c, s in drift.scores.items()
-                    ),
-                ]
-            )
-        )
-        blocks.append(_describe_labelled(measured))
-        blocks.append(_describe_estimate(measured.estimate, measured.champion_metric))
-        blocks.append(f"Evidently report: {measured.report}; the history: `loopline dashboard`")
-    blocks.append(f"decision: {verdict.outcome} — {verdict.reason()}")
-    if result.training is not None:
-        t = result.training
-        version = f"v{t.version} " if t.version else ""
-        blocks.append(f"training: {version}{t.outcome}" + (f" — {t.reason}" if t.reason else ""))
-    return "\n\n".join(block for block in blocks if block)
+        status, detail = "no data", "; ".join(f"{w.source}: {w.detail}" for w in windows if w.detail)
+    reference_rows = 0
+    if measured:
+        reference_rows = int(champion.reference.attrs.get(REFERENCE_ROWS, len(champion.reference)))
+    monitoring_client, monitoring_id = client_for(params, monitoring_experiment(params))
+    return Measurement(
+        status,
+        detail,
+        champion=version,
+        champion_run=champion.mv.run_id,
+        champion_metric=float(tested) if tested is not None else None,
+        metric=metric,
+        windows=windows,
+        reference_rows=reference_rows,
+        live=labelled.live if labelled else None,
+        earlier=labelled.earlier if labelled else {},
+        offline=labelled.offline if labelled else None,
+        labels=labelled.note if labelled else "no labels in this run",
+        label_files=feed.files,
+        new_rows=new_rows(since, params),
+        pending=open_pending(monitoring_client, monitoring_id),
+        log=log_size(location) if prediction_log_exists(location) else None,
+        seconds=round(time.perf_counter() - started, 3),
+    )
 
 
-def monitoring_alerts(params: Params, result: MonitoringResult) -> list[Alert]:
-    """What a monitoring run tells the `alerts:` targets: rejected batches and a retrain."""
-    from pipelines.core.alerts import Alert
-    from pipelines.registry.tracking import monitoring_experiment
+def prune_log(params: Params, measured: Measurement, at: datetime) -> LogSize | None:
+    """Rows older than serve.log_retention pruned from the prediction log, never those of the
+    served window or written since a pending retrain began to wait for labels."""
+    from pipelines.core.spans import parse_duration
+    from pipelines.monitoring.prediction_log import log_location, log_size, prediction_log_exists, prune
 
-    where = f"MLflow run {result.mlflow_run_id} in experiment {monitoring_experiment(params)} ({params.tracking.uri})"
-    rejected = Layout.of(params).rejected.resolve()
-    alerts = [
-        Alert(
-            event="batch rejected",
-            title=f"batch {b.file} rejected",
-            what=f"landed batch {b.file} was rejected and moved to {rejected}",
-            why=b.describe(),
-            where=f"{rejected / b.file}; {where}",
-            level="warning",
-        )
-        for b in result.batches
-        if b.status == "rejected"
-    ]
-    if result.verdict.retrain:
-        training = result.training
-        outcome = "" if training is None else f"; the retrain: {_describe_retrain(training)}"
-        alerts.append(
-            Alert(
-                event="retrain",
-                title=f"{params.tracking.model_name}: monitoring started a retrain",
-                what=f"monitoring at {result.at} decided to retrain champion v{result.measured.champion}{outcome}",
-                why=result.verdict.reason(),
-                where=f"{where}; Evidently report {result.measured.report}",
-                level="warning",
-            )
-        )
-    return alerts
-
-
-def _describe_retrain(t: Retrain) -> str:
-    if t.flow_run_id is not None and t.version is None:
-        return f"started as Prefect flow run {t.flow_run_id}"
-    return f"v{t.version} {t.outcome}" + (f" ({t.reason})" if t.reason else "")
+    location = log_location(params)
+    if params.serve.log_retention is None or not prediction_log_exists(location):
+        return measured.log
+    keep: list[datetime] = []
+    served = measured.source("served")
+    if served is not None and served.start is not None:
+        keep.append(datetime.fromisoformat(served.start))
+    if measured.pending:  # the labels a pending retrain waits for answer rows written since
+        keep.append(datetime.fromisoformat(measured.pending.split(": ", 1)[0]))
+    removed = prune(location, at - parse_duration(params.serve.log_retention), min(keep) if keep else None)
+    return replace(log_size(location), pruned=removed)

@@ -137,8 +137,8 @@ def test_batch_like_the_reference_does_not_retrain(ws):
     run = ws.client().get_run(result.mlflow_run_id)
     assert run.data.tags["loopline.decision"] == "no action"
     assert run.data.metrics["drift_share"] == pytest.approx(measured.drift.share)
-    assert {a.path for a in ws.client().list_artifacts(run.info.run_id, "drift")} == {
-        f"drift/{Path(measured.report).name}"
+    assert {a.path for a in ws.client().list_artifacts(run.info.run_id, "drift/landed")} == {
+        f"drift/landed/{Path(measured.report).name}"
     }
     html = Path(measured.report).read_text()
     assert "Drifted" in html and all(f in html for f in ("temp", "weathersit", "mnth"))
@@ -153,7 +153,7 @@ def test_a_champion_without_a_profile_of_this_size_gets_one_made_once(ws):
     fits: one is made from its reference rows on the first run and read from the workspace after."""
     from pipelines.core.config import load_params
     from pipelines.monitoring.drift import REFERENCE_ROWS, measure_drift
-    from pipelines.monitoring.run import champion_drift_reference
+    from pipelines.monitoring.reference import champion_drift_reference
     from pipelines.registry.tracking import client_for, load_model_version
 
     with contextlib.chdir(ws.root):
@@ -269,13 +269,15 @@ def test_monitor_command_reports_batches_drift_and_decision(ws, capsys):
     with contextlib.chdir(ws.root):
         code, out, err = run_cli("monitor", "--params", "params.yaml", "--no-retrain", capsys=capsys)
     assert code == 0, err
-    assert "batch calm-again.csv: accepted (300 rows)" in out
-    assert "drift share" in out and "Evidently report:" in out and "decision: " in out
+    assert "batch calm-again.csv: accepted (300 rows; features and target" in out
+    assert "drift share" in out and "Evidently reports: landed " in out and "decision: " in out
     assert "training:" not in out
 
 
-def test_reduced_replay_switches_the_served_model(prefect_api, tmp_path, monkeypatch):
-    """Jan-Mar champion, then April and May through a real service, monitoring and retraining."""
+def test_reduced_replay_with_late_labels_alarms_first_and_retrains_when_they_land(prefect_api, tmp_path, monkeypatch):
+    """Jan-Feb champion, then March to May through a real service, each label landing 30 days
+    after its hour: March's served traffic raises the alarm before its labels exist (pending),
+    April's run has them and retrains, and May is served by the new champion."""
     from flows.replay import run_replay
     from pipelines.core.config import load_params
     from pipelines.core.layout import Layout
@@ -288,18 +290,29 @@ def test_reduced_replay_switches_the_served_model(prefect_api, tmp_path, monkeyp
     raw["monitor"] = {"workspace": str(tmp_path / "workspace")}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     timeline = run_replay(
-        workdir, tmp_path / "params.yaml", "month", train_months=3, periods=2, chart=chart, echo=lambda s: None
+        workdir,
+        tmp_path / "params.yaml",
+        "month",
+        train_months=2,
+        periods=3,
+        chart=chart,
+        echo=lambda s: None,
+        label_delay="30d",
     )
-    assert list(timeline["period"]) == ["2011-04", "2011-05"]
-    april, may = timeline.iloc[0], timeline.iloc[1]
-    assert april["served_version"] == "1" and april["live"] > 0 and april["baseline"] > april["live"]
-    assert april["decision"] == "retrain" and april["promoted"]  # spring: drifted and worse than in March
+    assert list(timeline["period"]) == ["2011-03", "2011-04", "2011-05"]
+    march, april, may = (timeline.iloc[i] for i in range(3))
+    assert march["served_version"] == "1" and march["labels_landed"] < 100  # only March 1 is 30 days old
+    assert march["decision"] == "retrain pending" and march["alarm"] and "served: " in march["reason"]
+    assert april["decision"] == "retrain" and april["promoted"]  # March's labels landed
+    assert april["reason"].startswith("pending since 2011-03-31T23:59")
     assert may["served_version"] == april["retrained_version"]  # the service switched without a restart
+    assert march["baseline"] > march["live"] > 0  # in hindsight, every label known
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (workdir / "timeline.csv").is_file()
     params = load_params(workdir / "params.yaml")
-    log = read_prediction_log(Layout.of(params).prediction_log, [])
+    log = read_prediction_log(Layout.of(params).prediction_log, ["day"])
     assert set(log["model_version"].astype(str)) == {"1", april["retrained_version"]}
-    assert len(log) == int(timeline["rows"].sum())
+    assert len(log) == int(timeline["rows"].sum()) and log["day"].notna().all()
+    assert log["ts"].str.startswith("2011-").all()  # each answer filed under the hour it replays
 
     # the monitoring history, in Evidently's workspace at each decision's (2011) time
     from evidently.ui.workspace import Workspace
@@ -310,8 +323,9 @@ def test_reduced_replay_switches_the_served_model(prefect_api, tmp_path, monkeyp
     by_kind = {
         kind: sorted((s for s in snapshots if kind in s.tags), key=lambda s: s.timestamp) for kind in ("drift", "loop")
     }
-    assert [f"{s.timestamp:%Y-%m}" for s in by_kind["drift"]] == ["2011-04", "2011-05"]
-    assert [f"{s.timestamp:%Y-%m}" for s in by_kind["loop"]] == ["2011-04", "2011-05"]
-    assert "decision: retrain" in by_kind["loop"][0].tags
+    assert [f"{s.timestamp:%Y-%m}" for s in by_kind["drift"]] == ["2011-03", "2011-04", "2011-05"]
+    assert [f"{s.timestamp:%Y-%m}" for s in by_kind["loop"]] == ["2011-03", "2011-04", "2011-05"]
+    assert "decision: retrain pending" in by_kind["loop"][0].tags and "decision: retrain" in by_kind["loop"][1].tags
     panels = {p.title for p in workspace.get_dashboard(project.id).panels}
     assert {"Drift share", "Prediction drift", "Live rmse against the champion's test rmse", "Decisions"} <= panels
+    assert "Served rows" in panels

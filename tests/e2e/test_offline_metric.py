@@ -84,16 +84,19 @@ def test_the_same_batch_with_demand_times_1_8_retrains_naming_the_offline_metric
     assert client_of(root).get_run(result.mlflow_run_id).data.tags["loopline.decision"] == "retrain"
 
 
-def test_a_batch_whose_labels_are_all_missing_is_refused_naming_the_target(root):
-    """Accepted batches feed the next training, whose clean stage would quarantine every
-    unlabelled row: such a batch is refused at acceptance, as before, naming the column; the
-    window (and its measurements) stays the last good batch's. The measurement itself says
-    "no labels in window" for a window without labels (tests/unit/monitoring/test_measurements.py)."""
+def test_a_batch_whose_labels_are_all_missing_is_measured_and_kept_from_training(root):
+    """A batch whose target column is there but empty is features without labels: accepted
+    for monitoring (stored in observed/, the landed window), never a training row; nothing
+    labelled in it, so no live or offline metric."""
     arrivals = sorted((root / "data" / "arrivals").glob("*.parquet"))
     rows = training_hours(200)
     rows["bikers"] = None
     result = land_and_monitor(root, rows, "unlabelled")
     [batch] = result.batches
-    assert batch.status == "rejected" and "bikers: missing value in 200 rows" in batch.reason
+    assert batch.status == "accepted" and batch.kind == "features", batch.describe()
     assert sorted((root / "data" / "arrivals").glob("*.parquet")) == arrivals
-    assert result.measured.window == [arrivals[-1].name] and result.verdict.outcome != "retrain"
+    assert [f.name for f in (root / "data" / "observed").glob("*.parquet")] == [batch.stored]
+    landed = result.measured.source("landed")
+    assert landed.status == "measured" and landed.rows == 200 and landed.files == [batch.stored]
+    assert result.measured.offline is None and result.measured.live is None
+    assert result.verdict.outcome != "retrain"

@@ -23,13 +23,15 @@ pytestmark = pytest.mark.slow
 
 def test_two_service_replicas_log_to_one_postgresql_table_and_monitoring_joins_every_id(postgres_db, tmp_path):
     """Two real `loopline serve` processes, one /predict_batch call to the first and single
-    /predict calls to the second, both stopped (a clean shutdown writes what is queued);
-    a labelled batch with those request ids then gets a live metric on every row."""
+    /predict calls to the second (each with the context field `day`), both stopped (a clean
+    shutdown writes what is queued); monitoring's served window holds both replicas' answers,
+    and a label file of only the request ids and the target then joins every one of them."""
     from pipelines.core.config import load_params
     from pipelines.core.layout import Layout
     from pipelines.core.stages import run_all
     from pipelines.data.arrivals import accept_landed
     from pipelines.data.split import read_split
+    from pipelines.monitoring.labels import join_label_files
     from pipelines.monitoring.prediction_log import read_prediction_log
     from pipelines.monitoring.run import measure
     from pipelines.registry.champion import promote
@@ -52,7 +54,7 @@ def test_two_service_replicas_log_to_one_postgresql_table_and_monitoring_joins_e
     promote(client, "bikes", version, params.tracking.uri, reason="test")
 
     labelled = read_split(params, "test").head(60)
-    records = plain_frame(labelled[params.features.columns]).to_dict(orient="records")
+    records = plain_frame(labelled[[*params.features.columns, "day"]]).to_dict(orient="records")
     ports = [free_port(), free_port()]
     replicas = [start_service(["--params", str(path)], tmp_path, port) for port in ports]
     try:
@@ -70,17 +72,23 @@ def test_two_service_replicas_log_to_one_postgresql_table_and_monitoring_joins_e
         for proc in replicas:
             stop(proc)
     ids = [f"batch-{i}" for i in range(30)] + [f"one-{i}" for i in range(30)]
-    served = read_prediction_log(postgres_db, ["hr"])
+    served = read_prediction_log(postgres_db, ["hr", "day"])
     assert sorted(served["request_id"]) == sorted(ids)
     assert served["hr"].tolist() == [int(r["hr"]) for r in records]  # written in the order served
     assert set(served["model_version"]) == {version}
+    assert served["day"].tolist() == [int(r["day"]) for r in records]  # the context field, logged
 
     landing = Layout.of(params).landing
     landing.mkdir(parents=True, exist_ok=True)
-    labelled.assign(request_id=ids).to_csv(landing / "labels.csv", index=False)
-    assert [b.accepted for b in accept_landed(params)] == [True]
-    measured = measure(params)
+    labelled[["bikers"]].assign(request_id=ids).to_csv(landing / "labels.csv", index=False)
+    [batch] = accept_landed(params)
+    assert batch.accepted and batch.kind == "labels"
+    feed = join_label_files(params, postgres_db)
+    assert [f.joined for f in feed.files] == [60] and feed.files[0].stored is not None
+    measured = measure(params, feed=feed)
     assert measured.status == "measured", measured.detail
+    window = measured.source("served")
+    assert window.status == "measured" and window.rows == 60 and "60 rows served by v" in window.what
     assert measured.live is not None and measured.live.rows == 60 and measured.live.served_versions == {version: 60}
 
 

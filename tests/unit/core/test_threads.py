@@ -35,11 +35,13 @@ class Probe(RegressorMixin, BaseEstimator):
         return self
 
 
-def test_concurrent_trainings_divide_the_cores(tmp_path, sample_csv, params_of):
+def test_concurrent_trainings_divide_the_cores(tmp_path, sample_csv, params_of, monkeypatch):
     """Two trainings at once each used every core (OpenMP threads spinning against each
     other): 2.2x the time of running them in series. A fit now gets the cores divided among
     the trainings running on this machine (read back from the OpenMP pool inside the fit),
-    unless train.threads says otherwise."""
+    unless train.threads says otherwise. The two count only each other (a folder of slots of
+    their own): the suite's other trainings run beside them."""
+    monkeypatch.setenv("LOOPLINE_TRAINING_SLOTS", str(tmp_path / "slots"))
     from pipelines.core.stages import run_stage
     from pipelines.core.threads import available_cores, fit_threads, training_slot
     from pipelines.data import split as split_module
@@ -59,7 +61,7 @@ def test_concurrent_trainings_divide_the_cores(tmp_path, sample_csv, params_of):
             [sys.executable, "-c", HOLD_SLOT.format(repo=str(REPO))],
             stdout=subprocess.PIPE,
             text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            env={**os.environ, "OMP_NUM_THREADS": "1"},  # with this test's own slots folder
         )
         try:
             assert other.stdout.readline().strip() == "holding"

@@ -281,6 +281,8 @@ def test_bad_policy_and_promotion_params_name_the_key(tmp_path):
 
 
 def test_reduced_backtest_shares_trainings_and_writes_the_table(tmp_path, capsys):
+    """Two months, three policies, labels at once and 30 days late: with the delay, a retrain
+    due before any label has arrived waits for them (pending) and runs a period later."""
     from conftest import run_cli
 
     workdir = tmp_path / "bt"
@@ -298,16 +300,29 @@ def test_reduced_backtest_shares_trainings_and_writes_the_table(tmp_path, capsys
         "every-batch",
         "--policy",
         "default",
+        "--label-delay",
+        "0",
+        "--label-delay",
+        "30d",
         capsys=capsys,
     )
     assert code == 0, err
-    summary = pd.read_csv(workdir / "summary.csv").set_index("policy")
-    assert list(summary.index) == ["never", "every-batch", "default"]
-    assert summary.loc["never", "retrains"] == 0 and summary.loc["every-batch", "retrains"] == 2
-    assert summary.loc["never", "mean_live"] > summary.loc["every-batch", "mean_live"]  # spring outgrows winter
-    assert "3 trainings shared by 3 policies" in out and "| every-batch |" in out
-    timeline = pd.read_csv(workdir / "timeline.csv")
-    assert len(timeline) == 6 and set(timeline["period"]) == {"2011-04", "2011-05"}
+    summary = pd.read_csv(workdir / "summary.csv", dtype={"label_delay": str})
+    assert list(summary["label_delay"]) == ["0"] * 3 + ["30 days"] * 3
+    at_once = summary[summary["label_delay"] == "0"].set_index("policy")
+    assert list(at_once.index) == ["never", "every-batch", "default"]
+    assert at_once.loc["never", "retrains"] == 0 and at_once.loc["every-batch", "retrains"] == 2
+    assert at_once.loc["never", "mean_live"] > at_once.loc["every-batch", "mean_live"]  # spring outgrows winter
+    for _, part in summary.groupby("label_delay"):  # relative to the best policy at each α
+        assert part["cost_area"].min() >= 1.0 and part["cost_area"].min() < 1.05
+    late = summary[summary["label_delay"] == "30 days"].set_index("policy")
+    assert late.loc["every-batch", "retrains"] == 1  # April's retrain waited for April's labels
+    assert "4 trainings shared by 3 policies and 2 delays" in out and "| every-batch | 30 days |" in out
+    timeline = pd.read_csv(workdir / "timeline.csv", dtype={"label_delay": str})
+    assert len(timeline) == 12 and set(timeline["period"]) == {"2011-04", "2011-05"}
+    waited = timeline[(timeline["policy"] == "every-batch") & (timeline["label_delay"] == "30 days")]
+    assert waited["decision"].tolist() == ["retrain pending", "retrain"] and waited["alarm"].all()
+    assert waited["labelled_rows"].tolist()[0] == 0  # nothing served was labelled by the end of April
     default = timeline[timeline["policy"] == "default"]
     assert default["reason"].str.len().min() > 0 and default["weighted_drift"].notna().all()
     assert (workdir / "backtest.png").read_bytes()[:4] == b"\x89PNG"

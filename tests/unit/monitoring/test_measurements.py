@@ -49,8 +49,18 @@ def test_policy_triggers_and_holds_back():
     worse = decide(cfg, drift=_drift(0.1), live=live, **CHAMPION, new_rows=500)
     assert worse.retrain and "40% worse" in worse.reason()
     assert not decide(cfg, drift=_drift(0.1), live=replace(live, value=60.0), **CHAMPION, new_rows=500).retrain
-    few = decide(cfg, drift=_drift(0.6), **CHAMPION, new_rows=99)
-    assert few.outcome == "held back" and "only 99 rows" in few.reason()
+    few_labels = replace(live, rows=cfg.min_window_rows - 1)  # a live metric on a handful of rows triggers nothing
+    assert decide(cfg, drift=_drift(0.1), live=few_labels, **CHAMPION, new_rows=500).outcome == "no action"
+    few = decide(cfg, drift=_drift(0.6), **CHAMPION, new_rows=99)  # decided before enough labels: pending
+    assert not few.retrain and few.outcome == "retrain pending" and few.reason().startswith("drifted features")
+    assert "waiting for labels: 99 of monitor.min_new_rows 100 labelled rows no training has seen" in few.reason()
+    still = decide(cfg, drift=_drift(0.1), **CHAMPION, new_rows=99, pending="2011-06-01: drift")
+    assert still.outcome == "retrain pending" and "pending since 2011-06-01: drift" in still.reason()
+    now = decide(cfg, drift=_drift(0.1), **CHAMPION, new_rows=100, pending="2011-06-01: drift")
+    assert now.retrain and now.reason().startswith("pending since 2011-06-01")  # without a new trigger
+    sources = [("served", _drift(0.6), None), ("landed", _drift(0.1), None)]
+    named = decide(cfg, windows=sources, **CHAMPION, new_rows=500)
+    assert named.retrain and named.reason().startswith("served: drifted features") and "landed:" not in named.reason()
     cooling = decide(cfg, drift=_drift(0.6), **CHAMPION, new_rows=500, last_retrain=NOW - timedelta(hours=23))
     assert cooling.outcome == "held back" and "cooling down" in cooling.reason()
     assert decide(cfg, drift=_drift(0.6), **CHAMPION, new_rows=500, last_retrain=NOW - timedelta(hours=25)).retrain
@@ -180,11 +190,14 @@ def test_a_mixed_window_counts_every_labelled_row_once(bikes):
         }
     )
     served = truth[:300] + rng.normal(0, 30, 300)
-    log = pd.DataFrame({"request_id": [f"r-{i}" for i in range(300)], "prediction": served, "model_version": "3"})
+    log = pd.DataFrame({"request_id": [f"r-{i}" for i in range(300)], "prediction": served, "model_version": "4"})
+    log.loc[250:, "model_version"] = "3"  # the last 50 answered by the champion before
     measured = labelled_metrics(window, log, params, baseline=250.0, champion="4")
     live, offline = measured.live, measured.offline
-    assert (live.rows, live.by_id, live.by_time, offline.rows) == (300, 300, 0, 200)
-    assert live.value == pytest.approx(_rmse(truth[:300], served)) and live.served_versions == {"3": 300}
+    assert (live.rows, live.by_id, live.by_time, offline.rows) == (250, 250, 0, 200)
+    assert live.value == pytest.approx(_rmse(truth[:250], served[:250])) and live.served_versions == {"4": 250}
+    earlier = measured.earlier["3"]  # apart, never mixed into the champion's
+    assert earlier.rows == 50 and earlier.value == pytest.approx(_rmse(truth[250:300], served[250:]))
     assert offline.value == pytest.approx(10.0) and offline.served_versions == {"4": 200}
     assert offline.baseline == pytest.approx(_rmse(truth[300:], np.full(200, 250.0)))
 

@@ -35,9 +35,18 @@ def params(tmp_path, params_of):
     return params_of(write_params(tmp_path, "unused.csv", serve={"max_batch_records": 3}))
 
 
-def test_record_model_has_exactly_the_feature_columns(params):
+def test_record_model_has_the_feature_columns_then_the_optional_context_fields(params):
+    """Bikeshare's context field `day` (serve.context_columns) may come with a record, checked
+    by its schema rule; it is logged, never given to the model."""
+    from pydantic import ValidationError
+
     Record = record_model(params)
-    assert list(Record.model_fields) == params.features.columns
+    assert list(Record.model_fields) == [*params.features.columns, "day"]
+    assert Record(**GOOD).day is None and Record(**GOOD, day=45).day == 45
+    with pytest.raises(ValidationError, match="day"):
+        Record(**GOOD, day=400)  # schema: 1 to 366
+    with pytest.raises(ValidationError, match="unused"):
+        Record(**GOOD, unused=1)  # still no unknown field
     assert Record(**GOOD).hr == 8
     assert Record(**{**GOOD, "hr": 8.0, "season": 1.0}).model_dump() == Record(**GOOD).model_dump()  # JSON's 8.0 is 8
     # Category labels follow clean's rule: letter case and surrounding white space do not matter.
