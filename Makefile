@@ -85,7 +85,7 @@ replay-late: install
 backtest: install
 	$(BIN)/loopline backtest --label-delay 0 --label-delay 7d --label-delay 30d --chart docs/results/backtest-2011.png
 
-bench: bench-scale bench-flow bench-torch bench-serve bench-soak bench-monitor bench-log bench-concurrent bench-bootstrap bench-dask
+bench: bench-scale bench-flow bench-torch bench-serve bench-soak bench-shadow bench-monitor bench-log bench-concurrent bench-bootstrap bench-dask
 
 # Promotion evidence: the moving-block bootstrap of 100k test rows x 1,000 resamples.
 bench-bootstrap: install
@@ -106,6 +106,10 @@ bench-torch: install
 # BentoML service vs a bare FastAPI app on the registry champion (run `make run` first).
 bench-serve: install
 	$(BIN)/python bench/serving.py --requests 2000 --busy
+
+# The service with a shadow loaded against the same service without one (p99, throughput, rows skipped).
+bench-shadow: install
+	$(BIN)/python bench/serving.py --shadow --requests 2000
 
 # Sustained load: 7 rounds of 10k requests at c=64 on one service; p99 and RSS per round.
 bench-soak: install

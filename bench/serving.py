@@ -14,6 +14,14 @@ training, over and over, on every core), to show what the bounded model threads 
     python bench/serving.py [--params params.yaml] [--requests 2000] [--batch 1000]
     python bench/serving.py --soak 7              # 7 rounds of 10k requests at c=64, BentoML only
 
+    python bench/serving.py --shadow              # the service with a shadow loaded vs without
+
+The shadow mode serves a copy of the registry in which a second version of the champion's
+model is the `shadow` (the same model: the cost of a challenger of the same family), against
+the same service without one, each on a prediction log of its own, alternating twice: p99 and
+throughput at each concurrency, and the shadow rows skipped under that load (the goals: p99
+at c=32 <= 1.15x, throughput >= 0.85x).
+
 The soak mode keeps one service under sustained load and prints each round's p99, throughput
 and the service's resident memory: p99 creeping up round after round, or RSS growing, is a
 leak (the goal: last round's p99 within 1.2x the first's, RSS flat).
@@ -132,6 +140,7 @@ def main() -> None:
     parser.add_argument("--soak", type=int, default=0, help="rounds of sustained load instead of the comparison")
     parser.add_argument("--soak-requests", type=int, default=10_000)
     parser.add_argument("--soak-concurrency", type=int, default=64)
+    parser.add_argument("--shadow", action="store_true", help="with a shadow loaded vs without, instead")
     args = parser.parse_args()
 
     from pipelines.core.config import load_params
@@ -157,6 +166,8 @@ def main() -> None:
     os.environ["LOOPLINE_PARAMS"] = env_params
     if args.soak:
         return soak(args, bodies, env_params)
+    if args.shadow:
+        return shadow_comparison(args, bodies, params, env_params)
     engine_calls(served, params, records, batch_records)
     python_params = Path(env_params).with_name(".bench-serving-python.yaml")
     raw = yaml.safe_load(Path(env_params).read_text())
@@ -254,6 +265,86 @@ def main() -> None:
         f"\n/predict_batch ({args.batch} records, engine {served.engine_name}): {batch_rps:,.0f} rows/s over "
         f"HTTP; the raw engine {raw_rps:,.0f} rows/s; HTTP/raw = {batch_rps / raw_rps:.2f}"
     )
+
+
+def shadow_comparison(args, bodies: list[bytes], params, params_path: str) -> None:
+    """The BentoML service with and without a shadow, alternating, on copies of the store."""
+    import shutil
+    import tempfile
+
+    from pipelines.core.names import CHAMPION, SHADOW
+    from pipelines.core.processes import free_port, stop
+    from pipelines.registry.tracking import registry_client, sqlite_store, tracking_uri
+
+    store = sqlite_store(tracking_uri(params))
+    if store is None:
+        raise SystemExit("the shadow bench copies a SQLite tracking store; this one is not")
+    with tempfile.TemporaryDirectory() as tmp:
+        configs = {}
+        for label, with_shadow in (("no shadow", False), ("shadow", True)):
+            copy = Path(tmp) / label.replace(" ", "-")
+            copy.mkdir()
+            shutil.copy2(store, copy / "mlflow.db")  # the artifacts stay where they are (absolute paths)
+            raw = yaml.safe_load(Path(params_path).read_text())
+            raw["tracking"]["uri"] = f"sqlite:///{copy / 'mlflow.db'}"
+            raw.setdefault("serve", {})["reload_interval_s"] = 0
+            config = copy / "params.yaml"
+            config.write_text(yaml.safe_dump(raw))
+            if with_shadow:
+                from pipelines.core.config import load_params
+
+                copied = load_params(config)
+                client, name = registry_client(copied), copied.tracking.model_name
+                champion = client.get_model_version_by_alias(name, CHAMPION)
+                second = client.create_model_version(name, source=champion.source, run_id=champion.run_id)
+                client.set_registered_model_alias(name, SHADOW, str(second.version))
+            configs[label] = (config, copy / "predictions.db")
+        results: dict[str, list[dict[int, dict[str, float]]]] = {label: [] for label in configs}
+        skipped: list[dict] = []
+        for _ in range(2):
+            for label, (config, log) in configs.items():
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                os.environ["LOOPLINE_PREDICTION_LOG"] = str(log)
+                proc = start(
+                    [venv_bin("loopline"), "serve", "--params", str(config), "--port", str(port)], f"{url}/readyz"
+                )
+                try:
+                    results[label].append(
+                        {c: asyncio.run(load(f"{url}/predict", bodies, c, args.requests)) for c in args.concurrency}
+                    )
+                    with urllib.request.urlopen(f"{url}/model") as answer:
+                        status = json.loads(answer.read())["shadow"]
+                    if label == "shadow":
+                        skipped.append(status)
+                finally:
+                    stop(proc)
+                    os.environ.pop("LOOPLINE_PREDICTION_LOG", None)
+    print(f"\n{'service':<12}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}   (best of 2 rounds)")
+    best = {
+        label: {
+            c: {
+                "rps": max(r[c]["rps"] for r in rounds),
+                "p50": min(r[c]["p50"] for r in rounds),
+                "p99": min(r[c]["p99"] for r in rounds),
+                "errors": sum(r[c]["errors"] for r in rounds),
+            }
+            for c in args.concurrency
+        }
+        for label, rounds in results.items()
+    }
+    for label, levels in best.items():
+        for c, r in levels.items():
+            print(f"{label:<12}{c:>4}{r['rps']:>10.0f}{r['p50']:>9.1f}{r['p99']:>9.1f}{r['errors']:>8}")
+    for c in args.concurrency:
+        p99 = best["shadow"][c]["p99"] / best["no shadow"][c]["p99"]
+        rps = best["shadow"][c]["rps"] / best["no shadow"][c]["rps"]
+        print(f"with/without a shadow at c={c}: p99 {p99:.2f}x, throughput {rps:.2f}x")
+    for i, status in enumerate(skipped, 1):
+        print(
+            f"round {i}: the shadow scored {status['rows_scored']:,} rows, skipped {status['rows_skipped']:,} "
+            f"(queue {status['queue_rows']:,} rows), failed {status['rows_failed']}"
+        )
 
 
 BUSY = """

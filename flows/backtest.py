@@ -184,10 +184,12 @@ def _live(params: Params, truth: pd.Series, predicted: np.ndarray, served_by: np
 
 def _gate(
     shared: Shared, policy: PolicyConfig, champion: Model, challenger: Model, recent: pd.DataFrame, label: str
-) -> tuple[bool, str]:
+) -> tuple[bool, str, bool]:
     """Whether the challenger replaces the champion, judged on the challenger's test rows and
-    (bootstrap gate) on the labelled rows of this run (`recent`) that it did not fit on."""
+    (bootstrap and shadow gates) on the labelled rows of this run (`recent`) that it did not
+    fit on; and (shadow gate) whether it serves in shadow instead."""
     from pipelines.model.evaluation import score
+    from pipelines.registry.champion import shadow_wanted
     from pipelines.registry.evidence import judge_on, unseen
 
     params = shared.params
@@ -197,7 +199,7 @@ def _gate(
     if policy.gate == "point":
         old, _ = score(champion.model, test, features, target, task, champion.baseline)
         better = old[metric] > challenger.test_metric if not higher else old[metric] < challenger.test_metric
-        return better, f"point: {metric} {challenger.test_metric:.2f} vs champion {old[metric]:.2f}"
+        return better, f"point: {metric} {challenger.test_metric:.2f} vs champion {old[metric]:.2f}", False
     fresh = unseen(recent, challenger.fitted, [*features, target])
     evidence = judge_on(
         (test[target].to_numpy(), champion.model.predict(test[features]), challenger.model.predict(test[features])),
@@ -215,7 +217,20 @@ def _gate(
         ordered=bool(params.split.order_by),
     )
     on_recent = evidence.recent.interval if evidence.recent else "none"
-    return evidence.better, f"bootstrap: test {evidence.test.interval}, recent {on_recent}: {evidence.verdict}"
+    why = f"bootstrap: test {evidence.test.interval}, recent {on_recent}: {evidence.verdict}"
+    mode = params.promotion.shadow if params.promotion.shadow != "off" else "uncertain"
+    shadow = policy.gate == "shadow" and not evidence.better and shadow_wanted(mode, evidence)
+    return evidence.better, why + ("; in shadow" if shadow else ""), shadow
+
+
+def _judge_shadow(shared: Shared, truth: np.ndarray, champion: np.ndarray, shadow: np.ndarray):
+    """The shadow against the champion on the labelled rows both answered (time order)."""
+    from pipelines.registry.evidence import compare
+
+    params = shared.params
+    metric, higher = params.metric
+    cfg = params.promotion.model_copy(update={"block_length": min(params.promotion.block_length, len(truth))})
+    return compare(truth, champion, shadow, metric=metric, higher_is_better=higher, cfg=cfg, ordered=True)
 
 
 def run_policy(
@@ -235,10 +250,15 @@ def run_policy(
     trained, known, last_retrain, pending = champion.rows, champion.rows, None, ""
     served = np.full(len(shared.data), np.nan)  # what was served for each row, once served
     served_by = np.full(len(shared.data), "", dtype=object)
+    shadowed = np.full(len(shared.data), np.nan)  # the shadow's answers (shadow gate)
+    shadow: Model | None = None
+    shadow_since: tuple[int, datetime] = (0, datetime.min.replace(tzinfo=UTC))  # its first row, and when
     rows: list[dict[str, Any]] = []
     for i, (label, batch) in enumerate(shared.batches):
         start, end = shared.spans[i]
         served[start:end], served_by[start:end] = shared.predict(champion, i), champion.name
+        if shadow is not None:
+            shadowed[start:end] = shared.predict(shadow, i)
         hindsight = _live(params, batch[target], served[start:end], served_by[start:end], champion.baseline).live
         assert hindsight is not None  # every row of the batch is served; all labels, in hindsight
         now = datetime.combine(_day_of_year(int(batch["day"].max())), clock(23, 59), UTC)
@@ -255,6 +275,23 @@ def run_policy(
                 champion.baseline,
             ).live
         known = labelled
+        shadow_note, promoted_shadow = "", False
+        if shadow is not None:  # one period in shadow, then judged on the labelled rows both answered
+            first, since = shadow_since
+            both = slice(first, labelled)
+            pairs = max(labelled - first, 0)
+            if pairs >= max(2, params.promotion.recent_min_rows):
+                live_cmp = _judge_shadow(
+                    shared, shared.data[target].to_numpy()[both], served[both], shadowed[both].astype("float64")
+                )
+                promoted_shadow = live_cmp.better
+                shadow_note = f"shadow {shadow.name}: live {live_cmp.interval} on {pairs} rows: " + (
+                    "promoted" if promoted_shadow else "retired"
+                )
+                champion = shadow if promoted_shadow else champion
+                shadow = None
+            elif now - since > timedelta(days=params.promotion.shadow_max_days):
+                shadow_note, shadow = f"shadow {shadow.name}: retired, {pairs} labelled rows in time", None
         drift = estimate = None
         outcome, reason = "no action", ""
         if policy.retrain == "monitor":
@@ -299,19 +336,28 @@ def run_policy(
             "decision": outcome,
             "alarm": outcome in ("retrain", "retrain pending"),
             "retrain": outcome == "retrain",
-            "promoted": False,
+            "promoted": promoted_shadow,
             "trained": "",
             "train_seconds": 0.0,
-            "gate": "",
+            "gate": shadow_note,
             "reason": reason,
         }
         pending = (pending or f"{now.isoformat()}: {reason}") if outcome == "retrain pending" else ""
         if outcome == "retrain":
             challenger = shared.model(labelled)
-            promoted, why = _gate(shared, policy, champion, challenger, arrived, label)
-            row |= {"promoted": promoted, "trained": challenger.name, "train_seconds": challenger.seconds, "gate": why}
+            promoted, why, in_shadow = _gate(shared, policy, champion, challenger, arrived, label)
+            row |= {
+                "promoted": promoted or promoted_shadow,
+                "trained": challenger.name,
+                "train_seconds": challenger.seconds,
+                "gate": "; ".join(w for w in (shadow_note, why) if w),
+            }
             trained, last_retrain = labelled, now
             champion = challenger if promoted else champion
+            if promoted:
+                shadow = None  # judged against the old champion
+            elif in_shadow:
+                shadow, shadow_since = challenger, (end, now)  # it answers from the next period on
         rows.append(row)
         advance(note=f"{policy.name} {label}")
     return rows

@@ -28,6 +28,7 @@ from pipelines.monitoring.policy import Verdict
 from pipelines.monitoring.prediction_log import LogSize
 from pipelines.monitoring.report import render_monitoring
 from pipelines.monitoring.run import Measurement, MonitoringResult, Retrain
+from pipelines.monitoring.shadow import ShadowJudgement
 
 Trigger = Literal["subflow", "deployment", "none"]
 
@@ -76,6 +77,18 @@ def decide_task(params: Params, measured: Measurement, at: datetime) -> Verdict:
         last_retrain=last_retrain(client, monitoring_id),
         pending=measured.pending,
     )
+
+
+@task(name="judge-shadow")
+def shadow_task(params: Params, measured: Measurement, at: datetime) -> ShadowJudgement | None:
+    """The shadow against the champion on this run's labelled answers and those before:
+    promoted, retired or kept (pipelines/monitoring/shadow.py)."""
+    from pipelines.monitoring.prediction_log import log_location
+    from pipelines.monitoring.shadow import settle_shadow
+
+    if measured.status == "no champion":
+        return None
+    return settle_shadow(params, log_location(params), measured.answered, at)
 
 
 @task(name="record-decision")
@@ -157,19 +170,25 @@ def monitoring_flow(
         logger.info("%s", joined.describe())
     measured = measure_task(params, at, feed)
     verdict = decide_task(params, measured, at)
+    shadow = shadow_task(params, measured, at)
+    if shadow is not None:
+        logger.info("%s", shadow.describe())
     if trigger == "none" and verdict.retrain:
         verdict = Verdict(False, verdict.triggers, ["trigger=none: decide and record only"])
+    if shadow is not None and shadow.outcome == "promoted" and verdict.retrain:
+        why = f"shadow v{shadow.shadow} was promoted on live rows: the next run measures the new champion"
+        verdict = Verdict(False, verdict.triggers, [why])
     logger.info("Decision: %s — %s", verdict.outcome, verdict.reason())
     measured = replace(measured, log=prune_task(params, measured, at))
-    result = MonitoringResult(at=at.isoformat(timespec="seconds"), batches=batches, measured=measured, verdict=verdict)
+    result = MonitoringResult(
+        at=at.isoformat(timespec="seconds"), batches=batches, measured=measured, verdict=verdict, shadow=shadow
+    )
     run_id = record_task(params, result)
     training = _start_training(params_path, trigger) if verdict.retrain else None
     if training is not None:
         record_retrain(params, run_id, training)
         logger.info("Training: %s", training)
-    result = MonitoringResult(
-        at=result.at, batches=batches, measured=measured, verdict=verdict, mlflow_run_id=run_id, training=training
-    )
+    result = replace(result, mlflow_run_id=run_id, training=training)
     dashboard_task(params, result)
     create_markdown_artifact(
         render_monitoring(result),

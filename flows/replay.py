@@ -201,8 +201,8 @@ def run_replay(
             waiting = waiting[~due]
             result = monitoring_flow(params_path=str(replay_path), now=end.isoformat())
             timeline.append(_timeline_row(label, len(rows), int(due.sum()), result))
-            if result.training is not None and result.training.promoted:
-                post(f"{url}/admin/reload", {}, request_id=f"{label}.reload")
+            # at once, not within serve.reload_interval_s: a new champion, or a shadow, serves the next period
+            post(f"{url}/admin/reload", {}, request_id=f"{label}.reload")
             row = timeline[-1]
             seen = (
                 f"live {metric} {row['live_seen']:.1f} on {row['live_rows']} labelled"
@@ -213,6 +213,7 @@ def run_replay(
                 f"  {label}: served v{row['served_version']}, {seen}; {row['labels_landed']} labels landed, weighted "
                 f"drift {row['weighted_drift']:.0%}, estimated {row['estimated']:.1f} -> {row['decision']}"
                 + (f"; v{row['retrained_version']} {result.training.outcome}" if result.training else "")
+                + (f"; shadow v{result.shadow.shadow} {result.shadow.outcome}" if result.shadow else "")
             )
             advance(note=f"{label}: {row['decision']}")
     frame = pd.DataFrame(timeline)
@@ -277,6 +278,8 @@ def _timeline_row(label: str, rows: int, landed: int, result: MonitoringResult) 
         "reason": result.verdict.reason(),
         "retrained_version": (training.version or "") if training else "",
         "promoted": bool(training and training.promoted),
+        "shadow": result.shadow.describe() if result.shadow else "",
+        "shadow_promoted": bool(result.shadow and result.shadow.outcome == "promoted"),
         "monitoring_seconds": measured.seconds,
     }
 
@@ -360,7 +363,7 @@ def _log_replay(params, frame: pd.DataFrame, png: Path) -> None:
         metrics={
             "periods": len(frame),
             "retrains": int((frame["decision"] == "retrain").sum()),
-            "promotions": int(frame["promoted"].sum()),
+            "promotions": int(frame["promoted"].sum() + frame["shadow_promoted"].sum()),
         },
     )
     client.log_artifact(run.info.run_id, str(png), "replay")

@@ -332,6 +332,36 @@ def promote(
 
 
 @app.command()
+def shadow(
+    version: Annotated[str | None, typer.Argument(help="The model version to score in shadow.")] = None,
+    retire: Annotated[bool, typer.Option("--retire", help="Remove the shadow instead.")] = False,
+    params: ParamsOption = Path("params.yaml"),
+    as_json: JsonOption = False,
+) -> None:
+    """Put a registered version in shadow by hand (audited): the service scores every request with
+    it too, and monitoring promotes or retires it on labelled live rows. --retire removes it."""
+    import functools
+
+    from pipelines.registry.champion import make_shadow, retire_shadow
+    from pipelines.registry.tracking import model_features, registry_client, registry_lock_target
+
+    p = _params(params)
+    name, client, lock = p.tracking.model_name, registry_client(p), registry_lock_target(p)
+    if retire == (version is not None):
+        raise typer.BadParameter("give a VERSION to put in shadow, or --retire (not both)")
+    if retire:
+        was = retire_shadow(client, name, lock, "by hand (loopline shadow --retire)")
+        result = {"model_name": name, "shadow": None, "retired": was}
+        text = f"{name}: shadow v{was} retired" if was else f"{name}: there was no shadow; nothing changed"
+    else:
+        assert version is not None
+        features = functools.partial(model_features, client, name)
+        text = f"{name}: " + make_shadow(client, name, version, lock, "by hand (loopline shadow)", features)
+        result = {"model_name": name, "shadow": version, "retired": None}
+    _emit(result, as_json, lambda r: text)
+
+
+@app.command()
 def rollback(params: ParamsOption = Path("params.yaml"), as_json: JsonOption = False) -> None:
     """Move the champion back to the version it replaced (audited)."""
     from pipelines.registry.champion import rollback as rollback_champion
@@ -458,6 +488,7 @@ def serve(
     env = {**os.environ, "LOOPLINE_PARAMS": str(params.resolve())}
     if bento is not None:  # the Bento's own working dir is not ours: log predictions here
         env["LOOPLINE_PREDICTION_LOG"] = str(Layout.of(p).prediction_log.resolve())
+    env["LOOPLINE_SERVE_HOST"] = host or p.serve.host  # admin routes need a token beyond loopback
     where = ["--host", host or p.serve.host, "--port", str(port or p.serve.port)]
     _exec("bentoml", ["serve", bento or "serving.service:Predictor", *where], env)
 

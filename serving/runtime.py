@@ -222,17 +222,15 @@ class RegistrySource:
                 engine.dispose()
         self._client = None
 
-    def __call__(self, current: ServedModel | None) -> ServedModel | None:
-        """The champion if it is not the model in service (None: unchanged)."""
-        from pipelines.core.names import CHAMPION
-        from pipelines.model.onnx_engine import ONNX_FILE, PARITY_FILE
+    def aliased(self, alias: str) -> tuple[str | None, str | None]:
+        """(version, run id) the registry's `alias` points at; (None, None) when none."""
         from pipelines.registry.champion import alias_version
-        from pipelines.registry.tracking import load_model_files, tracking_uri
+        from pipelines.registry.tracking import tracking_uri
 
         name = self.params.tracking.model_name
         try:
             client = self._registry()
-            version = alias_version(client, name, CHAMPION)
+            version = alias_version(client, name, alias)
             run_id = client.get_model_version(name, version).run_id if version is not None else None
         except RegistryUnreachable:
             raise
@@ -242,18 +240,33 @@ class RegistrySource:
                 f"tracking store {tracking_uri(self.params)} cannot be read: "
                 f"{type(err).__name__}: {str(err).splitlines()[0]}"
             ) from None
-        if version is None:
-            raise NoChampion(name)
-        if current is not None and (current.version, current.run_id) == (version, run_id):
-            return None
+        return version, (str(run_id) if run_id is not None else None)
+
+    def load(self, alias: str, version: str, run_id: str) -> ServedModel:
+        """Version `version` ready to predict; ChampionLoadFailed names what failed."""
+        from pipelines.model.onnx_engine import ONNX_FILE, PARITY_FILE
+        from pipelines.registry.tracking import load_model_files
+
+        name = self.params.tracking.model_name
         try:
-            model, meta, files = load_model_files(client, name, version, (ONNX_FILE, PARITY_FILE))
+            model, meta, files = load_model_files(self._registry(), name, version, (ONNX_FILE, PARITY_FILE))
+            return ServedModel.of(model, meta, name, version, run_id, self.params, files)
         except Exception as err:  # a missing or damaged artifact
             raise ChampionLoadFailed(
-                f"champion v{version} of {name!r} (run {run_id}) failed to load: "
+                f"{alias} v{version} of {name!r} (run {run_id}) failed to load: "
                 f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             ) from None
-        return ServedModel.of(model, meta, name, version, str(run_id), self.params, files)
+
+    def __call__(self, current: ServedModel | None) -> ServedModel | None:
+        """The champion if it is not the model in service (None: unchanged)."""
+        from pipelines.core.names import CHAMPION
+
+        version, run_id = self.aliased(CHAMPION)
+        if version is None or run_id is None:
+            raise NoChampion(self.params.tracking.model_name)
+        if current is not None and (current.version, current.run_id) == (version, run_id):
+            return None
+        return self.load(CHAMPION, version, run_id)
 
 
 def load_registry_champion(params: Params) -> ServedModel:
@@ -320,10 +333,19 @@ class ChampionHolder:
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self.shadow: Any = None  # the ShadowScorer (serving/shadow.py) that follows the registry with the champion
 
     def refresh(self) -> bool:
-        """Load the champion if it changed; True when the served version changed. A failure
-        to reach the registry or load a model keeps the current model in service."""
+        """Load the champion (and the shadow) if it changed; True when the served version
+        changed. A failure to reach the registry or load a model keeps the current model in
+        service."""
+        try:
+            return self._refresh_champion()
+        finally:
+            if self.shadow is not None:
+                self.shadow.refresh()
+
+    def _refresh_champion(self) -> bool:
         with self._refresh_lock:
             known = self.current.version if self.current else None
             try:
@@ -362,19 +384,17 @@ class ChampionHolder:
 
     def _alert(self, serving: str, problem: str) -> None:
         """Tell the `alerts:` targets, off the request and polling path (delivery can be slow)."""
-        if not self.params.alerts:
-            return
-        from pipelines.core.alerts import Alert, send
+        from pipelines.core.alerts import Alert, send_in_background
 
         alert = Alert(
             event="champion not loaded",
             title=f"the {self.params.tracking.model_name} service could not load the champion",
             what=f"the service ({self.source}, pid {os.getpid()}) is serving {serving}",
             why=problem,
-            where=f"the service's log and its /status; tracking store {self.params.tracking.uri}",
+            where=f"the service's log and its /model; tracking store {self.params.tracking.uri}",
             level="failure",
         )
-        threading.Thread(target=send, args=(self.params.alerts, alert), name="alert", daemon=True).start()
+        send_in_background(self.params.alerts, alert)
 
     def start_polling(self, interval_s: float) -> None:
         if interval_s <= 0 or self._poller is not None:
@@ -409,6 +429,7 @@ class ChampionHolder:
             "engine": served.engine_name if served else None,
             "engine_reason": served.engine_reason if served else None,
             "threads": dict(MODEL_THREADS),
+            "shadow": self.shadow.status() if self.shadow is not None else None,
         }
 
 

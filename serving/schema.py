@@ -132,6 +132,18 @@ class BatchPrediction(BaseModel):
     request_ids: list[str]
 
 
+class ShadowStatus(BaseModel):
+    version: str | None
+    run_id: str | None
+    loaded: bool
+    rows_scored: int
+    rows_skipped: int  # the queue was full: never scored
+    rows_failed: int  # the shadow raised
+    queued_rows: int
+    queue_rows: int  # serve.shadow_queue_rows
+    last_error: str | None
+
+
 class ServiceStatus(BaseModel):
     model_name: str
     model_version: str | None
@@ -143,6 +155,7 @@ class ServiceStatus(BaseModel):
     engine: str | None  # onnx | python: what predicts
     engine_reason: str | None  # why that engine
     threads: dict[str, int]  # native thread pools as the threads that call the model hold them
+    shadow: ShadowStatus | None = None  # the registry's `shadow`, scored after each answer
 
 
 def request_records(frame: pd.DataFrame, params: Params) -> list[dict[str, Any]]:

@@ -249,6 +249,8 @@ class RequestGuard:
         headers = dict(scope["headers"])
         REQUEST.set(headers.get(b"x-request-id", b"-").decode("latin-1")[:64])
         path = scope["path"]
+        if path.startswith("/admin/") and (refused := admin_refusal(headers.get(b"authorization"))) is not None:
+            return await self._reject(send, 401, refused, path)
         media = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
         if media != b"application/json":
             return await self._reject(
@@ -280,6 +282,39 @@ class RequestGuard:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+@functools.cache
+def admin_token() -> str | None:
+    """$LOOPLINE_ADMIN_TOKEN, else the contents of serve.admin_token_file; None: no token."""
+    token = os.environ.get("LOOPLINE_ADMIN_TOKEN")
+    if not token and PARAMS.serve.admin_token_file:
+        token = Path(PARAMS.serve.admin_token_file).read_text(encoding="utf-8").strip()
+    return token or None
+
+
+def admin_refusal(authorization: bytes | None) -> str | None:
+    """Why a POST /admin/* is refused (None: allowed). A configured token is always required;
+    without one the admin routes are open on loopback only ($LOOPLINE_SERVE_HOST, set by
+    `loopline serve`, else serve.host)."""
+    import hmac
+
+    token = admin_token()
+    host = os.environ.get("LOOPLINE_SERVE_HOST") or PARAMS.serve.host
+    if token is None:
+        if host in LOOPBACK:
+            return None
+        return (
+            f"the service listens on {host}, beyond loopback: admin routes need a token "
+            "(set LOOPLINE_ADMIN_TOKEN or serve.admin_token_file, send Authorization: Bearer <token>)"
+        )
+    given = (authorization or b"").decode("latin-1")
+    if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].strip().encode(), token.encode()):
+        return "admin routes need the header Authorization: Bearer <token> with the service's admin token"
+    return None
 
 
 def _load_bento_model(path: Path):
@@ -314,13 +349,17 @@ class Predictor:
         limit_threads(PARAMS.serve.model_threads)
         if BENTO_MODEL:
             self.holder = ChampionHolder(PARAMS, _load_bento_model(Path(self.bento_model.path)), f"bento {BENTO_MODEL}")
-        else:
-            self.holder = ChampionHolder(PARAMS, RegistrySource(PARAMS), "registry")
+        self.prediction_log = PredictionLog(os.environ.get("LOOPLINE_PREDICTION_LOG") or log_location(PARAMS))
+        if not BENTO_MODEL:
+            from serving.shadow import ShadowScorer
+
+            source = RegistrySource(PARAMS)
+            self.holder = ChampionHolder(PARAMS, source, "registry")
+            self.holder.shadow = ShadowScorer(PARAMS, source, self.prediction_log)  # a Bento holds one model: no shadow
         _HOLDER[:] = [self.holder]
         self.holder.refresh()
         if not BENTO_MODEL:
             self.holder.start_polling(PARAMS.serve.reload_interval_s)
-        self.prediction_log = PredictionLog(os.environ.get("LOOPLINE_PREDICTION_LOG") or log_location(PARAMS))
         self.batcher = MicroBatcher(
             self._predict_single, PARAMS.serve.max_batch_size, PARAMS.serve.batch_wait_ms / 1000
         )
@@ -345,6 +384,8 @@ class Predictor:
         served = self.holder.require()  # one model for the whole batch, even if a reload lands meanwhile
         predictions, probabilities = predict_records(served, records, PARAMS)
         self.prediction_log.append(served, request_ids, records, predictions, probabilities)
+        if self.holder.shadow is not None:  # answered: the shadow scores these rows later, if there is room
+            self.holder.shadow.offer(records, request_ids)
         PREDICTIONS.labels(model_version=served.version).inc(len(records))
         BATCH_ROWS.observe(len(records))
         return served, predictions, probabilities

@@ -275,6 +275,14 @@ def start_service(args: list[str], tmp: Path, port: int) -> subprocess.Popen:
     )
 
 
+def wait_until(condition, timeout: float = 30.0, interval: float = 0.1) -> None:
+    """Until `condition()` is true; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not true within {timeout:g} s: {condition}"
+        time.sleep(interval)
+
+
 def wait_for_version(client, version: str, timeout: float = 30) -> None:
     """Until the service (an httpx client) serves `version`."""
     deadline = time.monotonic() + timeout

@@ -20,7 +20,7 @@ Level = Literal["info", "success", "warning", "failure"]
 
 @dataclass(frozen=True)
 class Alert:
-    event: str  # retrain | promoted | challenger rejected | batch rejected | flow failed | champion not loaded
+    event: str  # retrain | promoted | challenger rejected | in shadow | shadow promoted | ... | champion not loaded
     title: str
     what: str  # what happened
     why: str
@@ -55,3 +55,12 @@ def send(targets: list[str], alert: Alert, warn: Callable[[str], object] = log.w
     if not delivered:
         warn(f"alert {alert.event!r} ({alert.title}) was not delivered to every target: {problem}")
     return delivered
+
+
+def send_in_background(targets: list[str], alert: Alert) -> None:
+    """`send` in a thread of its own: a service's request and polling paths never wait for a
+    slow target."""
+    import threading
+
+    if targets:
+        threading.Thread(target=send, args=(targets, alert), name="alert", daemon=True).start()

@@ -250,6 +250,17 @@ class PromotionConfig(_Section):
     refused when it is surely worse on them; both — it must be surely better on them too."""
     recent_min_rows: int = Field(100, ge=2)
     """Fewer recent rows than this: the test rows decide alone."""
+    shadow: Literal["off", "uncertain", "always"] = "uncertain"
+    """A challenger the test rows do not promote can serve in shadow (the registry alias
+    `shadow`): the service scores every request with it too, off the request path, and
+    monitoring promotes it on its labelled live error. uncertain — a challenger neither surely
+    better nor surely worse on the test rows (or vetoed by the recent rows); always — every
+    challenger not surely worse; off — none. At most one shadow: a newer one replaces it."""
+    shadow_min_rows: int = Field(200, ge=2)
+    """Labelled live rows both the shadow and the champion answered before the shadow is
+    judged: promoted when surely better on them, retired when surely worse."""
+    shadow_max_days: float = Field(14.0, gt=0.0)
+    """A shadow not judged better within this many days is retired."""
 
     @model_validator(mode="after")
     def _check(self) -> PromotionConfig:
@@ -423,6 +434,14 @@ class ServeConfig(_Section):
     the service refuses a model without one or that fails the parity check), python (the fitted
     pipeline), or auto (onnx when it converted and agrees with the Python model on its reference
     rows, else python, saying why)."""
+    shadow_queue_rows: int = Field(10_000, ge=1)
+    """Rows waiting for the shadow model at most; when the queue is full, the shadow skips the
+    request (counted in /model): it never delays or fails an answer."""
+    admin_token_file: str | None = None
+    """A file holding the token that POST /admin/* routes require (header Authorization: Bearer
+    <token>); $LOOPLINE_ADMIN_TOKEN takes precedence. Required when the service listens beyond
+    loopback (serve.host other than 127.0.0.1/localhost/::1): without one, admin routes answer
+    401. On loopback without a token they stay open."""
     model_threads: int = Field(1, ge=1)
     """Native threads per worker for model calls (ONNX Runtime's session, OpenMP and BLAS through
     threadpoolctl, torch): a training beside the service cannot make a one-row prediction wait for
@@ -450,9 +469,11 @@ class PolicyConfig(_Section):
     """retrain: scheduled retrains every this many batches."""
     monitor: dict[str, Any] = {}
     """Keys of `monitor:` this policy overrides."""
-    gate: Literal["bootstrap", "point"] = "bootstrap"
-    """How a retrained model is promoted: the bootstrap evidence of `promotion:`, or the point
-    metric alone (better on the test rows by any margin)."""
+    gate: Literal["bootstrap", "point", "shadow"] = "bootstrap"
+    """How a retrained model is promoted: the bootstrap evidence of `promotion:`, the point
+    metric alone (better on the test rows by any margin), or shadow: the bootstrap, and a
+    challenger it leaves uncertain (`promotion.shadow`) serves in shadow for one period, then
+    is promoted if surely better on the labelled rows both answered (retired otherwise)."""
 
 
 DEFAULT_POLICIES = [

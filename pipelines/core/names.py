@@ -6,6 +6,7 @@ from __future__ import annotations
 # Registry aliases: the model in service, and the newest registered challenger.
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+SHADOW = "shadow"  # a challenger scored on live traffic beside the champion (promotion.shadow)
 
 # Prefect deployments served by `loopline deploy`; monitoring starts a retrain through the first.
 TRAINING_DEPLOYMENT = "scheduled-training"
@@ -80,6 +81,7 @@ ESTIMATE = "loopline.estimate"  # the label-free estimate, or why there is none
 LABELS = "loopline.labels"  # which labelled rows were measured how (live by id / by time, offline)
 PENDING = "loopline.pending"  # a retrain decided and waiting for labels: "<since>: <reason>", open until one runs
 LOG_SIZE = "loopline.log_size"  # the prediction log's rows and bytes after the run's prune
+SHADOW_JUDGEMENT = "loopline.shadow"  # what the run made of the shadow: promoted, retired or kept, and on what
 
 
 # Promotion evidence, on the challenger's version, the champion's version and the training run.
@@ -90,6 +92,10 @@ EVIDENCE_METHOD = "loopline.evidence.method"
 EVIDENCE_RECENT = "loopline.evidence.recent"  # the recent-row interval, or why there was none
 EVIDENCE_RECENT_ROWS = "loopline.evidence.recent_rows"
 EVIDENCE_RULE = "loopline.evidence.rule"  # promotion.recent_rule
+EVIDENCE_LIVE = "loopline.evidence.live"  # the live shadow rows' interval, on a version promoted from shadow
+EVIDENCE_LIVE_ROWS = "loopline.evidence.live_rows"
+SHADOW_SINCE = "loopline.shadow.since"  # when a version became the shadow, and why
+SHADOW_OUTCOME = "loopline.shadow.outcome"  # promoted | retired | replaced: when and why
 
 
 def last_challenge_tag(evidence_tag: str) -> str:

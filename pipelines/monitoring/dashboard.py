@@ -82,6 +82,15 @@ def _panels(params: Params) -> list[Any]:
             description=f"{better} is better",
             size="half",
         ),
+        line_plot_panel(
+            f"Shadow against the champion: live {metric}",
+            [
+                loop("shadow_live_metric", f"shadow's live {metric}"),
+                loop("shadow_champion_metric", f"champion's live {metric} on the same rows"),
+            ],
+            description=f"On every labelled request both answered since the shadow started; {better} is better",
+            size="half",
+        ),
         bar_plot_panel(
             "Labelled rows measured",
             [loop("live_rows", "live (a served prediction joined)"), loop("offline_rows", "offline (scored now)")],
@@ -157,6 +166,12 @@ def loop_values(result: MonitoringResult, params: Params) -> dict[str, float]:
     values["offline_rows"] = float(measured.offline.rows if measured.offline else 0)
     if measured.estimate is not None and measured.estimate.value is not None:
         values["estimated_metric"] = measured.estimate.value
+    shadow = result.shadow
+    if shadow is not None:
+        values["shadow_rows"] = float(shadow.pairs)
+        if shadow.live is not None:
+            values["shadow_live_metric"] = shadow.live.challenger
+            values["shadow_champion_metric"] = shadow.live.champion
     return values
 
 

@@ -123,6 +123,37 @@ def _live(answered: pd.DataFrame, params: Params, baseline: float | str) -> Live
     )
 
 
+def answered_rows(window: pd.DataFrame, log: pd.DataFrame, params: Params) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The labelled rows of a landed window that a logged answer in `log` answers (by request
+    id, else by monitor.time_key): request_id, ts, model_version, prediction, the target and
+    `how` (id | time); and the labelled rows nothing answered."""
+    cfg, target = params.monitor, params.data.target
+    if target not in window or not window[target].notna().any():
+        return pd.DataFrame(), pd.DataFrame()
+    rows = window[window[target].notna()]
+    at = match_answers(rows, log, params)
+    hit = at >= 0
+    if not hit.any():
+        return pd.DataFrame(), rows
+    answers = log.iloc[at[hit].to_numpy()]
+    by_id = (
+        rows.loc[hit, cfg.id_column].astype(str).to_numpy() == answers["request_id"].astype(str).to_numpy()
+        if cfg.id_column and cfg.id_column in rows
+        else np.zeros(int(hit.sum()), dtype=bool)
+    )
+    met = pd.DataFrame(
+        {
+            "request_id": answers["request_id"].astype(str).to_numpy(),
+            "ts": answers["ts"].astype(str).to_numpy() if "ts" in answers else "",
+            target: rows.loc[hit, target].to_numpy(),
+            PREDICTION: answers[PREDICTION].to_numpy(),
+            "model_version": answers["model_version"].astype(str).to_numpy(),
+            "how": np.where(by_id, "id", "time"),
+        }
+    )
+    return met, rows[~hit]
+
+
 def labelled_metrics(
     window: pd.DataFrame,
     log: pd.DataFrame,
@@ -140,29 +171,9 @@ def labelled_metrics(
     cfg, target = params.monitor, params.data.target
     metric, _ = params.metric
     parts = [answered[[target, PREDICTION, "model_version", "how"]]] if answered is not None and len(answered) else []
-    rest = pd.DataFrame()
-    if target in window and window[target].notna().any():
-        rows = window[window[target].notna()]
-        at = match_answers(rows, log, params)
-        hit = at >= 0
-        if hit.any():
-            answers = log.iloc[at[hit].to_numpy()]
-            by_id = (
-                rows.loc[hit, cfg.id_column].astype(str).to_numpy() == answers["request_id"].astype(str).to_numpy()
-                if cfg.id_column and cfg.id_column in rows
-                else np.zeros(int(hit.sum()), dtype=bool)
-            )
-            parts.append(
-                pd.DataFrame(
-                    {
-                        target: rows.loc[hit, target].to_numpy(),
-                        PREDICTION: answers[PREDICTION].to_numpy(),
-                        "model_version": answers["model_version"].astype(str).to_numpy(),
-                        "how": np.where(by_id, "id", "time"),
-                    }
-                )
-            )
-        rest = rows[~hit]
+    met, rest = answered_rows(window, log, params)
+    if len(met):
+        parts.append(met[[target, PREDICTION, "model_version", "how"]])
     if not parts and rest.empty:
         return Labelled(note="no labels in window")
     live, earlier, notes = None, {}, []

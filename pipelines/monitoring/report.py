@@ -13,6 +13,7 @@ from pipelines.core.config import Params
 from pipelines.core.layout import Layout
 from pipelines.monitoring.estimate import Estimate
 from pipelines.monitoring.run import Measurement, MonitoringResult, Retrain, Window
+from pipelines.monitoring.shadow import ShadowJudgement
 
 if TYPE_CHECKING:
     from pipelines.core.alerts import Alert
@@ -54,6 +55,12 @@ def describe_estimate(estimate: Estimate | None, champion_metric: float | None) 
         f"{estimate.method} estimates {estimate.metric} {estimate.value:.4f} on {estimate.rows} rows without labels "
         f"(champion's test {estimate.metric} {tested}; {estimate.reference:.4f} on the rows it was fitted on)"
     )
+
+
+def describe_shadow(shadow: ShadowJudgement) -> str:
+    """The shadow's line: what became of it, on how many live rows, with both intervals."""
+    test = f"; test rows: {shadow.test}" if shadow.test else ""
+    return f"{shadow.describe()}; {shadow.new_pairs} of the pairs from this run{test}"
 
 
 def describe_window(window: Window, measured: Measurement) -> str:
@@ -112,6 +119,8 @@ def render_monitoring(result: MonitoringResult) -> str:
             blocks.append(describe_estimate(primary.estimate, measured.champion_metric))
             reports = "; ".join(f"{w.source} {w.report}" for w in measured.windows if w.report)
             blocks.append(f"Evidently reports: {reports}; the history: `loopline dashboard`")
+    if result.shadow is not None:
+        blocks.append(describe_shadow(result.shadow))
     blocks.append(f"decision: {verdict.outcome} — {verdict.reason()}")
     if result.training is not None:
         t = result.training
@@ -164,6 +173,25 @@ def monitoring_alerts(params: Params, result: MonitoringResult) -> list[Alert]:
                 why=verdict.reason(),
                 where=f"{where}; Evidently report {result.measured.report}",
                 level="warning",
+            )
+        )
+    shadow = result.shadow
+    if shadow is not None and shadow.outcome != "kept":
+        promoted = shadow.outcome == "promoted"
+        alerts.append(
+            Alert(
+                event=f"shadow {shadow.outcome}",
+                title=f"{name} v{shadow.shadow} "
+                + ("is the new champion, on live shadow rows" if promoted else "retired from shadow"),
+                what=f"monitoring at {result.at} "
+                + (
+                    f"promoted shadow v{shadow.shadow} to champion, replacing v{shadow.champion}"
+                    if promoted
+                    else f"retired shadow v{shadow.shadow}; champion v{shadow.champion} keeps serving"
+                ),
+                why=f"live rows: {shadow.reason}; test rows: {shadow.test or 'not recorded'}",
+                where=f"{where}; `loopline card {shadow.shadow}`",
+                level="success" if promoted else "info",
             )
         )
     return alerts
@@ -235,6 +263,22 @@ def _metrics(measured: Measurement) -> dict[str, float]:
     return values
 
 
+def _shadow_metrics(shadow: ShadowJudgement | None) -> dict[str, float]:
+    if shadow is None:
+        return {}
+    values: dict[str, float] = {"shadow_rows": shadow.pairs, "shadow_new_rows": shadow.new_pairs}
+    live = shadow.live
+    if live is not None:
+        values |= {
+            f"shadow_live_{live.metric}": live.challenger,
+            f"shadow_champion_live_{live.metric}": live.champion,
+            "shadow_improvement": live.improvement,
+            "shadow_improvement_low": live.low,
+            "shadow_improvement_high": live.high,
+        }
+    return values
+
+
 def record(params: Params, result: MonitoringResult) -> str:
     """One run in the monitoring experiment: drift scores per source, live metrics, decision
     and reasons as tags, the Evidently reports as artifacts. Returns its run id."""
@@ -271,7 +315,10 @@ def record(params: Params, result: MonitoringResult) -> str:
         "batches_accepted": sum(b.status == "accepted" for b in result.batches),
         "batches_rejected": sum(b.status == "rejected" for b in result.batches),
         **_metrics(measured),
+        **_shadow_metrics(result.shadow),
     }
+    if result.shadow is not None:
+        tags[names.SHADOW_JUDGEMENT] = describe_shadow(result.shadow)[:5000]
     run = client.create_run(experiment_id, run_name=f"monitoring-{result.at}", tags=tags)
     log_dict_batch(client, run.info.run_id, metrics=metrics)
     for window in measured.windows:

@@ -35,6 +35,7 @@ from pipelines.monitoring.estimate import Estimate
 from pipelines.monitoring.labels import LabelFeed, LabelFile, LiveMetric
 from pipelines.monitoring.policy import Verdict
 from pipelines.monitoring.prediction_log import LogSize
+from pipelines.monitoring.shadow import ShadowJudgement
 
 Source = Literal["served", "landed"]
 
@@ -80,6 +81,7 @@ class Measurement:
     pending: str = ""  # an open pending retrain: "<since>: <reason>"
     log: LogSize | None = None  # the prediction log's size after this run's prune
     seconds: float = 0.0
+    answered: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)  # labelled answers: the shadow's pairs
 
     @property
     def primary(self) -> Window | None:
@@ -137,6 +139,7 @@ class MonitoringResult:
     verdict: Verdict
     mlflow_run_id: str | None = None
     training: Retrain | None = None
+    shadow: ShadowJudgement | None = None  # the shadow judged on live rows (None: no shadow)
 
 
 def last_training_arrival(client, experiment_id: str) -> str | None:
@@ -385,7 +388,7 @@ def measure(params: Params, at: datetime | None = None, feed: LabelFeed | None =
     from pipelines.core.names import CHAMPION
     from pipelines.data.arrivals import stored_files
     from pipelines.monitoring.drift import REFERENCE_ROWS
-    from pipelines.monitoring.labels import labelled_metrics
+    from pipelines.monitoring.labels import answered_rows, labelled_metrics
     from pipelines.monitoring.prediction_log import log_location, log_size, prediction_log_exists
     from pipelines.registry.champion import alias_version
     from pipelines.registry.tracking import client_for, monitoring_experiment
@@ -405,17 +408,15 @@ def measure(params: Params, at: datetime | None = None, feed: LabelFeed | None =
     feed = feed or LabelFeed()
     metric, _ = params.metric
     tested = champion.mv.tags.get(names.version_metric_tag(metric))
-    labelled = None
+    labelled, answered = None, feed.answered
     if not landed_rows.empty or len(feed.answered):
         meta = champion.loaded[1]
+        landed_answers = _answers_for(landed_rows, location, params)
         labelled = labelled_metrics(
-            landed_rows,
-            _answers_for(landed_rows, location, params),
-            params,
-            meta["baseline"],
-            champion=version,
-            answered=feed.answered,
+            landed_rows, landed_answers, params, meta["baseline"], champion=version, answered=feed.answered
         )
+        met, _ = answered_rows(landed_rows, landed_answers, params)
+        answered = pd.concat([f for f in (feed.answered, met) if len(f)], ignore_index=True) if len(met) else answered
     seen = last_training_arrival(client, training_id)
     since = [f for f in stored_files(layout.arrivals) if seen is None or seen == "none" or f.name > seen]
     windows = [served, landed]
@@ -449,6 +450,7 @@ def measure(params: Params, at: datetime | None = None, feed: LabelFeed | None =
         pending=open_pending(monitoring_client, monitoring_id),
         log=log_size(location) if prediction_log_exists(location) else None,
         seconds=round(time.perf_counter() - started, 3),
+        answered=answered,
     )
 
 

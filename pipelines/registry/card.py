@@ -238,8 +238,15 @@ def build_card(client, params: Params, name: str, version: str) -> str:
     interval = mv.tags.get(names.EVIDENCE_INTERVAL)
     if interval:
         lines.append(
-            f"Bootstrap against the champion it was judged with: {interval} ({mv.tags.get(names.EVIDENCE_METHOD, '')})"
+            f"Bootstrap against the champion it was judged with, on test rows: {interval} "
+            f"({mv.tags.get(names.EVIDENCE_METHOD, '')})"
         )
+    live = mv.tags.get(names.EVIDENCE_LIVE)
+    if live:
+        lines.append(f"On live shadow rows (labelled requests both models answered): {live}")
+    for tag, what in ((names.SHADOW_SINCE, "In shadow since"), (names.SHADOW_OUTCOME, "Shadow")):
+        if mv.tags.get(tag):
+            lines.append(f"{what}: {mv.tags[tag]}")
     lines.append("## Metrics by slice (test rows)")
     if slices:
         lines.append(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipelines.core import names
 from pipelines.core.errors import LooplineError
-from pipelines.registry.evidence import Evidence
+from pipelines.registry.evidence import Comparison, Evidence
 
 
 def _now() -> str:
@@ -88,6 +88,7 @@ class Decision:
     champion_before: str | None
     reason: str
     evidence: Evidence | None = None  # None: there was no champion to compare with
+    shadow: str = ""  # what became of the challenger as a shadow (promotion.shadow), "" when nothing
 
 
 def evidence_tags(evidence: Evidence) -> dict[str, str]:
@@ -110,9 +111,98 @@ def evidence_tags(evidence: Evidence) -> dict[str, str]:
     }
 
 
-def promote_if_better(client, name: str, version: str, judge: Callable[[str], Evidence], tracking_uri: str) -> Decision:
+def feature_difference(mine: list[str], theirs: list[str], champion: str) -> str | None:
+    """Why a model cannot shadow champion `champion` (None: it can): a shadow answers the
+    champion's requests, so it must read the same features, in the same order."""
+    if list(mine) == list(theirs):
+        return None
+    extra, missing = [c for c in mine if c not in theirs], [c for c in theirs if c not in mine]
+    if not extra and not missing:
+        return f"it reads the features of champion v{champion} in another order"
+    return (
+        f"its features differ from champion v{champion}'s: it reads {extra or 'no column'} the champion does not, "
+        f"and lacks {missing or 'no column'}"
+    )
+
+
+def _require_version(client, name: str, version: str) -> None:
+    try:
+        client.get_model_version(name, version)
+    except Exception:
+        raise LooplineError("registry", f"model {name!r} has no version {version}") from None
+
+
+def make_shadow(
+    client, name: str, version: str, tracking_uri: str, why: str, features_of: Callable[[str], list[str]]
+) -> str:
+    """Alias `version` as the shadow by hand (audited); refused, naming the columns, when its
+    features (`features_of(version)`: pipelines.registry.tracking.model_features) are not the
+    champion's. Returns what happened."""
+    with registry_lock(tracking_uri):
+        _require_version(client, name, version)
+        champion = alias_version(client, name, names.CHAMPION)
+        if champion is None:
+            raise LooplineError("registry", f"model {name!r} has no champion for a shadow to run beside")
+        if champion == version:
+            raise LooplineError("registry", f"v{version} is the champion of {name!r}; a shadow is another version")
+        refused = feature_difference(features_of(version), features_of(champion), champion)
+        if refused:
+            raise LooplineError("registry", f"v{version} of {name!r} cannot be the shadow: {refused}")
+        return set_shadow(client, name, version, why)
+
+
+def retire_shadow(client, name: str, tracking_uri: str, why: str) -> str | None:
+    """Remove the shadow by hand (audited); returns the version it was, None when there was none."""
+    with registry_lock(tracking_uri):
+        current = alias_version(client, name, names.SHADOW)
+        if current is not None:
+            end_shadow(client, name, current, f"retired: {why}")
+        return current
+
+
+def shadow_wanted(mode: str, evidence: Evidence) -> bool:
+    """Whether a challenger that was not promoted serves in shadow (promotion.shadow):
+    uncertain — its test-row interval straddles min_improvement, or the recent rows vetoed
+    it; always — it is not surely worse on the test rows."""
+    test = evidence.test
+    if mode == "always":
+        return not test.worse
+    if mode == "uncertain":
+        return evidence.vetoed or test.low <= test.min_improvement <= test.high
+    return False
+
+
+def set_shadow(client, name: str, version: str, reason: str) -> str:
+    """Alias `version` as the shadow (under the registry lock, which the caller holds),
+    replacing any other, audited on both; returns what happened, for the decision."""
+    current = alias_version(client, name, names.SHADOW)
+    at = _now()
+    if current is not None and current != version:
+        client.set_model_version_tag(name, current, names.SHADOW_OUTCOME, f"replaced at {at} by v{version}")
+    client.set_model_version_tag(name, version, names.SHADOW_SINCE, f"{at}: {reason}"[:5000])
+    client.set_registered_model_alias(name, names.SHADOW, version)
+    return f"v{version} serves in shadow" + (f", replacing shadow v{current}" if current not in (None, version) else "")
+
+
+def end_shadow(client, name: str, version: str, outcome: str) -> None:
+    """The shadow alias removed from `version` (under the registry lock), with why."""
+    client.set_model_version_tag(name, version, names.SHADOW_OUTCOME, f"{outcome} at {_now()}"[:5000])
+    client.delete_registered_model_alias(name, names.SHADOW)
+
+
+def promote_if_better(
+    client,
+    name: str,
+    version: str,
+    judge: Callable[[str], Evidence],
+    tracking_uri: str,
+    shadow: str = "off",
+    refuse_shadow: Callable[[str], str | None] = lambda champion: None,
+) -> Decision:
     """Make `version` champion if there is none, or if `judge` (the challenger against the
-    champion version it is given: test rows and recent rows) finds it surely better."""
+    champion version it is given: test rows and recent rows) finds it surely better. If not,
+    and `shadow` (promotion.shadow) says so, it becomes the shadow, unless `refuse_shadow`
+    (given the champion's version) names a reason it cannot be one (other features)."""
     with registry_lock(tracking_uri):
         current = alias_version(client, name, names.CHAMPION)
         evidence: Evidence | None = None
@@ -135,6 +225,18 @@ def promote_if_better(client, name: str, version: str, judge: Callable[[str], Ev
             if current is not None:
                 client.set_model_version_tag(name, version, names.PREVIOUS_CHAMPION, current)
             client.set_registered_model_alias(name, names.CHAMPION, version)
+            standing = alias_version(client, name, names.SHADOW)
+            if standing is not None and standing != version:  # it was judged against the old champion
+                end_shadow(client, name, standing, f"retired: the champion changed to v{version} on test rows")
+        elif evidence is not None and shadow_wanted(shadow, evidence):
+            refused = refuse_shadow(current or "")
+            outcome = (
+                f"not a shadow: {refused}"
+                if refused
+                else set_shadow(client, name, version, f"promotion.shadow {shadow}: {evidence.verdict} on test rows")
+            )
+            decision = Decision(promoted, version, current, f"{reason}; {outcome}", evidence, outcome)
+            client.set_model_version_tag(name, version, names.DECISION_REASON, decision.reason[:5000])
         if current is not None and evidence is not None:
             client.set_model_version_tag(
                 name,
@@ -147,16 +249,54 @@ def promote_if_better(client, name: str, version: str, judge: Callable[[str], Ev
         return decision
 
 
+def live_evidence_tags(live: Comparison) -> dict[str, str]:
+    """The live shadow rows' comparison as tags, beside the test rows' (evidence_tags)."""
+    return {
+        names.EVIDENCE_LIVE: f"{live.metric} improvement {live.improvement:+.2%}, {1 - live.alpha:.0%} interval "
+        f"{live.interval} on {live.rows} live shadow rows ({live.method}, {live.resamples} resamples)",
+        names.EVIDENCE_LIVE_ROWS: str(live.rows),
+    }
+
+
+def promote_shadow(
+    client, name: str, shadow: str, champion: str, reason: str, tags: dict[str, str], tracking_uri: str
+) -> bool:
+    """Make the shadow champion on its live evidence, if neither alias moved since it was
+    judged (False: one did, nothing changed). Audited as a promotion, on both versions."""
+    with registry_lock(tracking_uri):
+        if (
+            alias_version(client, name, names.SHADOW) != shadow
+            or alias_version(client, name, names.CHAMPION) != champion
+        ):
+            return False
+        audit = {
+            names.DECISION: "promoted",
+            names.DECISION_REASON: reason[:5000],
+            names.DECIDED_AT: _now(),
+            names.PREVIOUS_CHAMPION: champion,
+            **tags,
+        }
+        for key, value in audit.items():
+            client.set_model_version_tag(name, shadow, key, value)
+        client.set_model_version_tag(
+            name, champion, names.LAST_CHALLENGE, f"v{shadow}: lost on live shadow rows ({reason})"[:5000]
+        )
+        end_shadow(client, name, shadow, "promoted to champion on live shadow rows")
+        client.set_registered_model_alias(name, names.CHAMPION, shadow)
+        return True
+
+
 def promote(client, name: str, version: str, tracking_uri: str, reason: str = "manual") -> str | None:
     """Make `version` champion by hand; returns the version it replaced."""
     with registry_lock(tracking_uri):
-        try:
-            client.get_model_version(name, version)
-        except Exception:
-            raise LooplineError("registry", f"model {name!r} has no version {version}") from None
+        _require_version(client, name, version)
         current = alias_version(client, name, names.CHAMPION)
         if current == version:
             return current
+        standing = alias_version(client, name, names.SHADOW)
+        if standing is not None:
+            outcome = f"promoted by {reason}" if standing == version else f"retired: v{version} promoted by {reason}"
+            end_shadow(client, name, standing, outcome)
         if current is not None:
             client.set_model_version_tag(name, version, names.PREVIOUS_CHAMPION, current)
         client.set_model_version_tag(name, version, names.PROMOTED, f"{_now()} by {reason}, replacing v{current}")

@@ -44,7 +44,7 @@ class Challenger:
 class Registration:
     """What became of a search's best model."""
 
-    outcome: str  # promoted to champion | kept the champion | nothing new | skipped
+    outcome: str  # promoted to champion | in shadow | kept the champion | nothing new | skipped
     reason: str
     model_name: str
     version: str | None = None
@@ -69,7 +69,13 @@ def register_best(params: Params, challenger: Challenger) -> Registration:
     training fingerprint) is not registered again."""
     from pipelines.core.names import CHAMPION
     from pipelines.registry.card import log_card
-    from pipelines.registry.champion import alias_version, evidence_tags, promote_if_better, register
+    from pipelines.registry.champion import (
+        alias_version,
+        evidence_tags,
+        feature_difference,
+        promote_if_better,
+        register,
+    )
     from pipelines.registry.evidence import judge_on
     from pipelines.registry.lineage import libraries
     from pipelines.registry.tracking import client_for, load_model_version, registry_lock_target
@@ -111,9 +117,11 @@ def register_best(params: Params, challenger: Challenger) -> Registration:
     challenger_model, challenger_meta = load_model_version(client, name, version)
     challenger_predictions = predictions_of(challenger_model, challenger_meta, test)
     target = params.data.target
+    champion_features: dict[str, list[str]] = {}
 
     def judge(champion_version: str) -> Evidence:
         model, meta = load_model_version(client, name, champion_version)
+        champion_features[champion_version] = list(meta["features"])
         champion_run = client.get_run(client.get_model_version(name, champion_version).run_id)
         recent, note = recent_rows(params, champion_run.data.tags.get(names.LAST_ARRIVAL))
         enough = len(recent) >= params.promotion.recent_min_rows
@@ -133,7 +141,14 @@ def register_best(params: Params, challenger: Challenger) -> Registration:
             ordered=bool(params.split.order_by),
         )
 
-    decision = promote_if_better(client, name, version, judge, registry_lock_target(params))
+    def refuse_shadow(champion_version: str) -> str | None:
+        return feature_difference(
+            challenger_meta["features"], champion_features.get(champion_version, []), champion_version
+        )
+
+    decision = promote_if_better(
+        client, name, version, judge, registry_lock_target(params), params.promotion.shadow, refuse_shadow
+    )
     evidence = decision.evidence
     _set_tags(
         client,
@@ -147,7 +162,11 @@ def register_best(params: Params, challenger: Challenger) -> Registration:
     )
     card = log_card(client, params, name, version)  # after the decision, which the card reports
     return Registration(
-        outcome="promoted to champion" if decision.promoted else "kept the champion",
+        outcome="promoted to champion"
+        if decision.promoted
+        else "in shadow"
+        if decision.shadow.startswith(f"v{version} serves in shadow")
+        else "kept the champion",
         reason=decision.reason,
         model_name=name,
         version=version,
@@ -222,6 +241,16 @@ def registration_alert(params: Params, challenger: Challenger, decision: Registr
             why=decision.reason,
             where=where,
             level="success",
+        )
+    if decision.outcome == "in shadow":
+        return Alert(
+            event="challenger in shadow",
+            title=f"{name} v{version} serves in shadow beside champion v{decision.champion_before}",
+            what=f"challenger v{version} ({challenger.best}) was not promoted on the test rows; the service "
+            "scores every request with it too, and monitoring promotes or retires it on the labelled live rows",
+            why=decision.reason,
+            where=where,
+            level="info",
         )
     return Alert(
         event="challenger rejected",

@@ -284,6 +284,16 @@ def load_model_version(client, name: str, version: str) -> tuple[Any, dict[str, 
     return model, metadata
 
 
+def model_features(client, name: str, version: str) -> list[str]:
+    """The feature columns a registered version reads, from its MLmodel metadata only."""
+    from mlflow.models import Model
+
+    run_id = client.get_model_version(name, version).run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/MLmodel", tmp))
+        return list((Model.load(str(local)).metadata or {}).get("features", []))
+
+
 def load_model_files(
     client, name: str, version: str, extra: tuple[str, ...] = ()
 ) -> tuple[Any, dict[str, Any], dict[str, bytes]]:

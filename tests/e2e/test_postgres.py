@@ -3,6 +3,9 @@ service replicas sharing one prediction log that monitoring joins."""
 
 from __future__ import annotations
 
+import functools
+from datetime import UTC, datetime
+
 import httpx
 import pytest
 
@@ -15,6 +18,7 @@ from conftest import (
     stop,
     tracking_section,
     wait_for_http,
+    wait_until,
     write_params,
 )
 
@@ -25,17 +29,19 @@ def test_two_service_replicas_log_to_one_postgresql_table_and_monitoring_joins_e
     """Two real `loopline serve` processes, one /predict_batch call to the first and single
     /predict calls to the second (each with the context field `day`), both stopped (a clean
     shutdown writes what is queued); monitoring's served window holds both replicas' answers,
-    and a label file of only the request ids and the target then joins every one of them."""
+    and a label file of only the request ids and the target then joins every one of them. A
+    shadow is scored by both replicas into the same table, and its pairs hold every id."""
     from pipelines.core.config import load_params
     from pipelines.core.layout import Layout
     from pipelines.core.stages import run_all
     from pipelines.data.arrivals import accept_landed
     from pipelines.data.split import read_split
     from pipelines.monitoring.labels import join_label_files
-    from pipelines.monitoring.prediction_log import read_prediction_log
+    from pipelines.monitoring.prediction_log import read_answers, read_prediction_log
     from pipelines.monitoring.run import measure
-    from pipelines.registry.champion import promote
-    from pipelines.registry.tracking import client_for, load_model_version, plain_frame
+    from pipelines.monitoring.shadow import settle_shadow
+    from pipelines.registry.champion import make_shadow, promote
+    from pipelines.registry.tracking import client_for, load_model_version, model_features, plain_frame
     from pipelines.training.run import log_reference
 
     path = write_params(
@@ -52,6 +58,9 @@ def test_two_service_replicas_log_to_one_postgresql_table_and_monitoring_joins_e
     model, _ = load_model_version(client, "bikes", version)
     log_reference(client, client.get_model_version("bikes", version).run_id, model, read_split(params, "train"), params)
     promote(client, "bikes", version, params.tracking.uri, reason="test")
+    shadow = register_family(params, "hist_gradient_boosting")  # the same features: it may shadow the champion
+    features = functools.partial(model_features, client, "bikes")
+    assert make_shadow(client, "bikes", shadow, params.tracking.uri, "test", features) == f"v{shadow} serves in shadow"
 
     labelled = read_split(params, "test").head(60)
     records = plain_frame(labelled[[*params.features.columns, "day"]]).to_dict(orient="records")
@@ -68,11 +77,17 @@ def test_two_service_replicas_log_to_one_postgresql_table_and_monitoring_joins_e
             assert answer.status_code == 200, answer.text
             for i, record in enumerate(records[30:]):
                 assert second.post("/predict", json=record, headers={"X-Request-ID": f"one-{i}"}).status_code == 200
+            ids = [f"batch-{i}" for i in range(30)] + [f"one-{i}" for i in range(30)]
+            wait_until(lambda: len(read_answers(postgres_db, [], request_ids=ids, role="shadow")) == 60)
+            scored = [c.get("/model").json()["shadow"] for c in (first, second)]
+            assert [s["version"] for s in scored] == [shadow, shadow]
+            assert [s["rows_scored"] for s in scored] == [30, 30]  # each replica scores what it answered
     finally:
         for proc in replicas:
             stop(proc)
-    ids = [f"batch-{i}" for i in range(30)] + [f"one-{i}" for i in range(30)]
-    served = read_prediction_log(postgres_db, ["hr", "day"])
+    logged = read_prediction_log(postgres_db, ["hr", "day"])
+    assert set(logged.loc[logged["role"] == "shadow", "model_version"]) == {shadow}
+    served = logged[logged["role"] == "champion"]
     assert sorted(served["request_id"]) == sorted(ids)
     assert served["hr"].tolist() == [int(r["hr"]) for r in records]  # written in the order served
     assert set(served["model_version"]) == {version}
@@ -90,6 +105,9 @@ def test_two_service_replicas_log_to_one_postgresql_table_and_monitoring_joins_e
     window = measured.source("served")
     assert window.status == "measured" and window.rows == 60 and "60 rows served by v" in window.what
     assert measured.live is not None and measured.live.rows == 60 and measured.live.served_versions == {version: 60}
+    judged = settle_shadow(params, postgres_db, measured.answered, datetime.now(UTC))
+    assert judged is not None and judged.pairs == 60 and judged.new_pairs == 60  # both replicas' rows, paired
+    assert judged.outcome == "kept" and "waiting for promotion.shadow_min_rows 200" in judged.reason
 
 
 def test_advisory_lock_makes_a_second_process_wait(postgres_db):

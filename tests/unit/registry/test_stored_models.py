@@ -12,6 +12,12 @@ import pytest
 
 from conftest import STORED_FAMILIES, STORED_MODELS, register_stored, tracking_section, write_params
 
+# The expected predictions were written on another machine. The sklearn families compute in
+# float64 through the same code path everywhere: equal to 1e-12. The torch MLP computes in
+# float32, and its matrix products take the CPU's own vector path (AVX2, AVX-512): on another
+# CPU the same weights agree to a few float32 ulps (seen: 4.6e-8 relative), not to 1e-12.
+RTOL = {"torch_mlp": 1e-6}
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
@@ -30,7 +36,8 @@ def test_a_flat_layout_model_loads_and_predicts_as_it_did(store, family):
     params, versions = store
     model, meta = load_model_version(client_for(params)[0], "bikes", versions[family])
     expected = pd.read_parquet(STORED_MODELS / family / "expected.parquet")
-    np.testing.assert_allclose(model.predict(expected[meta["features"]]), expected["prediction"], rtol=1e-12)
+    predicted = model.predict(expected[meta["features"]])
+    np.testing.assert_allclose(predicted, expected["prediction"], rtol=RTOL.get(family, 1e-12))
     cyclical = model[0].named_transformers_["cyclical_hr"]
     assert isinstance(cyclical, CyclicalEncoder)  # the class of today, under its old name in the file
     assert meta["family"] == family
@@ -61,7 +68,7 @@ def test_mlflows_own_loader_reads_a_flat_layout_model_by_its_stored_trusted_type
     expected = pd.read_parquet(STORED_MODELS / "torch_mlp" / "expected.parquet")
     rows = expected[params.features.columns]
     rows = rows.astype({c: object for c in rows.columns if isinstance(rows[c].dtype, pd.CategoricalDtype)})
-    np.testing.assert_allclose(model.predict(rows), expected["prediction"], rtol=1e-12)
+    np.testing.assert_allclose(model.predict(rows), expected["prediction"], rtol=RTOL["torch_mlp"])
 
 
 def test_the_pickled_performance_estimator_of_the_flat_layout_loads_and_estimates(store):
@@ -82,7 +89,8 @@ def test_the_train_stage_model_file_of_the_flat_layout_loads():
 
     model, meta = load_model(STORED_MODELS / "linear" / "dvc-stage")
     expected = pd.read_parquet(STORED_MODELS / "linear" / "expected.parquet")
-    np.testing.assert_allclose(model.predict(expected[meta["features"]]), expected["prediction"], rtol=1e-12)
+    predicted = model.predict(expected[meta["features"]])
+    np.testing.assert_allclose(predicted, expected["prediction"], rtol=1e-12)
 
 
 def test_a_reproduction_module_follows_the_layout_of_its_commit(tmp_path):
