@@ -33,7 +33,7 @@ TEST_WORKERS ?= 2
 # the floor sits just under what the suite reaches.
 COVERAGE_FLOOR ?= 82
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --cov --cov-report=term --cov-fail-under=$(COVERAGE_FLOOR)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 --cov --cov-report=term --cov-fail-under=$(COVERAGE_FLOOR)
 
 # The gate CI runs before the tests: lint, format, types, and the layer contracts.
 lint: install

@@ -104,6 +104,15 @@ def register_best(params: Params, challenger: Challenger) -> Registration:
             challenger_value=value,
             champion_value=value,
         )
+    if not challenger.model_uri:  # the search found the champion again, and the champion moved since
+        reason = (
+            f"the search made champion v{champion}'s model again, so it was not logged, but the champion "
+            "changed before registration; run the training again"
+        )
+        _set_tags(client, challenger.parent_run_id, {names.DECISION: "nothing new", names.DECISION_REASON: reason})
+        return Registration(
+            outcome="nothing new", reason=reason, model_name=name, champion_before=champion, metric=metric
+        )
     tags = {
         names.DATA_MD5: challenger.data_md5,
         names.VERSION_GIT_COMMIT: challenger.git_commit,

@@ -204,10 +204,22 @@ def search_and_log(params: Params, params_path: str, flow_run_id: str, warn=prin
             )
         timings["search: fit and score candidates"] = time.perf_counter() - started
         best_run = next(c.run_id for c in log_candidate.runs if c.name == best.name)
-        with progress(f"log {best.name}", LOG_STEPS, "steps") as advance:
-            model_uri, test_metrics = _log_best(
-                client, parent_id, best_run, best, params, (train, val, test), _Clock(timings, "log: ", advance)
-            )
+        same = identical_champion(client, params, best.name)
+        if same is not None:  # registration will say "nothing new": log nothing it would throw away
+            model_uri, test_metrics = "", _score_only(best, params, train, test)
+            warn(f"{best.name} is champion v{same} again (same training fingerprint): not logged a second time")
+            timings["log: skipped, identical to the champion"] = 0.0
+        else:
+            with progress(f"log {best.name}", LOG_STEPS, "steps") as advance:
+                model_uri, test_metrics = _log_best(
+                    client, parent_id, best_run, best, params, (train, val, test), _Clock(timings, "log: ", advance)
+                )
+        log_dict_batch(
+            client,
+            parent_id,
+            metrics={f"val_{k}": v for k, v in best.val.items()} | {f"test_{k}": v for k, v in test_metrics.items()},
+            tags={names.BEST_CANDIDATE: best.name, names.BEST_RUN_ID: best_run},
+        )
         client.set_terminated(parent_id)
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
@@ -227,6 +239,29 @@ def search_and_log(params: Params, params_path: str, flow_run_id: str, warn=prin
         git_commit=lineage[names.GIT_COMMIT],
         timings=timings,
     )
+
+
+def identical_champion(client, params: Params, best: str) -> str | None:
+    """The champion's version when it was trained from the same fingerprint (data, params and
+    search code) and is the same candidate: the search made it again."""
+    from pipelines.registry.champion import alias_version
+
+    name = params.tracking.model_name
+    version = alias_version(client, name, names.CHAMPION)
+    if version is None:
+        return None
+    tags = client.get_model_version(name, version).tags
+    same = tags.get(names.TRAINING_FINGERPRINT) == training_fingerprint(params) and tags.get(names.CANDIDATE) == best
+    return version if same else None
+
+
+def _score_only(best, params: Params, train: pd.DataFrame, test: pd.DataFrame) -> dict[str, float]:
+    from pipelines.core.metrics import naive_baseline
+    from pipelines.model.evaluation import score
+
+    features, target, task = params.features.columns, params.data.target, params.data.task
+    metrics, _ = score(best.model, test, features, target, task, naive_baseline(train[target], task))
+    return metrics
 
 
 def _log_best(
@@ -273,12 +308,6 @@ def _log_best(
     )
     clock("importance and estimator")
     log_dict_batch(client, best_run, metrics={f"test_{k}": v for k, v in test_metrics.items()})
-    log_dict_batch(
-        client,
-        parent_id,
-        metrics={f"val_{k}": v for k, v in best.val.items()} | {f"test_{k}": v for k, v in test_metrics.items()},
-        tags={names.BEST_CANDIDATE: best.name, names.BEST_RUN_ID: best_run},
-    )
     figures = diagnostic_figures(best.model, test, predictions, features, target, task, params.train.seed, importance)
     log_figures(client, best_run, figures)
     clock("metrics and plots")

@@ -231,6 +231,7 @@ def test_a_challenger_with_other_features_is_not_made_the_shadow(stream, capsys)
     assert "lacks ['windspeed']" in decision.reason
     code, out, err = cli(stream, "shadow", decision.version, capsys=capsys)
     assert code == 2 and "lacks ['windspeed']" in out + err  # 2: the CLI's exit status for a refused input
+    edit_params(stream, features={"numeric": ["temp", "atemp", "hum", "windspeed"]})  # as the champion reads them
 
 
 def test_admin_routes_beyond_loopback_need_the_token(stream):

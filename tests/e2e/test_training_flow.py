@@ -164,6 +164,14 @@ def test_an_identical_model_is_nothing_new_even_without_the_cache(first_run):
     assert len(client_of(tmp).search_model_versions("name='bikes'")) == 1
     parent = client_of(tmp).get_run(again.trained.parent_run_id)
     assert parent.data.tags["loopline.decision"] == "nothing new"
+    # decided before logging: no model, ONNX form, reference or plots for a model thrown away
+    assert again.trained.model_uri == "" and "log: skipped, identical to the champion" in again.trained.timings
+    assert not [t for t in again.trained.timings if t.startswith("log: ") and "skipped" not in t]
+    best = client_of(tmp).list_artifacts(again.trained.best_run_id)
+    assert not best, [a.path for a in best]
+    assert parent.data.metrics[f"test_{again.trained.metric}"] == pytest.approx(
+        result.trained.test[again.trained.metric]
+    )
 
 
 def test_param_change_retrains_only_what_depends_on_it(first_run):
