@@ -280,7 +280,7 @@ def run_policy(
             first, since = shadow_since
             both = slice(first, labelled)
             pairs = max(labelled - first, 0)
-            if pairs >= max(2, params.promotion.recent_min_rows):
+            if pairs >= params.promotion.shadow_min_rows:  # as the monitoring flow judges it
                 live_cmp = _judge_shadow(
                     shared, shared.data[target].to_numpy()[both], served[both], shadowed[both].astype("float64")
                 )

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import BIKESHARE, REPO, bikeshare_sample, raw_params, write_params
 from pipelines.core.config import PromotionConfig, load_params, parse_params
@@ -337,3 +338,28 @@ def test_reduced_backtest_shares_trainings_and_writes_the_table(tmp_path, capsys
         capsys=capsys,
     )
     assert code != 0 and "no policy 'sometimes'" in err and not (tmp_path / "x").exists()
+
+
+def test_the_shadow_gate_serves_a_challenger_in_shadow_for_a_period_then_judges_it_on_live_rows(tmp_path, capsys):
+    """`gate: shadow` with promotion.shadow always and a 90% margin: April's retrain is not
+    promoted but serves in shadow through May, and is then judged on May's labelled rows that
+    both models answered (not 90% better: retired)."""
+    from conftest import run_cli
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"]["source"] = str(REPO / raw["data"]["source"])
+    raw["promotion"] |= {"shadow": "always", "min_improvement": 0.9}
+    raw["search"] = {"families": ["hist_gradient_boosting"], "n_trials": 0}  # one fit per training
+    raw["backtest"]["policies"] = [{"name": "shadowed", "retrain": "every_batch", "gate": "shadow"}]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    workdir = tmp_path / "bt"
+    code, _, err = run_cli(
+        "backtest", "--params", str(path), "--workdir", str(workdir), "--periods", "2", capsys=capsys
+    )
+    assert code == 0, err
+    timeline = pd.read_csv(workdir / "timeline.csv", dtype={"label_delay": str}).set_index("period")
+    april, may = timeline.loc["2011-04"], timeline.loc["2011-05"]
+    assert april["retrain"] and not april["promoted"] and april["gate"].endswith("; in shadow")
+    assert may["gate"].startswith(f"shadow {april['trained']}: live [") and "on 744 rows: retired" in may["gate"]
+    assert may["served"] == april["served"]  # the shadow never answered a client
