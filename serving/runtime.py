@@ -330,7 +330,7 @@ class ChampionHolder:
         self.current: ServedModel | None = None
         self.last_check: str | None = None
         self.problem: Unavailable | None = None  # what the last check found wrong, if anything
-        self._refresh_lock = threading.Lock()
+        self._refresh_lock = threading.RLock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self.shadow: Any = None  # the ShadowScorer (serving/shadow.py) that follows the registry with the champion
@@ -339,11 +339,12 @@ class ChampionHolder:
         """Load the champion (and the shadow) if it changed; True when the served version
         changed. A failure to reach the registry or load a model keeps the current model in
         service."""
-        try:
-            return self._refresh_champion()
-        finally:
-            if self.shadow is not None:
-                self.shadow.refresh()
+        with self._refresh_lock:  # one check at a time: the poller's and /admin/reload's share the registry client
+            try:
+                return self._refresh_champion()
+            finally:
+                if self.shadow is not None:
+                    self.shadow.refresh()
 
     def _refresh_champion(self) -> bool:
         with self._refresh_lock:
