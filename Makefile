@@ -9,7 +9,7 @@ FIND_LINKS ?= /opt/wheels
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast lint lock docs reference browser-deps screenshots replay replay-late backtest bench bench-bootstrap bench-scale bench-flow bench-torch bench-serve bench-soak bench-monitor bench-log bench-concurrent bench-dask
+.PHONY: install run test test-fast fuzz lint lock docs reference browser-deps screenshots replay replay-late backtest bench bench-bootstrap bench-scale bench-flow bench-torch bench-serve bench-batch bench-shadow bench-soak bench-onnx bench-monitor bench-log bench-concurrent bench-dask
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+# The OpenAPI fuzz deeper than in `make test`: 500 schemathesis examples per operation and
+# phase (over 1,000 requests) against a real `loopline serve`.
+fuzz: install
+	LOOPLINE_FUZZ_EXAMPLES=500 $(BIN)/python -m pytest -p no:randomly tests/e2e/test_serving.py -k fuzzing
 
 # Unit tests only (tests/unit: no DVC repro in a temp clone, no servers).
 test-fast: install
@@ -85,7 +90,7 @@ replay-late: install
 backtest: install
 	$(BIN)/loopline backtest --label-delay 0 --label-delay 7d --label-delay 30d --chart docs/results/backtest-2011.png
 
-bench: bench-scale bench-flow bench-torch bench-serve bench-soak bench-shadow bench-monitor bench-log bench-concurrent bench-bootstrap bench-dask
+bench: bench-scale bench-flow bench-torch bench-onnx bench-serve bench-batch bench-soak bench-shadow bench-monitor bench-log bench-concurrent bench-bootstrap bench-dask
 
 # Promotion evidence: the moving-block bootstrap of 100k test rows x 1,000 resamples.
 bench-bootstrap: install
@@ -110,6 +115,14 @@ bench-serve: install
 # The service with a shadow loaded against the same service without one (p99, throughput, rows skipped).
 bench-shadow: install
 	$(BIN)/python bench/serving.py --shadow --requests 2000
+
+# Model -> ONNX per family: loopline's forest converter vs skl2onnx's own, with parity.
+bench-onnx: install
+	$(BIN)/python bench/onnx_convert.py
+
+# Batch requests against the raw engine: /predict_batch (records) and /predict_columns (columns).
+bench-batch: install
+	$(BIN)/python bench/serving.py --batches --batch 1000
 
 # Sustained load: 7 rounds of 10k requests at c=64 on one service; p99 and RSS per round.
 bench-soak: install

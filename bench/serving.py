@@ -15,12 +15,18 @@ training, over and over, on every core), to show what the bounded model threads 
     python bench/serving.py --soak 7              # 7 rounds of 10k requests at c=64, BentoML only
 
     python bench/serving.py --shadow              # the service with a shadow loaded vs without
+    python bench/serving.py --batches             # /predict_batch and /predict_columns vs the raw engine
 
 The shadow mode serves a copy of the registry in which a second version of the champion's
 model is the `shadow` (the same model: the cost of a challenger of the same family), against
 the same service without one, each on a prediction log of its own, alternating twice: p99 and
 throughput at each concurrency, and the shadow rows skipped under that load (the goals: p99
 at c=32 <= 1.15x, throughput >= 0.85x).
+
+The batches mode serves the champion once and sends --batch rows per call, alternating three
+rounds: as records (/predict_batch), as columns (/predict_columns), and the same rows to the
+raw engine in this process, from records and from columns (the goals: columns >= 0.8x the
+raw engine, records >= 0.6x).
 
 The soak mode keeps one service under sustained load and prints each round's p99, throughput
 and the service's resident memory: p99 creeping up round after round, or RSS growing, is a
@@ -141,6 +147,7 @@ def main() -> None:
     parser.add_argument("--soak-requests", type=int, default=10_000)
     parser.add_argument("--soak-concurrency", type=int, default=64)
     parser.add_argument("--shadow", action="store_true", help="with a shadow loaded vs without, instead")
+    parser.add_argument("--batches", action="store_true", help="batch endpoints vs the raw engine, instead")
     args = parser.parse_args()
 
     from pipelines.core.config import load_params
@@ -168,6 +175,8 @@ def main() -> None:
         return soak(args, bodies, env_params)
     if args.shadow:
         return shadow_comparison(args, bodies, params, env_params)
+    if args.batches:
+        return batch_comparison(args, served, params, batch_records, env_params)
     engine_calls(served, params, records, batch_records)
     python_params = Path(env_params).with_name(".bench-serving-python.yaml")
     raw = yaml.safe_load(Path(env_params).read_text())
@@ -265,6 +274,56 @@ def main() -> None:
         f"\n/predict_batch ({args.batch} records, engine {served.engine_name}): {batch_rps:,.0f} rows/s over "
         f"HTTP; the raw engine {raw_rps:,.0f} rows/s; HTTP/raw = {batch_rps / raw_rps:.2f}"
     )
+
+
+def batch_comparison(args, served, params, batch_records: list[dict], params_path: str, calls: int = 20) -> None:
+    """Rows/s of /predict_batch (records) and /predict_columns (columns) over HTTP against the
+    raw engine in this process on the same rows, alternating three rounds; medians."""
+    from pipelines.core.processes import free_port, stop
+    from serving.runtime import predict_records
+    from serving.schema import check_columns
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start([venv_bin("loopline"), "serve", "--params", params_path, "--port", str(port)], f"{url}/readyz")
+    columns = {c: [r.get(c) for r in batch_records] for c in batch_records[0]}
+    bodies = {
+        "/predict_batch": json.dumps({"records": batch_records}).encode(),
+        "/predict_columns": json.dumps(columns).encode(),
+    }
+    typed = check_columns(columns, params)
+
+    def http(route: str) -> float:
+        started = time.perf_counter()
+        for _ in range(calls):
+            request = urllib.request.Request(f"{url}{route}", bodies[route], {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                assert response.status == 200, response.read()
+        return calls * args.batch / (time.perf_counter() - started)
+
+    def raw(rows) -> float:
+        started = time.perf_counter()
+        for _ in range(calls):
+            predict_records(served, rows, params)
+        return calls * args.batch / (time.perf_counter() - started)
+
+    rounds: dict[str, list[float]] = {"records": [], "columns": [], "raw records": [], "raw columns": []}
+    try:
+        http("/predict_batch"), http("/predict_columns")  # warm
+        for _ in range(3):
+            rounds["records"].append(http("/predict_batch"))
+            rounds["columns"].append(http("/predict_columns"))
+            rounds["raw records"].append(raw(batch_records))
+            rounds["raw columns"].append(raw(typed))
+    finally:
+        stop(proc)
+    rps = {name: float(np.median(values)) for name, values in rounds.items()}
+    print(f"\n{args.batch} rows per call, engine {served.engine_name}, median of 3 rounds of {calls} calls")
+    for name, value in rps.items():
+        print(f"  {name:<12}{value:>12,.0f} rows/s")
+    print(f"/predict_columns / raw engine (columns): {rps['columns'] / rps['raw columns']:.2f}")
+    print(f"/predict_batch / raw engine (records):   {rps['records'] / rps['raw records']:.2f}")
+    print(f"/predict_columns / /predict_batch:       {rps['columns'] / rps['records']:.2f}")
 
 
 def shadow_comparison(args, bodies: list[bytes], params, params_path: str) -> None:

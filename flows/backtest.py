@@ -114,7 +114,9 @@ class Shared:
         baseline = naive_baseline(parts.train[target], task)
         metric, _ = params.metric
         tested, _ = score(best.model, parts.test, features, target, task, baseline)
-        importance = feature_importance(best.model, parts.test, features, target, task, params.train.seed)
+        importance = feature_importance(
+            best.model, parts.test, features, target, task, params.train.seed, params.train.importance_rows
+        )
         estimator, _ = fit_estimator(best.model, pd.concat([parts.val, parts.test], ignore_index=True), params)
         reference = drift_reference(reference_sample(parts.train, params), best.model, params)
         seconds = time.perf_counter() - started

@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,10 +141,17 @@ def records_frame(records: Sequence[dict[str, Any]], params: Params) -> pd.DataF
 
 
 Predicted = tuple[list[Any], list[dict[str, float]] | None]
+# A request's rows: records (/predict, /predict_batch), or one array per field, checked and
+# typed (/predict_columns: numbers as float64, labels in the schema's spelling).
+Rows = Sequence[dict[str, Any]] | Mapping[str, Any]
 
 
-def predict_records(served: ServedModel, records: Sequence[dict[str, Any]], params: Params) -> Predicted:
-    """`predict_frame` for request records; the ONNX engine takes them as columns, no frame."""
+def predict_records(served: ServedModel, records: Rows, params: Params) -> Predicted:
+    """`predict_frame` for a request's rows; the ONNX engine takes them as columns, no frame."""
+    if isinstance(records, Mapping):
+        if served.engine is None:
+            return predict_frame(served, pd.DataFrame({c: records[c] for c in params.features.columns}))
+        return _engine_output(served, served.engine.feeds(records))
     if served.engine is None:
         return predict_frame(served, records_frame(records, params))
     return _engine_output(served, served.engine.feeds({c: [r.get(c) for r in records] for c in served.features}))

@@ -11,7 +11,9 @@ models, so it documents the real fields.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from itertools import repeat
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -110,6 +112,96 @@ def batch_model(params: Params, record: type[BaseModel]) -> type[BaseModel]:
             ),
         ),
     )
+
+
+def column_batch_model(params: Params, record: type[BaseModel]) -> type[BaseModel]:
+    """The columnar form of a batch: one array per field of `record` (each feature, and the
+    context fields, which may be left out), all of one length, 1 to serve.max_batch_records.
+    Each array's items are documented by the record's rule for that field; the rules are
+    checked by `check_columns`, over whole columns, not item by item here."""
+    limit = params.serve.max_batch_records
+    properties = record.model_json_schema()["properties"]
+    fields: dict[str, Any] = {}
+    for name, info in record.model_fields.items():
+        shown = {
+            "type": "array",
+            "items": {k: v for k, v in properties[name].items() if k != "description"},
+            "minItems": 1,
+            "maxItems": limit,
+            "description": f"{name}: one value per row; every array has the same length"
+            + ("" if info.is_required() else f" ({properties[name].get('description', 'optional')})"),
+        }
+        kind = Annotated[list[Any], Field(min_length=1, max_length=limit), WithJsonSchema(shown)]
+        fields[name] = (kind, Field(...)) if info.is_required() else (kind | None, Field(None))
+    return create_model("ColumnBatch", __config__=_STRICT, **fields)
+
+
+# JSON's types as Python's json module decodes them (a bool is not a number here).
+JSON_KINDS = {int: "number", float: "number", str: "string", type(None): "null"}
+
+
+def _column_violation(values: list, rule: ColumnRule, nullable: bool) -> tuple[Any, tuple[np.ndarray, str] | None]:
+    """One request column checked as `Record` checks a field (JSON types exactly: a number
+    is an int or float, never a bool or a string), over the whole array: the column as the
+    model takes it (float64, or labels as objects) and the first broken rule, if any. The
+    usual columns (numbers only, or labels spelled as the schema spells them) take a short
+    way; any other goes through every rule."""
+    present = set(map(type, values))
+    if rule.kind != "category" and present <= {int, float}:
+        with contextlib.suppress(OverflowError):  # an integer beyond float64: the long way names it
+            numbers = np.asarray(values, dtype="float64")
+            rules = [(~np.isfinite(numbers), "not a finite number"), *rule.number_violations(numbers)]
+            return numbers, next(((mask, words) for mask, words in rules if mask.any()), None)
+    if rule.kind == "category" and present == {str}:
+        spelled = set(rule.labels.values())
+        if spelled.issuperset(values):
+            return np.array(values, dtype=object), None
+    items = np.array(values, dtype=object)
+    kinds = np.array(list(map(JSON_KINDS.get, map(type, values), repeat("other"))))
+    nulls = kinds == "null"
+    checks: list[tuple[np.ndarray, str]] = []
+    if not nullable:
+        checks.append((nulls, "missing (null is not allowed here)"))
+    if rule.kind == "category":
+        text_mask = kinds == "string"
+        checks.append((~nulls & ~text_mask, "not a string"))
+        text = pd.Series(np.where(text_mask, items, pd.NA), dtype="string")
+        labels = rule.canonical_labels(text)
+        checks.append((text_mask & labels.isna().to_numpy(), f"not one of {list(rule.values or [])}"))
+        typed: Any = labels.astype(object).where(labels.notna(), None).to_numpy()
+    else:
+        numbers = kinds == "number"
+        checks.append((~nulls & ~numbers, "not a number"))
+        typed = np.where(numbers, items, np.nan).astype("float64")
+        checks.append((numbers & ~np.isfinite(typed), "not a finite number"))
+        checks += list(rule.number_violations(np.where(np.isfinite(typed), typed, np.nan)))
+    broken = next(((mask, words) for mask, words in checks if mask.any()), None)
+    return typed, broken
+
+
+def check_columns(columns: dict[str, list | None], params: Params) -> dict[str, Any]:
+    """A columnar batch checked by the rules `Record` enforces per record: one length for
+    every array, then per column its JSON types, null rule, allowed values and range. Returns
+    the columns as the model takes them (the context fields sent, too); the first broken rule
+    raises ValueError naming the column, the rule, the row and its value."""
+    rules = compile_rules(params.table_schema, params.data.target).columns
+    sent = {name: values for name, values in columns.items() if values is not None}
+    lengths = {name: len(values) for name, values in sent.items()}
+    if len(set(lengths.values())) > 1:
+        first = next(iter(lengths))
+        other = next(n for n, size in lengths.items() if size != lengths[first])
+        raise ValueError(
+            f"every column must have one value per row: {first!r} has {lengths[first]}, {other!r} has {lengths[other]}"
+        )
+    context = set(params.serve.context_columns)
+    typed = {}
+    for name, values in sent.items():
+        typed[name], broken = _column_violation(values, rules[name], nullable=rules[name].nullable or name in context)
+        if broken is not None:
+            mask, words = broken
+            row = int(np.flatnonzero(mask)[0])
+            raise ValueError(f"column {name!r}: {int(mask.sum())} row(s) {words}, e.g. row {row + 1}: {values[row]!r}")
+    return typed
 
 
 class Prediction(BaseModel):

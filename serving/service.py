@@ -37,13 +37,22 @@ from serving.runtime import (
     ChampionLoadFailed,
     MicroBatcher,
     RegistrySource,
+    Rows,
     ServedModel,
     Unavailable,
     hold_thread_budget,
     limit_threads,
     predict_records,
 )
-from serving.schema import BatchPrediction, Prediction, ServiceStatus, batch_model, record_model
+from serving.schema import (
+    BatchPrediction,
+    Prediction,
+    ServiceStatus,
+    batch_model,
+    check_columns,
+    column_batch_model,
+    record_model,
+)
 
 BENTO_PARAMS_FILE = "params.json"
 
@@ -134,6 +143,7 @@ def _configuration():
 PARAMS, BENTO_MODEL = _configuration()
 Record = record_model(PARAMS)
 RecordBatch = batch_model(PARAMS, Record)
+ColumnBatch = column_batch_model(PARAMS, Record)
 GC_GEN0_THRESHOLD = 20_000
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 BAD_REQUEST_ID = "header X-Request-ID must be 1-64 characters of A-Z a-z 0-9 . _ : -"
@@ -379,15 +389,15 @@ class Predictor:
         self.holder.stop()
         self.prediction_log.flush()
 
-    def _predict(self, records: list[dict[str, Any]], request_ids: list[str]):
+    def _predict(self, records: Rows, request_ids: list[str]):
         hold_thread_budget(PARAMS.serve.model_threads)
         served = self.holder.require()  # one model for the whole batch, even if a reload lands meanwhile
         predictions, probabilities = predict_records(served, records, PARAMS)
         self.prediction_log.append(served, request_ids, records, predictions, probabilities)
         if self.holder.shadow is not None:  # answered: the shadow scores these rows later, if there is room
             self.holder.shadow.offer(records, request_ids)
-        PREDICTIONS.labels(model_version=served.version).inc(len(records))
-        BATCH_ROWS.observe(len(records))
+        PREDICTIONS.labels(model_version=served.version).inc(len(request_ids))
+        BATCH_ROWS.observe(len(request_ids))
         return served, predictions, probabilities
 
     def _predict_single(self, items: list[tuple[dict[str, Any], str]]) -> list[Prediction]:
@@ -427,20 +437,17 @@ class Predictor:
         except Unavailable as err:
             return _error(503, err.message, ctx)
 
-    @bentoml.api(route="/predict_batch", input_spec=RecordBatch)
-    async def predict_batch(self, ctx: bentoml.Context, records: list) -> BatchPrediction:
-        """Predict a list of records in one call (at most `serve.max_batch_records`)."""
+    async def _predict_rows(self, ctx: bentoml.Context, route: str, rows: Any, count: int) -> Any:
+        """A batch's answer: ids "<X-Request-ID>-<i>", one model call off the event loop."""
         import asyncio
 
         request_id = self._request_id(ctx)
         if request_id is None:
-            rejected("/predict_batch", 400, BAD_REQUEST_ID)
+            rejected(route, 400, BAD_REQUEST_ID)
             return _error(400, BAD_REQUEST_ID, ctx)
-        request_ids = [f"{request_id}-{i}" for i in range(len(records))]
+        request_ids = [f"{request_id}-{i}" for i in range(count)]
         try:
-            served, predictions, probabilities = await asyncio.to_thread(
-                self._predict, [r.model_dump() for r in records], request_ids
-            )
+            served, predictions, probabilities = await asyncio.to_thread(self._predict, rows, request_ids)
         except Unavailable as err:
             return _error(503, err.message, ctx)
         return BatchPrediction(
@@ -451,6 +458,23 @@ class Predictor:
             run_id=served.run_id,
             request_ids=request_ids,
         )
+
+    @bentoml.api(route="/predict_batch", input_spec=RecordBatch)
+    async def predict_batch(self, ctx: bentoml.Context, records: list) -> BatchPrediction:
+        """Predict a list of records in one call (at most `serve.max_batch_records`)."""
+        return await self._predict_rows(ctx, "/predict_batch", [r.model_dump() for r in records], len(records))
+
+    @bentoml.api(route="/predict_columns", input_spec=ColumnBatch)
+    async def predict_columns(self, ctx: bentoml.Context, **columns: Any) -> BatchPrediction:
+        """Predict a batch sent as columns: one array per feature (and per context field sent),
+        all of one length, at most `serve.max_batch_records`. The same rules as /predict_batch,
+        checked over whole columns; the answer is /predict_batch's."""
+        try:
+            typed = check_columns(columns, PARAMS)
+        except ValueError as err:
+            rejected("/predict_columns", 400, str(err))
+            return _error(400, str(err), ctx)
+        return await self._predict_rows(ctx, "/predict_columns", typed, len(typed[PARAMS.features.columns[0]]))
 
     @bentoml.api(route="/admin/reload")
     async def reload(self) -> ServiceStatus:
@@ -475,13 +499,14 @@ def openapi_document() -> bytes:
     routes: dict[str, tuple[type[BaseModel] | None, type[BaseModel]]] = {
         "/predict": (Record, Prediction),
         "/predict_batch": (RecordBatch, BatchPrediction),
+        "/predict_columns": (ColumnBatch, BatchPrediction),
         "/model": (None, ServiceStatus),
         "/admin/reload": (None, ServiceStatus),
     }
     spec = corrected_spec(
         Predictor.openapi_spec.asdict(),  # type: ignore[attr-defined]  # added by @bentoml.service
         routes,
-        {"/predict", "/predict_batch"},
+        {"/predict", "/predict_batch", "/predict_columns"},
     )
     return json.dumps(spec).encode()
 

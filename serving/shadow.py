@@ -22,7 +22,7 @@ from typing import Any
 from pipelines.core.config import Params
 from pipelines.core.names import SHADOW
 from pipelines.monitoring.prediction_log import PredictionLog
-from serving.runtime import RegistrySource, ServedModel, hold_thread_budget, predict_records
+from serving.runtime import RegistrySource, Rows, ServedModel, hold_thread_budget, predict_records
 
 log = logging.getLogger("loopline.serving")
 SHADOW_ROLE = SHADOW
@@ -73,16 +73,16 @@ class ShadowScorer:
         )
         return None
 
-    def offer(self, records: Sequence[dict[str, Any]], request_ids: Sequence[str]) -> None:
-        """Queue answered records for the shadow, or skip them when the queue is full."""
+    def offer(self, records: Rows, request_ids: Sequence[str]) -> None:
+        """Queue answered rows (records or columns) for the shadow, or skip them when the queue is full."""
         served = self.current
         if served is None:
             return
         with self._lock:
-            if self._queued + len(records) > self.capacity:
-                self.skipped += len(records)
+            if self._queued + len(request_ids) > self.capacity:
+                self.skipped += len(request_ids)
                 return
-            self._queued += len(records)
+            self._queued += len(request_ids)
         self._queue.put((served, records, request_ids))
 
     def _work(self) -> None:
@@ -92,13 +92,13 @@ class ShadowScorer:
                 hold_thread_budget(self.params.serve.model_threads)
                 predictions, probabilities = predict_records(served, records, self.params)
                 self._log.append(served, request_ids, records, predictions, probabilities, role=SHADOW_ROLE)
-                self.scored += len(records)
+                self.scored += len(request_ids)
             except Exception as err:
-                self.failed += len(records)
+                self.failed += len(request_ids)
                 self._report(f"shadow v{served.version} failed to predict: {type(err).__name__}: {err}")
             finally:
                 with self._lock:
-                    self._queued -= len(records)
+                    self._queued -= len(request_ids)
 
     def _report(self, problem: str) -> None:
         if problem == self.problem:

@@ -29,6 +29,21 @@ os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "5"
 
 from pipelines.core.processes import free_port, stop, venv_bin, wait_for_http  # noqa: E402,F401  (used by the tests)
 
+# A Bikeshare record the service accepts.
+GOOD = {
+    "temp": 0.5,
+    "atemp": 0.48,
+    "hum": 0.6,
+    "windspeed": 0.2,
+    "season": 1,
+    "holiday": 0,
+    "workingday": 1,
+    "weathersit": "clear",
+    "hr": 8,
+    "mnth": "Jan",
+    "weekday": 2,
+}
+
 
 def raw_params(name: str = "params.yaml") -> dict:
     return yaml.safe_load((REPO / name).read_text())

@@ -232,26 +232,19 @@ def _tree_outputs_as_double(onx) -> None:
         graph.node.insert(position + 1, cast)
 
 
-def _sklearn_thresholds(estimator) -> list[np.ndarray] | None:
-    """Each tree's split thresholds in float64, in skl2onnx's tree order (None: not trees)."""
-    if hasattr(estimator, "_predictors"):  # HistGradientBoosting: per iteration, per class
-        return [np.asarray(p.nodes["num_threshold"], dtype="float64") for it in estimator._predictors for p in it]
-    if hasattr(estimator, "estimators_") and hasattr(estimator.estimators_[0], "tree_"):  # a forest
-        return [np.asarray(e.tree_.threshold, dtype="float64") for e in estimator.estimators_]
-    return None
-
-
 def _exact_thresholds(onx, estimator) -> None:
-    """skl2onnx writes split thresholds as float32 attributes. A model fitted in float64 keeps
-    a threshold at a data value (an hour's cosine, say) and sends that value left; compared
-    with the threshold rounded to float32, the same value can go right. The thresholds are
-    put back at float64 (`nodes_values_as_tensor`), after checking that each rounds to what
-    skl2onnx wrote for that tree and node, so no node can be matched to the wrong one."""
-    from onnx import TensorProto, helper, numpy_helper
+    """skl2onnx writes HistGradientBoosting's split thresholds as float32 attributes, but the
+    model compares float64 values with float64 thresholds: a threshold at a data value (an
+    hour's cosine, say) sends that value left, and compared with the threshold rounded to
+    float32 the same value can go right. The thresholds are put back at float64
+    (`nodes_values_as_tensor`), after checking that each rounds to what skl2onnx wrote for
+    that tree and node, so no node can be matched to the wrong one. (Forests are written
+    with float64 thresholds from the start: pipelines/model/onnx_forest.py.)"""
+    from onnx import helper, numpy_helper
 
-    exact = _sklearn_thresholds(estimator)
-    if exact is None:
+    if not hasattr(estimator, "_predictors"):
         return
+    exact = [np.asarray(p.nodes["num_threshold"], dtype="float64") for it in estimator._predictors for p in it]
     for node in list(onx.graph.node):
         if node.domain != "ai.onnx.ml" or not node.op_type.startswith("TreeEnsemble"):
             continue
@@ -261,22 +254,10 @@ def _exact_thresholds(onx, estimator) -> None:
         branch = np.asarray(attrs["nodes_modes"].strings) != b"LEAF"
         starts = np.concatenate([[0], np.cumsum([len(t) for t in exact])[:-1]])
         values = np.where(branch, np.concatenate(exact)[starts[trees] + ids], 0.0)
-        # HistGradientBoosting compares float64 with its thresholds: skl2onnx rounds them. A
-        # forest compares float32 inputs: skl2onnx also moves them to the next float32.
         if not np.allclose(values[branch].astype("float32"), written[branch], rtol=1e-6, atol=1e-7):
             raise ConversionError(f"{type(estimator).__name__}: the converted trees do not match the model's nodes")
         node.attribute.remove(attrs["nodes_values"])
         node.attribute.append(helper.make_attribute("nodes_values_as_tensor", numpy_helper.from_array(values)))
-        if not hasattr(estimator, "_predictors"):  # a forest's trees see their input as float32, as in sklearn
-            x = node.input[0]
-            node.input[0] = f"{x}_via_float32"
-            casts = [
-                helper.make_node("Cast", [x], [f"{x}_float32"], to=TensorProto.FLOAT),
-                helper.make_node("Cast", [f"{x}_float32"], [f"{x}_via_float32"], to=TensorProto.DOUBLE),
-            ]
-            at = next(i for i, n in enumerate(onx.graph.node) if n is node)
-            for cast in reversed(casts):
-                onx.graph.node.insert(at, cast)
 
 
 def convert(model, features: Sequence[str], strings: set[str], task: str) -> bytes:
@@ -288,8 +269,10 @@ def convert(model, features: Sequence[str], strings: set[str], task: str) -> byt
         from skl2onnx.common.data_types import DoubleTensorType, StringTensorType
     except ImportError as err:
         raise ConversionError(f"skl2onnx is not installed: {err}") from None
+    from pipelines.model import onnx_forest
     from pipelines.model.torch_model import _TorchMLP
 
+    onnx_forest.register()
     _register_cyclical()
     _register_double_imputer()
     _int_missing_flags()
@@ -303,6 +286,7 @@ def convert(model, features: Sequence[str], strings: set[str], task: str) -> byt
         else:
             options = {id(estimator): {"zipmap": False}} if task == "classification" else None
             onx = convert_sklearn(model, initial_types=initial, target_opset=opsets, options=options)
+            onnx_forest.attach(onx)
             _exact_thresholds(onx, estimator)
             _tree_outputs_as_double(onx)
     except ImportError as err:  # skl2onnx and torch.onnx raise many types

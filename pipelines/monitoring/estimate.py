@@ -27,10 +27,6 @@ PREDICTION = "y_pred"
 TRUTH = "y_true"
 ESTIMABLE = {"regression": ("rmse", "mae"), "classification": ("accuracy", "precision", "recall", "f1", "roc_auc")}
 MIN_REFERENCE_ROWS = 100
-# The estimator is fitted on a seeded sample of at most this many held-out rows: DLE's loss
-# model (LightGBM) on 300k rows took 5 s of a 1M-row training's logging, on 50k it learns
-# the same error structure for the window sizes monitoring sees.
-MAX_FIT_ROWS = 50_000
 
 
 @dataclass(frozen=True)
@@ -145,8 +141,8 @@ def fit_estimator(model, rows: pd.DataFrame, params: Params) -> tuple[Performanc
     classes = [str(c) for c in getattr(model, "classes_", [])]
     if method == "CBPE" and not hasattr(model, "predict_proba"):
         return None, "CBPE needs predicted probabilities and the model has no predict_proba"
-    if len(rows) > MAX_FIT_ROWS:
-        rows = rows.sample(MAX_FIT_ROWS, random_state=params.train.seed)
+    if len(rows) > params.monitor.estimator_rows:
+        rows = rows.sample(params.monitor.estimator_rows, random_state=params.train.seed)
     metrics, _ = score(model, rows, features, params.data.target, params.data.task, 0.0 if method == "DLE" else "")
     est = PerformanceEstimator(method, metric, features, categorical, classes, float(metrics[metric]), None)
     frame = _frame(est, model, rows)

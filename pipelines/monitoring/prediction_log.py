@@ -21,7 +21,7 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -174,9 +174,15 @@ class _Burst:
     served: tuple[str, str, str]
     role: str
     request_ids: Sequence[str]
-    records: Sequence[dict[str, Any]]
+    records: Sequence[dict[str, Any]] | Mapping[str, Any]  # records, or one array per field
     predictions: Sequence[Any]
     probabilities: Sequence[dict[str, float]] | None
+
+    def inputs(self) -> list[str]:
+        """Each row's inputs as a JSON object."""
+        if isinstance(self.records, Mapping):
+            return pd.DataFrame(dict(self.records)).to_json(orient="records", lines=True).splitlines()
+        return [json.dumps(record) for record in self.records]
 
     def rows(self, postgres: bool) -> list[tuple]:
         name, version, run_id = self.served
@@ -189,13 +195,13 @@ class _Burst:
                 name,
                 version,
                 run_id,
-                dump(record),
+                inputs,
                 dump(prediction) if postgres else prediction,
                 probs[i] if probs is not None else None,
                 self.role,
             )
-            for i, (rid, record, prediction) in enumerate(
-                zip(self.request_ids, self.records, self.predictions, strict=True)
+            for i, (rid, inputs, prediction) in enumerate(
+                zip(self.request_ids, self.inputs(), self.predictions, strict=True)
             )
         ]
 
@@ -229,7 +235,7 @@ class PredictionLog:
         self,
         served: ModelIdentity,
         request_ids: Sequence[str],
-        records: Sequence[dict[str, Any]],
+        records: Sequence[dict[str, Any]] | Mapping[str, Any],
         predictions: Sequence[Any],
         probabilities: Sequence[dict[str, float]] | None,
         role: str = CHAMPION_ROLE,

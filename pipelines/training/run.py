@@ -302,7 +302,9 @@ def _log_best(
     clock("MLflow model")
     log_reference(client, best_run, best.model, train, params)
     clock("drift reference and profile")
-    importance = feature_importance(best.model, test, features, target, task, params.train.seed)
+    importance = feature_importance(
+        best.model, test, features, target, task, params.train.seed, params.train.importance_rows
+    )
     log_monitoring_aids(
         client, best_run, best.model, dict(zip(features, importance.importances_mean, strict=True)), val, test, params
     )

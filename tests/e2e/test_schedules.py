@@ -141,6 +141,12 @@ def training_runs_in_progress(api_urls: list[str], slow_params: Path, timeout: f
 
     ids = []
     for api_url in api_urls:
+        # Pausing deletes the schedule's future runs. A runner fetches runs up to 10 s before
+        # their time (PREFECT_RUNNER_PREFETCH_SECONDS): one it fetched for the next minute and
+        # then lost to the pause fails to start with a 404 traceback in its log. Pause mid-minute,
+        # away from the cron's ticks.
+        while not 15 <= time.time() % 60 <= 40:
+            time.sleep(0.5)
         asyncio.run(pause_training_schedule(api_url))
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             run_id = run_deployment(

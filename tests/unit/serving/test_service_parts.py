@@ -10,24 +10,10 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from conftest import write_params
+from conftest import GOOD, write_params
 from pipelines.core.errors import LooplineError
 from serving.runtime import ChampionHolder, MicroBatcher, ServedModel, predict_frame
 from serving.schema import batch_model, check_records, record_model, request_records
-
-GOOD = {
-    "temp": 0.5,
-    "atemp": 0.48,
-    "hum": 0.6,
-    "windspeed": 0.2,
-    "season": 1,
-    "holiday": 0,
-    "workingday": 1,
-    "weathersit": "clear",
-    "hr": 8,
-    "mnth": "Jan",
-    "weekday": 2,
-}
 
 
 @pytest.fixture
