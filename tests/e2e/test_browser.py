@@ -47,7 +47,6 @@ def replay(prefect_api, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("browser")
     raw = raw_params()
     raw["monitor"] = {"workspace": str(tmp / "workspace")}
-    raw["search"] = {"families": ["linear", "hist_gradient_boosting"], "n_trials": 0}  # the pages, not the search
     (tmp / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     cwd = Path.cwd()
     os.chdir(REPO)  # `loopline serve` imports serving.service from here
