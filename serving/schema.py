@@ -140,6 +140,13 @@ def column_batch_model(params: Params, record: type[BaseModel]) -> type[BaseMode
 JSON_KINDS = {int: "number", float: "number", str: "string", type(None): "null"}
 
 
+def _float_or_inf(value: Any) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        return float("inf") if value > 0 else float("-inf")
+
+
 def _column_violation(values: list, rule: ColumnRule, nullable: bool) -> tuple[Any, tuple[np.ndarray, str] | None]:
     """One request column checked as `Record` checks a field (JSON types exactly: a number
     is an int or float, never a bool or a string), over the whole array: the column as the
@@ -172,7 +179,10 @@ def _column_violation(values: list, rule: ColumnRule, nullable: bool) -> tuple[A
     else:
         numbers = kinds == "number"
         checks.append((~nulls & ~numbers, "not a number"))
-        typed = np.where(numbers, items, np.nan).astype("float64")
+        try:
+            typed = np.where(numbers, items, np.nan).astype("float64")
+        except OverflowError:  # an integer beyond float64, which no rule admits: shown as not finite
+            typed = np.array([_float_or_inf(v) for v in np.where(numbers, items, np.nan)])
         checks.append((numbers & ~np.isfinite(typed), "not a finite number"))
         checks += list(rule.number_violations(np.where(np.isfinite(typed), typed, np.nan)))
     broken = next(((mask, words) for mask, words in checks if mask.any()), None)

@@ -285,6 +285,7 @@ def convert(model, features: Sequence[str], strings: set[str], task: str) -> byt
             onx = _with_torch_head(prep, estimator, task)
         else:
             options = {id(estimator): {"zipmap": False}} if task == "classification" else None
+            onnx_forest.forget()
             onx = convert_sklearn(model, initial_types=initial, target_opset=opsets, options=options)
             onnx_forest.attach(onx)
             _exact_thresholds(onx, estimator)

@@ -98,6 +98,11 @@ def _wait(node: str, forest, classifier: bool) -> None:
     _waiting.nodes[node] = (forest, classifier)
 
 
+def forget() -> None:
+    """Drop what an earlier conversion in this thread left waiting (one that failed)."""
+    getattr(_waiting, "nodes", {}).clear()
+
+
 def attach(onx) -> None:
     """Give the forest nodes of a converted graph their trees (see `_waiting`)."""
     waiting = getattr(_waiting, "nodes", {})
@@ -114,13 +119,19 @@ def attach(onx) -> None:
 def register() -> None:
     """Put these converters in place of skl2onnx's for both forests (its own is kept for
     the options loopline never asks for: decision paths, leaves, multi-output classes)."""
-    from skl2onnx.common._registration import get_converter, register_converter
-    from skl2onnx.common.utils_classifier import get_label_classes
+    from skl2onnx.common._registration import get_converter
 
     global _registered
-    if _registered:
-        return
-    regressor, classifier = get_converter(REGRESSOR), get_converter(CLASSIFIER)
+    with _registering:  # two threads converting at once: skl2onnx's converters are captured once
+        if not _registered:
+            _register(get_converter(REGRESSOR), get_converter(CLASSIFIER))
+            _registered = True
+
+
+def _register(regressor, classifier) -> None:
+    """Register the two converters; `regressor` and `classifier` are skl2onnx's own."""
+    from skl2onnx.common._registration import register_converter
+    from skl2onnx.common.utils_classifier import get_label_classes
 
     def unusual(scope, operator) -> bool:
         options = scope.get_options(operator.raw_operator, {"decision_path": False, "decision_leaf": False})
@@ -165,7 +176,7 @@ def register() -> None:
 
     register_converter(REGRESSOR, convert_regressor, overwrite=True, options=regressor.get_allowed_options())
     register_converter(CLASSIFIER, convert_classifier, overwrite=True, options=classifier.get_allowed_options())
-    _registered = True
 
 
 _registered = False
+_registering = threading.Lock()

@@ -20,8 +20,8 @@ def params(tmp_path_factory):
 
 # Per field, values at and beyond its rule (and of the wrong JSON type).
 PROBES = {
-    "temp": [0.0, 1.0, 0.5, 1, None, 1.5, -0.1, "0.5", True, float("nan"), float("inf")],
-    "hr": [0, 23, 8.0, 8.5, 24, -1, "8", True, False, None, 10**20],
+    "temp": [0.0, 1.0, 0.5, 1, None, 1.5, -0.1, "0.5", True, float("nan"), float("inf"), 10**400],
+    "hr": [0, 23, 8.0, 8.5, 24, -1, "8", True, False, None, 10**20, -(10**400)],
     "weathersit": ["clear", " Clear ", "CLEAR", "sunny", 1, None, ""],
     "mnth": ["Jan", "jan", "January", None, 3],
     "holiday": [0, 1, 2, 0.0, None],
