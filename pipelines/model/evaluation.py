@@ -58,7 +58,7 @@ class Importance:
 
 
 def feature_importance(
-    model: Any, rows: pd.DataFrame, features: list[str], target: str, task: str, seed: int, max_rows: int = 1000
+    model: Any, rows: pd.DataFrame, features: list[str], target: str, task: str, seed: int, max_rows: int
 ) -> Importance:
     """Permutation importance of each input column on a seeded sample of at most `max_rows`
     of `rows` (train.importance_rows), with 3 repeats: what the drift trigger weighs

@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +21,9 @@ import pandas as pd
 from pipelines.core.config import Params
 from pipelines.core.errors import LooplineError
 from pipelines.core.names import END_REASON, MODEL_ARTIFACT, OWNER
+
+if TYPE_CHECKING:
+    from pipelines.model.evaluation import Importance
 
 
 def tracking_uri(params: Params) -> str:
@@ -317,24 +320,16 @@ def load_model_files(
 
 
 def diagnostic_figures(
-    model: Any,
-    test: pd.DataFrame,
-    predictions: pd.DataFrame,
-    features: list[str],
-    target: str,
-    task: str,
-    seed: int,
-    importance: Any = None,
+    predictions: pd.DataFrame, features: list[str], target: str, task: str, importance: Importance
 ) -> dict[str, Any]:
     """matplotlib figures for a run: predicted vs actual and residuals (regression) or the
-    confusion matrix (classification), and permutation feature importance."""
+    confusion matrix (classification) of the test rows' predictions, and the permutation
+    feature importance measured for the run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
-
-    from pipelines.model.evaluation import feature_importance
 
     figures: dict[str, Any] = {}
     if task == "regression":
@@ -352,10 +347,9 @@ def diagnostic_figures(
         ax.set_title("Confusion matrix (test rows)")
         figures["confusion_matrix.png"] = fig
 
-    result = importance if importance is not None else feature_importance(model, test, features, target, task, seed)
-    order = np.argsort(result.importances_mean)
+    order = np.argsort(importance.importances_mean)
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(features) + 1.2))
-    ax.barh(np.array(features)[order], result.importances_mean[order], xerr=result.importances_std[order])
+    ax.barh(np.array(features)[order], importance.importances_mean[order], xerr=importance.importances_std[order])
     ax.set(xlabel="drop in score when shuffled", title="Permutation feature importance (test rows)")
     fig.tight_layout()
     figures["feature_importance.png"] = fig

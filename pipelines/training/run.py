@@ -310,7 +310,7 @@ def _log_best(
     )
     clock("importance and estimator")
     log_dict_batch(client, best_run, metrics={f"test_{k}": v for k, v in test_metrics.items()})
-    figures = diagnostic_figures(best.model, test, predictions, features, target, task, params.train.seed, importance)
+    figures = diagnostic_figures(predictions, features, target, task, importance)
     log_figures(client, best_run, figures)
     clock("metrics and plots")
     slices = slice_metrics(test, predictions["predicted"].to_numpy(), params, metadata["baseline"], metadata["classes"])

@@ -44,6 +44,6 @@ def test_a_classifier_is_scored_by_accuracy_on_string_labels():
     x = rng.normal(size=600)
     rows = pd.DataFrame({"x": x, "noise": rng.normal(size=600), "label": np.where(x > 0, "up", "down")})
     model = LogisticRegression().fit(rows[["x", "noise"]], rows["label"])
-    result = feature_importance(model, rows, ["x", "noise"], "label", "classification", seed=0)
+    result = feature_importance(model, rows, ["x", "noise"], "label", "classification", seed=0, max_rows=1000)
     assert result.importances_mean[0] > 0.3 and abs(result.importances_mean[1]) < 0.05
     assert 0.0 <= result.importances_std[0] < 0.1
