@@ -55,15 +55,18 @@ def running_api() -> str | None:
 
 
 @contextmanager
-def command_api(echo: Callable[[str], None]) -> Iterator[str | None]:
+def command_api(echo: Callable[[str], None], warm: tuple[str, ...] = ()) -> Iterator[str | None]:
     """For one command: the configured API; else the running `loopline prefect-server`,
-    for this process and those it starts; else None, and a flow starts the temporary API."""
+    for this process and those it starts; else None, and the flows use Prefect's temporary
+    API. That one is started here, while this process imports `warm` (the modules the
+    command's flows will import anyway): its ≈ 9 s start-up runs beside the imports."""
     configured = get_current_settings().api.url
     if configured:
         yield configured
         return
     url = running_api()
     if url is None:
+        start_temporary_api_while(lambda: _import_all(warm))
         yield None
         return
     echo(f"Prefect API: {url} (loopline prefect-server)")
@@ -73,6 +76,44 @@ def command_api(echo: Callable[[str], None]) -> Iterator[str | None]:
             yield url
     finally:
         os.environ.pop("PREFECT_API_URL", None)
+
+
+def start_temporary_api_while(work: Callable[[], None]) -> None:
+    """Start Prefect's temporary API (the one a flow run with no API starts for itself) in a
+    thread while `work` runs here; back once both are done. If it fails to start, the first
+    flow starts it again and fails there, with Prefect's own message."""
+    import threading
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        work()
+        return
+    # What the start may import that is not loaded yet are leaf modules (httpx's host-name
+    # codec, rich's emoji table for the log line), which two threads cannot deadlock on; the
+    # codec is imported here first all the same.
+    import encodings.idna  # noqa: F401
+
+    def start() -> None:
+        try:
+            SubprocessASGIServer().start()
+        except Exception:  # said again by the flow's own start, where it is raised
+            return
+
+    starting = threading.Thread(target=start, name="prefect-temporary-api", daemon=True)
+    starting.start()
+    try:
+        work()
+    finally:
+        starting.join()
+
+
+def _import_all(modules: tuple[str, ...]) -> None:
+    import importlib
+
+    for module in modules:
+        importlib.import_module(module)
 
 
 def _die_with_parent() -> None:

@@ -13,6 +13,9 @@ between runs is read from MLflow, so a run needs nothing but the params file.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -139,7 +142,18 @@ def _start_training(params_path: str, trigger: Trigger) -> Retrain:
         reason=decision.reason,
         data_version=trained.data_version,
         candidate=trained.trained.best,
+        timings=trained.timings,
     )
+
+
+@contextmanager
+def _step(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Seconds spent in the block, into timings[name]."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(time.perf_counter() - started, 3)
 
 
 @flow(name="monitoring", on_failure=[alert_failed_run])
@@ -162,15 +176,21 @@ def monitoring_flow(
     params = load_params(params_path)  # once per run; tasks get the validated params
     at = datetime.fromisoformat(now) if now else datetime.now(UTC)
     at = at if at.tzinfo else at.replace(tzinfo=UTC)
-    batches = accept_task(params)
+    steps: dict[str, float] = {}
+    with _step(steps, "accept"):
+        batches = accept_task(params)
     for b in batches:
         (logger.warning if b.status == "rejected" else logger.info)("batch %s: %s", b.file, b.describe())
-    feed = join_labels_task(params)
+    with _step(steps, "labels"):
+        feed = join_labels_task(params)
     for joined in feed.files:
         logger.info("%s", joined.describe())
-    measured = measure_task(params, at, feed)
-    verdict = decide_task(params, measured, at)
-    shadow = shadow_task(params, measured, at)
+    with _step(steps, "measure"):
+        measured = measure_task(params, at, feed)
+    with _step(steps, "decide"):
+        verdict = decide_task(params, measured, at)
+    with _step(steps, "shadow"):
+        shadow = shadow_task(params, measured, at)
     if shadow is not None:
         logger.info("%s", shadow.describe())
     if trigger == "none" and verdict.retrain:
@@ -179,16 +199,20 @@ def monitoring_flow(
         why = f"shadow v{shadow.shadow} was promoted on live rows: the next run measures the new champion"
         verdict = Verdict(False, verdict.triggers, [why])
     logger.info("Decision: %s — %s", verdict.outcome, verdict.reason())
-    measured = replace(measured, log=prune_task(params, measured, at))
+    with _step(steps, "prune"):
+        measured = replace(measured, log=prune_task(params, measured, at))
     result = MonitoringResult(
         at=at.isoformat(timespec="seconds"), batches=batches, measured=measured, verdict=verdict, shadow=shadow
     )
-    run_id = record_task(params, result)
-    training = _start_training(params_path, trigger) if verdict.retrain else None
-    if training is not None:
+    with _step(steps, "record"):
+        run_id = record_task(params, result)
+    training = None
+    if verdict.retrain:
+        with _step(steps, "retrain"):
+            training = _start_training(params_path, trigger)
         record_retrain(params, run_id, training)
         logger.info("Training: %s", training)
-    result = replace(result, mlflow_run_id=run_id, training=training)
+    result = replace(result, mlflow_run_id=run_id, training=training, timings=steps)
     dashboard_task(params, result)
     create_markdown_artifact(
         render_monitoring(result),

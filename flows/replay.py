@@ -26,6 +26,7 @@ import json
 import shutil
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
+from time import perf_counter
 from typing import Any, Literal
 
 import pandas as pd
@@ -199,11 +200,22 @@ def run_replay(
             if due.any():
                 write_csv(waiting.loc[due, [id_column, target]], layout.landing / f"labels-{label}.csv")
             waiting = waiting[~due]
+            started = perf_counter()
             result = monitoring_flow(params_path=str(replay_path), now=end.isoformat())
-            timeline.append(_timeline_row(label, len(rows), int(due.sum()), result))
+            monitored = perf_counter() - started
             # at once, not within serve.reload_interval_s: a new champion, or a shadow, serves the next period
-            post(f"{url}/admin/reload", {}, request_id=f"{label}.reload")
+            status = post(f"{url}/admin/reload", {}, request_id=f"{label}.reload")
+            reloaded = perf_counter() - started - monitored
+            timeline.append(_timeline_row(label, len(rows), int(due.sum()), result))
             row = timeline[-1]
+            if result.training is not None and result.training.promoted:
+                if status["model_version"] != result.training.version:
+                    raise LooplineError(
+                        "replay",
+                        f"the service serves v{status['model_version']} after v{result.training.version} was promoted",
+                    )
+                row["land_to_serve_s"] = round(monitored + reloaded, 3)
+                echo(land_to_serve(result, monitored, reloaded))
             seen = (
                 f"live {metric} {row['live_seen']:.1f} on {row['live_rows']} labelled"
                 if row["live_rows"]
@@ -228,6 +240,19 @@ def run_replay(
         shutil.copyfile(workdir / "timeline.csv", Path(chart).with_suffix(".csv"))
     _log_replay(params, frame, png)
     return frame
+
+
+def land_to_serve(result: MonitoringResult, monitored: float, reloaded: float) -> str:
+    """One line: the seconds from a monitoring run's start (its batch and labels landed) to
+    the service answering with the champion its retrain promoted, step by step."""
+    from pipelines.monitoring.report import describe_steps
+
+    assert result.training is not None
+    overhead = monitored - sum(result.timings.values())  # the flow's own start and end, its artifacts
+    return (
+        f"    land to serve v{result.training.version}: {monitored + reloaded:.1f} s = {describe_steps(result)}, "
+        f"flow overhead {overhead:.1f}, reload {reloaded:.1f}"
+    )
 
 
 def _delay_words(label_delay: str) -> str:
@@ -281,6 +306,7 @@ def _timeline_row(label: str, rows: int, landed: int, result: MonitoringResult) 
         "shadow": result.shadow.describe() if result.shadow else "",
         "shadow_promoted": bool(result.shadow and result.shadow.outcome == "promoted"),
         "monitoring_seconds": measured.seconds,
+        "land_to_serve_s": float("nan"),  # batch landed -> the service answers with the promoted champion
     }
 
 

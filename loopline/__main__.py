@@ -1,3 +1,3 @@
-from loopline.cli import main
+from loopline.cli import entry_point
 
-main()
+entry_point()

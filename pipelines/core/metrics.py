@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn import metrics as skm
+
+# scikit-learn's metrics are imported where computed: the names below are read by every
+# params check (load_params), which should not pay for importing scikit-learn.
 
 # Every metric loopline computes, by task (the functions below compute them in this order).
 METRICS = {"regression": ("rmse", "mae", "r2"), "classification": ("accuracy", "precision", "recall", "f1", "roc_auc")}
@@ -30,6 +32,8 @@ def naive_baseline(y_train: pd.Series, task: str) -> float | str:
 
 
 def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    from sklearn import metrics as skm
+
     return {
         "rmse": float(np.sqrt(skm.mean_squared_error(y, pred))),
         "mae": float(skm.mean_absolute_error(y, pred)),
@@ -40,6 +44,8 @@ def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
 def classification_metrics(
     y: np.ndarray, pred: np.ndarray, proba: np.ndarray | None, classes: list[str]
 ) -> dict[str, float]:
+    from sklearn import metrics as skm
+
     out = {"accuracy": float(skm.accuracy_score(y, pred))}
     p, r, f, _ = skm.precision_recall_fscore_support(y, pred, average="macro", zero_division=0)
     out.update(precision=float(p), recall=float(r), f1=float(f))

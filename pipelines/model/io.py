@@ -35,7 +35,7 @@ META_FILE = "model.json"
 # Every type loopline's pipelines contain, for every family and task. skops is imported
 # without its default list of all scikit-learn estimators (see `skops_io`), so these are
 # the only classes a model file may instantiate.
-TRUSTED_TYPES = frozenset(
+MODEL_TYPES = frozenset(
     {
         "numpy.dtype",
         "pipelines.model.features.CyclicalEncoder",
@@ -59,13 +59,10 @@ TRUSTED_TYPES = frozenset(
         "sklearn.tree._tree.Tree",
     }
 )
-# The same classes as models logged before pipelines/ had its parts name them
+# With the same classes as models logged before pipelines/ had its parts name them
 # (pipelines.features.CyclicalEncoder ...): the old paths import as aliases (pipelines/__init__.py).
-TRUSTED_TYPES |= {
-    f"{old}{name.removeprefix(new)}"
-    for old, new in MOVED.items()
-    for name in TRUSTED_TYPES
-    if name.startswith(new + ".")
+TRUSTED_TYPES = MODEL_TYPES | {
+    f"{old}{name.removeprefix(new)}" for old, new in MOVED.items() for name in MODEL_TYPES if name.startswith(new + ".")
 }
 
 

@@ -126,7 +126,24 @@ def render_monitoring(result: MonitoringResult) -> str:
         t = result.training
         version = f"v{t.version} " if t.version else ""
         blocks.append(f"training: {version}{t.outcome}" + (f" — {t.reason}" if t.reason else ""))
+    if result.timings:
+        blocks.append(f"seconds: {describe_steps(result)}")
     return "\n\n".join(block for block in blocks if block)
+
+
+def describe_steps(result: MonitoringResult) -> str:
+    """The run's seconds per step, a retrain's own steps in brackets (its sub-steps, such as
+    "log: ONNX form", summed under their head): "accept 0.1, ..., retrain 24.3 (search 18.6, ...)"."""
+    words = []
+    for step, seconds in result.timings.items():
+        words.append(f"{step} {seconds:.1f}")
+        if step == "retrain" and result.training is not None and result.training.timings:
+            heads: dict[str, float] = {}
+            for inner, spent in result.training.timings.items():
+                head = inner.split(":")[0].split(" (")[0]
+                heads[head] = heads.get(head, 0.0) + spent
+            words[-1] += " (" + ", ".join(f"{k} {v:.1f}" for k, v in heads.items() if v >= 0.05) + ")"
+    return ", ".join(words)
 
 
 def monitoring_alerts(params: Params, result: MonitoringResult) -> list[Alert]:

@@ -129,6 +129,7 @@ class Retrain:
     data_version: str | None = None
     candidate: str | None = None
     flow_run_id: str | None = None  # a retrain started through the deployment
+    timings: dict[str, float] = field(default_factory=dict)  # the training flow's steps, seconds
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,9 @@ class MonitoringResult:
     mlflow_run_id: str | None = None
     training: Retrain | None = None
     shadow: ShadowJudgement | None = None  # the shadow judged on live rows (None: no shadow)
+    # Seconds per step of the run (accept, labels, measure, decide, shadow, prune, record,
+    # retrain): where the time from a batch landing to a new champion goes.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def last_training_arrival(client, experiment_id: str) -> str | None:

@@ -232,16 +232,22 @@ def log_model(
     client, run_id: str, model: Any, example: pd.DataFrame, metadata: dict[str, Any], files: dict[str, bytes]
 ) -> str:
     """Save the fitted pipeline as an MLflow model into `run_id`, with `files` (its ONNX
-    form) in the model's directory; returns its runs:/ URI."""
+    form) in the model's directory; returns its runs:/ URI. MLflow's own loader is told to
+    trust the classes loopline's pipelines are made of (pipelines.model.io.MODEL_TYPES), as
+    loopline's loader does, so the model is serialised once, by MLflow."""
     import mlflow.sklearn
+    import mlflow.utils.environment
     import sklearn
     import skops
     from mlflow.models import infer_signature
 
-    from pipelines.model.io import dumps_model, skops_io
+    from pipelines.model.io import MODEL_TYPES, skops_io
 
-    sio = skops_io()  # before mlflow.sklearn imports it the slow way
-    needed = sorted(sio.get_untrusted_types(data=dumps_model(model)))
+    skops_io()  # before mlflow.sklearn imports it the slow way
+    # The requirements below are this environment's own versions, so MLflow's check that the
+    # environment satisfies them cannot fail; it maps every installed distribution to its
+    # modules first, 1.5 s in each process that logs a model.
+    mlflow.utils.environment.warn_dependency_requirement_mismatches = _requirements_met
     example = plain_frame(example)
     signature = infer_signature(example, model.predict(example))
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,7 +256,7 @@ def log_model(
             model,
             str(local),
             serialization_format="skops",
-            skops_trusted_types=needed,
+            skops_trusted_types=sorted(MODEL_TYPES),
             signature=signature,
             input_example=example,
             metadata=metadata,
@@ -265,6 +271,10 @@ def log_model(
             (local / name).write_bytes(data)
         client.log_artifacts(run_id, str(local), MODEL_ARTIFACT)
     return f"runs:/{run_id}/{MODEL_ARTIFACT}"
+
+
+def _requirements_met(model_requirements: list[str]) -> None:
+    """MLflow's requirement check, for requirements read from this environment: nothing to warn."""
 
 
 def log_torch_weights(client, run_id: str, model: Any) -> None:

@@ -86,6 +86,21 @@ def test_help_is_quick_and_shows_no_type_placeholders():
     assert seconds < 5
 
 
+def test_a_mistyped_command_or_option_is_a_usage_error_not_a_traceback():
+    """Click's usage errors (typer carries its own click): the message and exit 2, as
+    `--help` describes, with no traceback; a command that succeeds still exits 0."""
+    for args, expected in (
+        (["trian"], "No such command 'trian'"),
+        (["train", "--forse"], "No such option: --forse"),
+        (["card"], "Missing argument"),
+    ):
+        proc, _ = run(args)
+        assert proc.returncode == 2, (args, proc.returncode, proc.stderr[-2000:])
+        assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    proc, _ = run(["check-params", "--params", "params.yaml"])
+    assert proc.returncode == 0 and proc.stdout.startswith("params.yaml: valid"), proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_expected_errors_inside_flows_print_one_line(prefect_api, tmp_path):
     """Bad data met inside a flow (a validation failure in training, a missing column in

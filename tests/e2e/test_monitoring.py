@@ -8,6 +8,7 @@ The tests of the workspace run in file order: each lands a batch on what the pre
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -205,6 +206,8 @@ def test_injected_drift_retrains_on_a_new_data_version(ws):
     training = result.training
     assert {"temp", "atemp", "windspeed", "season", "mnth"} <= set(result.measured.drift.drifted)
     assert training.version == "2" and ws.versions() == ["1", "2"]
+    assert list(result.timings)[-1] == "retrain" and result.timings["retrain"] > sum(training.timings.values()) > 0
+    assert "search: fit and score candidates" in training.timings
     assert training.data_version.startswith("recorded in dvc.lock")
     assert _lock_md5(ws.root, "ingest", "data/interim/ingested.parquet") != before_lock
     new_run = ws.client().get_run(ws.client().get_model_version("bikes", "2").run_id)
@@ -276,6 +279,11 @@ def test_monitor_command_reports_batches_drift_and_decision(ws, capsys):
     assert "batch calm-again.csv: accepted (300 rows; features and target" in out
     assert "drift share" in out and "Evidently reports: landed " in out and "decision: " in out
     assert "training:" not in out
+    # where the run's time went, step by step
+    seconds = re.search(
+        r"^seconds: accept [0-9.]+, labels [0-9.]+, measure ([0-9.]+), decide .*, record [0-9.]+$", out, re.M
+    )
+    assert seconds is not None and float(seconds.group(1)) > 0, out[-800:]
 
 
 def test_reduced_replay_with_late_labels_alarms_first_and_retrains_when_they_land(prefect_api, tmp_path, monkeypatch):
@@ -293,6 +301,7 @@ def test_reduced_replay_with_late_labels_alarms_first_and_retrains_when_they_lan
     raw = raw_params()
     raw["monitor"] = {"workspace": str(tmp_path / "workspace")}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    printed: list[str] = []
     timeline = run_replay(
         workdir,
         tmp_path / "params.yaml",
@@ -300,7 +309,7 @@ def test_reduced_replay_with_late_labels_alarms_first_and_retrains_when_they_lan
         train_months=2,
         periods=3,
         chart=chart,
-        echo=lambda s: None,
+        echo=printed.append,
         label_delay="30d",
     )
     assert list(timeline["period"]) == ["2011-03", "2011-04", "2011-05"]
@@ -310,6 +319,15 @@ def test_reduced_replay_with_late_labels_alarms_first_and_retrains_when_they_lan
     assert april["decision"] == "retrain" and april["promoted"]  # March's labels landed
     assert april["reason"].startswith("pending since 2011-03-31T23:59")
     assert may["served_version"] == april["retrained_version"]  # the service switched without a restart
+    # April's retrain, from its labels landing to the service answering with it, step by step
+    [line] = [p for p in printed if "land to serve" in p]
+    total = float(re.search(r"land to serve v\d+: ([0-9.]+) s = ", line).group(1))
+    steps = dict((k, float(v)) for k, v in re.findall(r"(?:= |, |\()([a-z ]+?) ([0-9.]+)", line))
+    assert line.startswith(f"    land to serve v{april['retrained_version']}: ")
+    assert {"accept", "labels", "measure", "decide", "record", "retrain", "search", "reload"} <= set(steps), line
+    assert abs(april["land_to_serve_s"] - total) < 0.06 and 0 < steps["search"] < steps["retrain"] < total, line
+    assert timeline["land_to_serve_s"].isna().tolist() == [True, False, True]
+    print(line)
     assert march["baseline"] > march["live"] > 0  # in hindsight, every label known
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (workdir / "timeline.csv").is_file()
     params = load_params(workdir / "params.yaml")

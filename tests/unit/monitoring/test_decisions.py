@@ -286,11 +286,16 @@ def test_reduced_backtest_shares_trainings_and_writes_the_table(tmp_path, capsys
     due before any label has arrived waits for them (pending) and runs a period later."""
     from conftest import run_cli
 
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"]["source"] = str(REPO / raw["data"]["source"])
+    raw["search"] = {"families": ["linear", "hist_gradient_boosting"], "n_trials": 0}  # the policies are the subject
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     workdir = tmp_path / "bt"
     code, out, err = run_cli(
         "backtest",
         "--params",
-        str(REPO / "params.yaml"),
+        str(path),
         "--workdir",
         str(workdir),
         "--periods",

@@ -92,3 +92,28 @@ def test_a_lost_postgresql_connection_drops_one_burst_and_the_next_reconnects(po
     log.flush()
     assert log.dropped == 1
     assert read_prediction_log(postgres_db, [])["request_id"].tolist() == ["a", "c"]
+
+
+def test_single_record_bursts_within_the_linger_go_in_one_transaction_and_a_flush_does_not_wait(location):
+    """Micro-batches of single-record traffic, appended faster than LINGER_S, are written
+    together (one transaction, not one each); a flush writes at once rather than lingering."""
+    from pipelines.monitoring import prediction_log
+
+    log = PredictionLog(location)
+    writes: list[int] = []
+    insert = log._store.insert
+    log._store.insert = lambda db, rows: (writes.append(len(rows)), insert(db, rows))[1]
+    started = time.monotonic()
+    for i in range(20):
+        log.append(served("1"), [f"r-{i}-{j}" for j in range(5)], [{"hr": j} for j in range(5)], [1.0] * 5, None)
+    appended = time.monotonic() - started
+    log.flush()
+    flushed = time.monotonic() - started
+    assert read_prediction_log(location, ["hr"])["request_id"].nunique() == 100
+    assert sum(writes) == 100
+    if appended < prediction_log.LINGER_S / 2:  # the appends came within the window: gathered
+        assert len(writes) <= 2, writes
+    assert flushed < appended + prediction_log.LINGER_S + 0.5  # the flush ended the window
+    log.append(served("1"), ["late"], [{"hr": 1}], [1.0], None)
+    time.sleep(prediction_log.LINGER_S + 0.5)  # no flush: written once the window closes
+    assert "late" in read_prediction_log(location, ["hr"])["request_id"].tolist()
