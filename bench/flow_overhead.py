@@ -8,6 +8,7 @@ that is already running (as under `loopline deploy`). The plain script calls ing
 clean → validate → split, fits the model and scores the test rows.
 
     python bench/flow_overhead.py --rows 0 1000000     # 0 = the bundled Bikeshare data
+    python bench/flow_overhead.py --rows 0 --search default   # the first `loopline train` of a new clone
 """
 
 from __future__ import annotations
@@ -54,13 +55,14 @@ print(json.dumps({"seconds": seconds, "test_rmse": metrics["rmse"]}))
 """
 
 
-def write_params(workdir: Path, source: Path) -> Path:
+def write_params(workdir: Path, source: Path, search: str) -> Path:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["data"]["source"] = str(source)
     raw["schema"]["row_count"].pop("max", None)
     raw["paths"] = {"data": str(workdir / "data"), "models": str(workdir / "models")}
-    raw["search"] = {"families": ["hist_gradient_boosting"], "n_trials": 0}
-    raw["train"]["hyperparams"]["hist_gradient_boosting"] = HYPERPARAMS
+    if search == "single":  # else params.yaml's search, every family and its trials
+        raw["search"] = {"families": ["hist_gradient_boosting"], "n_trials": 0}
+        raw["train"]["hyperparams"]["hist_gradient_boosting"] = HYPERPARAMS
     raw["tracking"] = {
         "uri": f"sqlite:///{workdir}/mlflow.db",
         "artifact_root": str(workdir / "mlruns"),
@@ -81,7 +83,7 @@ def timed_process(args: list[str], env: dict[str, str]) -> tuple[float, str]:
     return elapsed, proc.stdout
 
 
-def measure(rows: int, server_url: str) -> dict:
+def measure(rows: int, server_url: str, search: str) -> dict:
     from bench.scale import synthesise
 
     with tempfile.TemporaryDirectory(prefix="loopline-overhead-") as tmp:
@@ -93,16 +95,18 @@ def measure(rows: int, server_url: str) -> dict:
         env = dict(os.environ, PREFECT_HOME=str(workdir / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
         env.pop("PREFECT_API_URL", None)
         env.pop("MLFLOW_TRACKING_URI", None)
-        for sub in ("plain", "flow"):
+        for sub in ("plain", "flow", "served"):
             (workdir / sub).mkdir()
-        plain_params, flow_params = write_params(workdir / "plain", source), write_params(workdir / "flow", source)
+        plain_params = write_params(workdir / "plain", source, search)
+        flow_params = write_params(workdir / "flow", source, search)
+        served_params = write_params(workdir / "served", source, search)  # a new store: a first training too
 
         plain_s, plain_out = timed_process([sys.executable, "-c", PLAIN, str(plain_params)], env)
         plain = json.loads(plain_out.strip().splitlines()[-1])
         train = [venv_bin("loopline"), "train", "--force", "--json", "--params", str(flow_params)]
         flow_s, flow_out = timed_process(train, env)
         flow = json.loads(flow_out.strip().splitlines()[-1])
-        served_s, _ = timed_process(train, dict(env, PREFECT_API_URL=server_url))
+        served_s, _ = timed_process([*train[:-1], str(served_params)], dict(env, PREFECT_API_URL=server_url))
         empty_s, _ = timed_process(
             [sys.executable, "-c", "from prefect import flow\n@flow\ndef empty(): pass\nempty()"], env
         )
@@ -127,6 +131,12 @@ def main() -> None:
         default=[0, 1_000_000],
         help="synthetic row counts; 0 means the bundled Bikeshare data",
     )
+    parser.add_argument(
+        "--search",
+        choices=["single", "default"],
+        default="single",
+        help="one HistGradientBoosting fit, or params.yaml's whole candidate search",
+    )
     args = parser.parse_args()
     from pipelines.core.processes import free_port, stop, wait_for_http
 
@@ -142,7 +152,7 @@ def main() -> None:
     try:
         url = f"http://127.0.0.1:{port}/api"
         wait_for_http(f"{url}/health", timeout=120, proc=server)
-        results = [measure(rows, url) for rows in args.rows]
+        results = [measure(rows, url, args.search) for rows in args.rows]
     finally:
         stop(server)
     print(

@@ -129,7 +129,7 @@ class Retrain:
     data_version: str | None = None
     candidate: str | None = None
     flow_run_id: str | None = None  # a retrain started through the deployment
-    timings: dict[str, float] = field(default_factory=dict)  # the training flow's steps, seconds
+    timings: dict[str, float] = field(default_factory=dict, repr=False)  # the training flow's steps, seconds
 
 
 @dataclass(frozen=True)
