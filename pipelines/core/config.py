@@ -137,6 +137,10 @@ class TrainConfig(_Section):
     importance_rows: int = Field(1000, ge=50)
     """Permutation importance (the drift trigger's weights, the importance plot) is measured on a
     seeded sample of at most this many test rows."""
+    sample_rows: int = Field(0, ge=0)
+    """The search and the `train` stage fit on a seeded sample of at most this many training rows
+    (0: every row), for a table whose fits take too long in full; the run records the sample
+    (tag data.train_sample) and the drift reference is drawn from it."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -35,6 +35,7 @@ INGESTED_MD5 = "data.ingested_md5"
 ARRIVAL_BATCHES = "data.arrival_batches"
 LAST_ARRIVAL = "data.last_arrival"  # the last accepted batch the training read
 DVC_LOCK_MD5 = "data.dvc_lock_md5"
+TRAIN_SAMPLE = "data.train_sample"  # train.sample_rows: the rows fitted on, of how many, and the seed
 FLOW_RUN_ID = "prefect.flow_run_id"
 PARENT_RUN = "mlflow.parentRunId"  # MLflow's own: nests a candidate's run under the training's
 PARAMS_FILE = "loopline.params_file"

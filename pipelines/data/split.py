@@ -56,6 +56,17 @@ def split_rows(df: pd.DataFrame, cfg: SplitConfig, target: str, stratify: bool) 
     return Splits(*(df.iloc[np.sort(i)].reset_index(drop=True) for i in (train, val, test)))
 
 
+def training_sample(rows: pd.DataFrame, params: Params) -> tuple[pd.DataFrame, str | None]:
+    """The training rows a model fits on: every row, or a seeded sample of `train.sample_rows`
+    of them (in their order) when there are more; and what was sampled (None: nothing)."""
+    limit, seed = params.train.sample_rows, params.train.seed
+    if not limit or len(rows) <= limit:
+        return rows, None
+    keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=limit, replace=False))
+    note = f"{limit} of {len(rows)} training rows (train.sample_rows, seed {seed})"
+    return rows.iloc[keep].reset_index(drop=True), note
+
+
 def read_split(params: Params, name: str, stage: str = "train") -> pd.DataFrame:
     """One of the train / val / test splits the split stage wrote, as a DataFrame."""
     from pipelines.core.layout import Layout

@@ -12,11 +12,11 @@ from pipelines.core.layout import Layout
 
 def fit_configured_model(params: Params) -> tuple[Any, dict[str, Any]]:
     """The `train.model` family fitted on the training split, and its metadata."""
-    from pipelines.data.split import read_split
+    from pipelines.data.split import read_split, training_sample
     from pipelines.model.estimators import build_model, fit_model
     from pipelines.model.io import model_metadata
 
-    rows = read_split(params, "train")
+    rows, _ = training_sample(read_split(params, "train"), params)
     model = fit_model(build_model(params), rows, params)
     family = params.train.model
     return model, model_metadata(params, family, model, rows, params.train.hyperparams.get(family, {}))

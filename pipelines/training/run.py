@@ -24,7 +24,7 @@ from pipelines.core import names
 from pipelines.core.config import Params
 from pipelines.core.fingerprint import PARAMS_MODULE, code_files, fingerprint
 from pipelines.core.layout import Layout
-from pipelines.data.split import SPLITS, read_split
+from pipelines.data.split import SPLITS, read_split, training_sample
 from pipelines.model.io import model_metadata
 from pipelines.registry.promotion import Challenger, Registration
 
@@ -182,6 +182,7 @@ def search_and_log(params: Params, params_path: str, flow_run_id: str, warn=prin
     from pipelines.training.search import search_candidates
 
     train, val, test = (read_split(params, name, "search") for name in SPLITS)
+    train, sampled = training_sample(train, params)
     if params.split.order_by:  # the promotion's block length must fit the test rows: say so before training
         block_length(params.promotion, len(test))
     client, experiment_id = client_for(params)
@@ -189,6 +190,9 @@ def search_and_log(params: Params, params_path: str, flow_run_id: str, warn=prin
         warn(f"MLflow run {run_id} was left running by a training that was killed; marked KILLED")
     metric, _ = params.metric
     lineage = lineage_tags(params, params_path, flow_run_id, {"train": len(train), "val": len(val), "test": len(test)})
+    if sampled is not None:
+        lineage[names.TRAIN_SAMPLE] = sampled
+        warn(f"the search fits on {sampled}")
     parent_id = client.create_run(experiment_id, run_name=f"training-{flow_run_id[:8]}", tags=lineage).info.run_id
     log_dict_batch(
         client, parent_id, params=flatten("", params.model_dump(mode="json", by_alias=True, exclude={"table_schema"}))

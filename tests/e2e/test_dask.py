@@ -11,12 +11,16 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
 from conftest import REPO, bikeshare_sample, run_cli, start_tracking_server, stop, venv_bin, write_params
 
 TRACKING = {"experiment": "bikes", "model_name": "bikes"}
+# Every family of params.yaml (torch's MLP too) and two trials: six candidates in one round.
+CLUSTER_SEARCH = {"n_trials": 2}
 # A search of study "resume" in a process of its own, as a training runs it.
 SEARCH = (
     "import sys\n"
@@ -34,9 +38,47 @@ def _candidates(candidates) -> list[tuple]:
     return [(c.name, c.family, c.hyperparams) for c in candidates]
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The bundled sample's splits and the in-process sequential search of them, which every
+    search on a cluster below must equal (same rows, same seeds)."""
+
+    params: Any
+    train: Any
+    val: Any
+    best: Any
+    candidates: list
+
+    def on(self, address: str):
+        """These params with the search at the cluster `address`."""
+        execution = self.params.execution
+        dask = execution.dask.model_copy(update={"address": address})
+        return self.params.model_copy(
+            update={"execution": execution.model_copy(update={"runner": "dask", "dask": dask})}
+        )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Reference:
+    """Searched once for the module: a sequential search of the default families costs as
+    much as the cluster's, and the tests compare with the same one."""
+    from pipelines.core.config import load_params
+    from pipelines.core.stages import run_all
+    from pipelines.data.split import read_split
+    from pipelines.training.search import search_candidates
+
+    tmp = tmp_path_factory.mktemp("reference")
+    params = load_params(write_params(tmp, bikeshare_sample(tmp), search=CLUSTER_SEARCH))
+    assert params.execution.runner == "sequential"
+    run_all(params, echo=lambda _: None)
+    train, val = read_split(params, "train"), read_split(params, "val")
+    best, candidates = search_candidates(params, train, val)
+    return Reference(params, train, val, best, candidates)
+
+
 @pytest.mark.slow
 def test_training_on_a_dask_cluster_survives_a_lost_worker_and_matches_the_sequential_search(
-    tmp_path, dask_cluster, prefect_api
+    tmp_path, dask_cluster, prefect_api, reference
 ):
     """`loopline train` with execution.runner dask at a running scheduler, tracking to an
     MLflow server. One worker is SIGKILLed once the first candidates are logged: Dask runs
@@ -48,7 +90,6 @@ def test_training_on_a_dask_cluster_survives_a_lost_worker_and_matches_the_seque
     from pipelines.core import names
     from pipelines.core.config import load_params
     from pipelines.data.split import read_split
-    from pipelines.training.search import search_candidates
 
     address, workers, worker_addresses = dask_cluster
     server, url = start_tracking_server(tmp_path, f"sqlite:///{tmp_path / 'server.db'}")
@@ -58,6 +99,7 @@ def test_training_on_a_dask_cluster_survives_a_lost_worker_and_matches_the_seque
             bikeshare_sample(tmp_path),
             tracking={"uri": url, **TRACKING},
             execution={"runner": "dask", "dask": {"address": address}},
+            search=CLUSTER_SEARCH,
         )
         env = {**os.environ, "PREFECT_API_URL": prefect_api}
         training = subprocess.Popen(
@@ -83,7 +125,7 @@ def test_training_on_a_dask_cluster_survives_a_lost_worker_and_matches_the_seque
             time.sleep(0.2)
         out, err = training.communicate(timeout=300)
         assert training.returncode == 0, err[-3000:]
-        assert logged_at_kill is not None and logged_at_kill < 10, "the worker was not killed mid-search"
+        assert logged_at_kill is not None and logged_at_kill < len(reference.candidates), "not killed mid-search"
         assert workers[1].wait(timeout=10) is not None
 
         result = json.loads(out.strip().splitlines()[-1])
@@ -100,8 +142,8 @@ def test_training_on_a_dask_cluster_survives_a_lost_worker_and_matches_the_seque
         assert {c["worker"] for c in trained["candidates"]} <= set(worker_addresses)
 
         dask = load_params(path)
-        sequential = dask.model_copy(update={"execution": dask.execution.model_copy(update={"runner": "sequential"})})
-        best, candidates = search_candidates(sequential, read_split(sequential, "train"), read_split(sequential, "val"))
+        assert read_split(dask, "train").equals(reference.train) and read_split(dask, "val").equals(reference.val)
+        best, candidates = reference.best, reference.candidates
         assert trained["best"] == best.name
         assert [(c["name"], c["family"]) for c in trained["candidates"]] == [(c.name, c.family) for c in candidates]
         for logged_candidate, local in zip(trained["candidates"], candidates, strict=True):
@@ -118,7 +160,7 @@ KILL_POINTS = ["while the first round runs", "after two results", "between round
 
 @pytest.mark.slow
 @pytest.mark.parametrize("when", KILL_POINTS)
-def test_a_search_whose_workers_all_die_completes_on_a_worker_that_joins_later(dask_cluster, tmp_path, when):
+def test_a_search_whose_workers_all_die_completes_on_a_worker_that_joins_later(dask_cluster, tmp_path, when, reference):
     """Every worker that holds the training rows is SIGKILLed at three points of the search,
     then a new worker joins. The rows are a task with a recipe, not scattered data, so Dask
     computes them again on the new worker and runs the lost fits there; the search ends with
@@ -129,18 +171,12 @@ def test_a_search_whose_workers_all_die_completes_on_a_worker_that_joins_later(d
     from distributed import Client
 
     from conftest import free_port
-    from pipelines.core.config import load_params
     from pipelines.core.processes import start_server
-    from pipelines.core.stages import run_all
-    from pipelines.data.split import read_split
     from pipelines.training.search import STARTUP_TRIALS, search_candidates
 
     address, workers, _ = dask_cluster
-    dask = load_params(
-        write_params(tmp_path, bikeshare_sample(tmp_path), execution={"runner": "dask", "dask": {"address": address}})
-    )
-    run_all(dask, echo=lambda _: None)
-    train, val = read_split(dask, "train"), read_split(dask, "val")
+    dask = reference.on(address)
+    train, val = reference.train, reference.val
     first_round = len(dask.search.families) + min(STARTUP_TRIALS, dask.search.n_trials)
     seen: list[str] = []
     at_kill: list[int] = []
@@ -197,8 +233,7 @@ def test_a_search_whose_workers_all_die_completes_on_a_worker_that_joins_later(d
         "between rounds": [first_round],
     }
     assert at_kill and at_kill[0] in expected[when], f"killed after {at_kill} results, not {when}"
-    sequential = dask.model_copy(update={"execution": dask.execution.model_copy(update={"runner": "sequential"})})
-    local_best, local = search_candidates(sequential, train, val)
+    local_best, local = reference.best, reference.candidates
     assert _candidates(on_cluster) == _candidates(local) and best.name == local_best.name
     for remote, here in zip(on_cluster, local, strict=True):
         assert remote.val["rmse"] == pytest.approx(here.val["rmse"], abs=1.5e-6)

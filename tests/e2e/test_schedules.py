@@ -108,20 +108,28 @@ def wait_for_completed_scheduled_run(api_url: str, proc: subprocess.Popen, log: 
             return done[0]
         failed = [r for r in runs if r.state is not None and r.state.is_final()]
         assert not failed, f"a scheduled run ended {failed[0].state}:\n{log.read_text()[-3000:]}"
-        time.sleep(3)
+        time.sleep(1)
     raise TimeoutError(f"no scheduled run completed within {timeout:.0f}s on {api_url}:\n{log.read_text()[-3000:]}")
 
 
-def stops_within(proc: subprocess.Popen, sig: int, seconds: float) -> float:
+def stop_within(signals: list[tuple[subprocess.Popen, int]], seconds: float) -> list[float]:
+    """Each process's group sent its signal at once; how long each took to exit. One that is
+    still there after `seconds` is killed (every one is waited for) and the test fails."""
     started = time.monotonic()
-    os.killpg(proc.pid, sig)
-    try:
-        proc.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise AssertionError(f"loopline deploy did not stop within {seconds}s of {signal.Signals(sig).name}") from None
-    return time.monotonic() - started
+    for proc, sig in signals:
+        os.killpg(proc.pid, sig)
+    took: list[float] = []
+    late: list[str] = []
+    for proc, sig in signals:
+        try:
+            proc.wait(timeout=max(0.0, started + seconds - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            late.append(signal.Signals(sig).name)
+        took.append(time.monotonic() - started)
+    assert not late, f"loopline deploy did not stop within {seconds}s of {' and '.join(late)}"
+    return took
 
 
 async def read_flow_run(api_url: str, flow_run_id):
@@ -139,26 +147,31 @@ def training_runs_in_progress(api_urls: list[str], slow_params: Path, timeout: f
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    ids = []
+    # Pausing deletes the schedule's future runs. A runner fetches runs up to 10 s before
+    # their time (PREFECT_RUNNER_PREFETCH_SECONDS): one it fetched for the next minute and
+    # then lost to the pause fails to start with a 404 traceback in its log. Pause mid-minute,
+    # away from the cron's ticks, every API in the same window.
+    while not 15 <= time.time() % 60 <= 35:
+        time.sleep(0.5)
     for api_url in api_urls:
-        # Pausing deletes the schedule's future runs. A runner fetches runs up to 10 s before
-        # their time (PREFECT_RUNNER_PREFETCH_SECONDS): one it fetched for the next minute and
-        # then lost to the pause fails to start with a 404 traceback in its log. Pause mid-minute,
-        # away from the cron's ticks.
-        while not 15 <= time.time() % 60 <= 40:
-            time.sleep(0.5)
         asyncio.run(pause_training_schedule(api_url))
+    ids = []
+    for api_url in api_urls:  # started together: they search side by side
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            run_id = run_deployment(
-                "training/scheduled-training", timeout=0, parameters={"force": True, "params_path": str(slow_params)}
-            ).id
-        deadline = time.monotonic() + timeout
+            ids.append(
+                run_deployment(
+                    "training/scheduled-training",
+                    timeout=0,
+                    parameters={"force": True, "params_path": str(slow_params)},
+                ).id
+            )
+    deadline = time.monotonic() + timeout
+    for api_url, run_id in zip(api_urls, ids, strict=True):
         while not asyncio.run(task_running(api_url, run_id, "search-candidates")):
             state = asyncio.run(read_flow_run(api_url, run_id)).state
             assert state is None or not state.is_final(), f"the training ended before its search: {state}"
             assert time.monotonic() < deadline, f"the training did not reach its search within {timeout:.0f}s"
             time.sleep(0.2)
-        ids.append(run_id)
     return ids
 
 
@@ -214,11 +227,7 @@ def test_scheduled_runs_fire_and_deploy_stops_cleanly(prefect_api, tmp_path):
         # The deploy bounds its stop at two STOP_TIMEOUT_S phases (runner, then its task); on a
         # loaded two-core machine cancelling a training in progress once took more than 15 s.
         limit = 2 * STOP_TIMEOUT_S + 5
-        stopped: list[float] = []
-        try:
-            stopped.append(stops_within(on_server, signal.SIGTERM, limit))
-        finally:  # the second deploy is stopped (and killed if need be) even when the first was not
-            stopped.append(stops_within(on_local, signal.SIGINT, limit))
+        stopped = stop_within([(on_server, signal.SIGTERM), (on_local, signal.SIGINT)], limit)
     assert on_server.returncode == 0 and on_local.returncode == 0, (
         server_log.read_text()[-2000:],
         local_log.read_text()[-2000:],

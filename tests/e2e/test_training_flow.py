@@ -197,7 +197,7 @@ def test_worse_model_leaves_champion_and_records_decision(first_run):
         tmp,
         tmp / "bikeshare_sample.csv",
         search={"families": ["linear"], "n_trials": 0},
-        train={"hyperparams": {"linear": {"alpha": 1e5}}},
+        train={"hyperparams": {"linear": {"alpha": 1e5}}, "sample_rows": 300},  # and on a sample of the rows
     )
     result = training_flow(params_path=str(worse))
     decision = result.decision
@@ -212,6 +212,9 @@ def test_worse_model_leaves_champion_and_records_decision(first_run):
     assert "defended" in defended["loopline.last_challenge"] and "loopline.last_challenge.interval" in defended
     run_tags = client.get_run(result.trained.parent_run_id).data.tags
     assert run_tags["loopline.evidence.interval"] == new.tags["loopline.evidence.interval"]
+    # train.sample_rows: the search fitted on 300 of the training rows, and the run says so
+    assert run_tags["data.rows_train"] == "300"
+    assert run_tags["data.train_sample"].startswith("300 of ") and "seed 42" in run_tags["data.train_sample"]
     champion_run = client.get_run(client.get_model_version("bikes", before).run_id)
     artifacts = {a.path for a in client.list_artifacts(champion_run.info.run_id, "reference")}
     assert {"reference/importance.json", "reference/estimator.pkl"} <= artifacts, artifacts

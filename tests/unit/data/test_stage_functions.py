@@ -164,3 +164,24 @@ def test_duplicates_found_exactly_including_missing_values():
     # rows 1 (= row 0, both temp missing) and 4 (= row 2) are duplicates; row 5 differs in temp
     assert out.report["duplicates_dropped"] == 2
     assert out.rows.to_pandas()["temp"].tolist()[:3] == pytest.approx([float("nan"), 0.5, float("nan")], nan_ok=True)
+
+
+def test_a_training_sample_is_seeded_in_order_and_only_when_the_rows_are_more(params_of, tmp_path):
+    """train.sample_rows: at most that many training rows, the same for the same seed, in
+    the order of the split; fewer rows (or 0) fit on every row and record nothing."""
+    from conftest import write_params
+    from pipelines.data.split import training_sample
+
+    rows = pd.DataFrame({"hr": np.arange(1000), "bikers": np.arange(1000) * 2})
+    params = params_of(write_params(tmp_path, tmp_path / "none.csv", train={"sample_rows": 250, "seed": 5}))
+    sample, note = training_sample(rows, params)
+    again, _ = training_sample(rows, params)
+    assert len(sample) == 250 and sample.equals(again)
+    assert sample["hr"].is_monotonic_increasing and set(sample["hr"]) <= set(rows["hr"])
+    assert note == "250 of 1000 training rows (train.sample_rows, seed 5)"
+    other = params.model_copy(update={"train": params.train.model_copy(update={"seed": 6})})
+    assert not training_sample(rows, other)[0].equals(sample)
+    for limit in (0, 1000, 5000):
+        every = params.model_copy(update={"train": params.train.model_copy(update={"sample_rows": limit})})
+        kept, none = training_sample(rows, every)
+        assert kept is rows and none is None
