@@ -9,7 +9,7 @@ FIND_LINKS ?= /opt/wheels
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast fuzz lint lock docs reference browser-deps screenshots replay replay-late backtest bench bench-bootstrap bench-scale bench-flow bench-torch bench-serve bench-batch bench-shadow bench-soak bench-onnx bench-monitor bench-log bench-concurrent bench-dask
+.PHONY: install run test test-fast fuzz lint lock docs reference browser-deps screenshots replay replay-late backtest bench bench-bootstrap bench-scale bench-flow bench-commands bench-torch bench-serve bench-batch bench-shadow bench-soak bench-onnx bench-monitor bench-log bench-concurrent bench-dask
 
 install: $(STAMP)
 
@@ -94,7 +94,7 @@ replay-late: install
 backtest: install
 	$(BIN)/loopline backtest --label-delay 0 --label-delay 7d --label-delay 30d --chart docs/results/backtest-2011.png
 
-bench: bench-scale bench-flow bench-torch bench-onnx bench-serve bench-batch bench-soak bench-shadow bench-monitor bench-log bench-concurrent bench-bootstrap bench-dask
+bench: bench-scale bench-flow bench-commands bench-torch bench-onnx bench-serve bench-batch bench-soak bench-shadow bench-monitor bench-log bench-concurrent bench-bootstrap bench-dask
 
 # Promotion evidence: the moving-block bootstrap of 100k test rows x 1,000 resamples.
 bench-bootstrap: install
@@ -107,6 +107,11 @@ bench-scale: install
 # Training flow vs the same functions in a plain script, at 8,645 (Bikeshare) and 1M rows.
 bench-flow: install
 	$(BIN)/python bench/flow_overhead.py --rows 0 1000000
+
+# What a command costs: the first train, a 5-row score and a 300-row monitor, with the temporary
+# Prefect API, against a running `loopline prefect-server`, and in its warm process.
+bench-commands: install
+	$(BIN)/python bench/commands.py --runs 3
 
 # PyTorch trainer vs a bare loop (and GPU vs CPU where CUDA exists).
 bench-torch: install

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +25,7 @@ from pathlib import Path
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
 from pipelines.core.errors import LooplineError
-from pipelines.core.processes import stop, venv_bin, wait_for_http
+from pipelines.core.processes import die_with_parent, stop, venv_bin, wait_for_http
 
 RECORD = "loopline-api.json"
 START_TIMEOUT_S = 120
@@ -116,14 +115,6 @@ def _import_all(modules: tuple[str, ...]) -> None:
         importlib.import_module(module)
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the process that started it dies, however it dies."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def api_url(host: str, port: int) -> str:
     return f"http://{host}:{port}/api"
 
@@ -153,7 +144,7 @@ def prefect_server(host: str, port: int, command: str, database: str | None = No
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
         env=env,
     )
     try:

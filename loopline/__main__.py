@@ -1,3 +1,3 @@
-from loopline.cli import entry_point
+from loopline.launch import entry_point
 
 entry_point()

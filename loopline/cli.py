@@ -560,13 +560,22 @@ def prefect_server(
         str | None,
         typer.Option(help="PostgreSQL for the server's database (postgresql://host:5432/prefect); default SQLite."),
     ] = None,
+    warm: Annotated[
+        bool,
+        typer.Option(help="Also keep a warm process that runs loopline commands with their libraries imported."),
+    ] = True,
 ) -> None:
     """Keep a Prefect API (and its UI) up until Ctrl-C; loopline commands meanwhile use it
-    instead of starting a temporary one each (seconds saved per command)."""
+    instead of starting a temporary one each, and run in a warm process that has their
+    libraries imported already (seconds saved per command; --no-warm: not that)."""
+    import contextlib
+
     from flows.api import keep_server
+    from loopline.warm import warm_process
 
     p = _params(params)
-    keep_server(host or p.servers.prefect.host, port or p.servers.prefect.port, echo=typer.echo, database=database)
+    with warm_process(typer.echo) if warm else contextlib.nullcontext():
+        keep_server(host or p.servers.prefect.host, port or p.servers.prefect.port, echo=typer.echo, database=database)
 
 
 @app.command()
@@ -637,7 +646,9 @@ def main() -> None:
         os.environ.setdefault(var, value)
 
     try:
-        app(standalone_mode=False)
+        # Outside standalone mode typer *returns* the status of an Exit it met: 130 for a
+        # Ctrl-C (it turns KeyboardInterrupt into Exit(130)). Commands return nothing else.
+        status = app(standalone_mode=False)
     except LooplineError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
@@ -645,17 +656,16 @@ def main() -> None:
         err.show()
         sys.exit(err.exit_code)
     except typer.Abort:
+        status = 130
+    if status == 130:
         typer.echo("aborted", err=True)
-        sys.exit(130)
+    if isinstance(status, int) and status:
+        sys.exit(status)
 
 
-def entry_point() -> None:
-    """The `loopline` command: main(), then an exit that skips the interpreter's teardown,
-    3 s after a training here (freeing every object scikit-learn, torch, MLflow and Prefect
-    made, one by one). What a normal exit does that matters is done first: the threads that
-    are not daemons finish, the atexit handlers run (logging's flush, Prefect's temporary
-    API, multiprocessing's children), the standard streams are flushed. An uncaught
-    exception exits as usual, with its traceback. Tests call main(), which returns."""
+def exit_code() -> int:
+    """main() as the `loopline` command runs it: its exit status (loopline.launch exits with
+    it, here or in a warm process). An uncaught exception propagates, with its traceback."""
     try:
         main()
     except SystemExit as exit_:
@@ -664,21 +674,4 @@ def entry_point() -> None:
         code = 0
     if isinstance(code, str):  # sys.exit("message"), as Python itself reports it
         print(code, file=sys.stderr)
-    _exit_now(code if isinstance(code, int) else (0 if code is None else 1))
-
-
-def _exit_now(code: int) -> None:
-    import atexit
-    import contextlib
-    import os
-    import threading
-
-    # What Python's own exit does before tearing down, in its order: the threading module's
-    # exit hooks (Prefect's log and event workers drain there) and the join of every thread
-    # that is not a daemon, then the atexit handlers.
-    threading._shutdown()  # type: ignore[attr-defined]
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe, as at a normal exit
-            stream.flush()
-    os._exit(code)
+    return code if isinstance(code, int) else (0 if code is None else 1)

@@ -349,6 +349,8 @@ def _load_bento_model(path: Path):
     http={"port": PARAMS.serve.port},
     traffic={"timeout": PARAMS.serve.request_timeout_s},
     logging={"access": {"enabled": False}},
+    # serve.tracing off: every URL is excluded, so BentoML's OpenTelemetry middleware passes requests on untouched
+    tracing={} if PARAMS.serve.tracing else {"excluded_urls": [".*"]},
 )
 class Predictor:
     if BENTO_MODEL:

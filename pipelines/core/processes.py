@@ -19,6 +19,15 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def die_with_parent() -> None:
+    """For a child, before exec (`preexec_fn`): SIGTERM when the process that started it dies,
+    however it dies (Linux; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -28,6 +28,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+import orjson
 import pandas as pd
 
 from pipelines.core.errors import LooplineError
@@ -112,9 +114,9 @@ class _SQLite:
         db.execute("PRAGMA synchronous=NORMAL")
         return db
 
-    def insert(self, db: sqlite3.Connection, rows: list[tuple]) -> None:
+    def insert(self, db: sqlite3.Connection, bursts: list[_Burst]) -> None:
         with db:
-            db.executemany(self.INSERT, rows)
+            db.executemany(self.INSERT, (row for burst in bursts for row in burst.rows(postgres=False)))
 
     @staticmethod
     def field(column: str) -> str:
@@ -153,10 +155,11 @@ class _PostgreSQL:
     def connect(self):
         return connect(self.dsn, "prediction log")
 
-    def insert(self, db, rows: list[tuple]) -> None:
+    def insert(self, db, bursts: list[_Burst]) -> None:
         with db.transaction(), db.cursor() as cur, cur.copy(self.COPY) as copy:
-            for row in rows:
-                copy.write_row(row)
+            for burst in bursts:
+                for row in burst.rows(postgres=True):
+                    copy.write_row(row)
 
     @staticmethod
     def field(column: str) -> str:
@@ -184,32 +187,32 @@ class _Burst:
     predictions: Sequence[Any]
     probabilities: Sequence[dict[str, float]] | None
 
-    def inputs(self) -> list[str]:
-        """Each row's inputs as a JSON object."""
-        if isinstance(self.records, Mapping):
-            return pd.DataFrame(dict(self.records)).to_json(orient="records", lines=True).splitlines()
-        return [json.dumps(record) for record in self.records]
+    @property
+    def size(self) -> int:
+        return len(self.request_ids)
 
     def rows(self, postgres: bool) -> list[tuple]:
+        """The rows as LOG_COLUMNS: inputs and probabilities as JSON (orjson: a fifth of the
+        json module's time), the prediction as is for SQLite, as JSON for PostgreSQL."""
         name, version, run_id = self.served
-        probs = [json.dumps(p) for p in self.probabilities] if self.probabilities is not None else None
-        dump = json.dumps
+        probabilities = [_json(p) for p in self.probabilities] if self.probabilities is not None else [None] * self.size
+        if isinstance(self.records, Mapping):
+            fields = list(self.records)
+            columns = (np.asarray(self.records[f]).tolist() for f in fields)
+            inputs = [_json(dict(zip(fields, values, strict=True))) for values in zip(*columns, strict=True)]
+        else:
+            inputs = [_json(record) for record in self.records]
+        predictions = [_json(p) for p in self.predictions] if postgres else self.predictions
         return [
-            (
-                rid,
-                self.ts,
-                name,
-                version,
-                run_id,
-                inputs,
-                dump(prediction) if postgres else prediction,
-                probs[i] if probs is not None else None,
-                self.role,
-            )
-            for i, (rid, inputs, prediction) in enumerate(
-                zip(self.request_ids, self.inputs(), self.predictions, strict=True)
+            (rid, self.ts, name, version, run_id, row_inputs, prediction, probs, self.role)
+            for rid, row_inputs, prediction, probs in zip(
+                self.request_ids, inputs, predictions, probabilities, strict=True
             )
         ]
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
 class PredictionLog:
@@ -260,12 +263,11 @@ class PredictionLog:
 
     def _write_loop(self) -> None:
         db = None
-        postgres = isinstance(self._store, _PostgreSQL)
         while True:
             item = self._queue.get()
-            rows, done = ([], item) if isinstance(item, threading.Event) else (item.rows(postgres), None)
+            bursts, done = ([], item) if isinstance(item, threading.Event) else ([item], None)
             deadline = time.monotonic() + LINGER_S
-            while done is None and len(rows) < BURST_ROWS:  # one transaction for what comes meanwhile
+            while done is None and sum(b.size for b in bursts) < BURST_ROWS:  # one transaction for what comes meanwhile
                 try:
                     more = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
                 except queue.Empty:
@@ -273,14 +275,15 @@ class PredictionLog:
                 if isinstance(more, threading.Event):
                     done = more
                 else:
-                    rows.extend(more.rows(postgres))
-            if rows:
+                    bursts.append(more)
+            if bursts:
                 try:
                     db = db or self._store.connect()
-                    self._store.insert(db, rows)
+                    self._store.insert(db, bursts)
                 except Exception:  # the database went away or refused the rows: keep serving
-                    self.dropped += len(rows)
-                    log.exception("could not write %d predictions to %s", len(rows), describe(self.location))
+                    rows = sum(b.size for b in bursts)
+                    self.dropped += rows
+                    log.exception("could not write %d predictions to %s", rows, describe(self.location))
                     _close(db)
                     db = None
             if done is not None:

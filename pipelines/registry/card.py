@@ -181,7 +181,11 @@ def build_card(client, params: Params, name: str, version: str) -> str:
     parent = client.get_run(tags[names.PARENT_RUN]).data.tags if names.PARENT_RUN in tags else {}
     metric, higher = params.metric
     meta = _model_metadata(client, mv.run_id)
-    slices = _json_artifact(client, mv.run_id, f"{names.CARD_DIR}/slices.json")
+    # A slice's metric is NaN (null in the JSON) where too few test rows hold its value to measure it
+    slices = [
+        s | {k: float("nan") if s[k] is None else s[k] for k in ("model", "baseline")}
+        for s in _json_artifact(client, mv.run_id, f"{names.CARD_DIR}/slices.json") or []
+    ]
     facts = _json_artifact(client, mv.run_id, f"{names.CARD_DIR}/facts.json") or {}
     importance = _json_artifact(client, mv.run_id, names.IMPORTANCE_ARTIFACT) or {}
     champion = alias_version(client, name, CHAMPION)
@@ -257,8 +261,8 @@ def build_card(client, params: Params, name: str, version: str) -> str:
                         s["feature"],
                         s["value"],
                         s["rows"] if s["rows"] >= FEW_ROWS else f"{s['rows']} (few)",
-                        f"{s['model']:.4f}",
-                        f"{s['baseline']:.4f}",
+                        _measured(s["model"]),
+                        _measured(s["baseline"]),
                     ]
                     for s in slices
                 ],
@@ -280,10 +284,10 @@ def build_card(client, params: Params, name: str, version: str) -> str:
     limits = [f"Trained on {facts.get('window', 'an unrecorded window')}: rows outside it are extrapolation."]
     for feature, values in (facts.get("unseen_values") or {}).items():
         limits.append(f"`{feature}` values never seen in training: {', '.join(values)}.")
-    few = [f"{s['feature']}={s['value']}" for s in slices or [] if s["rows"] < FEW_ROWS]
+    few = [f"{s['feature']}={s['value']}" for s in slices if s["rows"] < FEW_ROWS]
     if few:
         limits.append(f"Slices with fewer than {FEW_ROWS} test rows say little: {', '.join(few)}.")
-    worse = [f"{s['feature']}={s['value']}" for s in slices or [] if _worse(s["model"], s["baseline"], higher)]
+    worse = [f"{s['feature']}={s['value']}" for s in slices if _worse(s["model"], s["baseline"], higher)]
     if worse:
         limits.append(f"No better than the naive baseline on: {', '.join(worse)}.")
     if tags.get(names.GIT_COMMIT, "").endswith("-dirty"):
@@ -292,6 +296,10 @@ def build_card(client, params: Params, name: str, version: str) -> str:
         )
     lines.append("\n".join(f"- {limit}" for limit in limits))
     return "\n\n".join(lines) + "\n"
+
+
+def _measured(value: float) -> str:
+    return f"{value:.4f}" if np.isfinite(value) else "n/a (too few rows)"
 
 
 def _worse(model: float, baseline: float, higher: bool) -> bool:

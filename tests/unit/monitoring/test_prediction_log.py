@@ -102,7 +102,7 @@ def test_single_record_bursts_within_the_linger_go_in_one_transaction_and_a_flus
     log = PredictionLog(location)
     writes: list[int] = []
     insert = log._store.insert
-    log._store.insert = lambda db, rows: (writes.append(len(rows)), insert(db, rows))[1]
+    log._store.insert = lambda db, bursts: (writes.append(sum(b.size for b in bursts)), insert(db, bursts))[1]
     started = time.monotonic()
     for i in range(20):
         log.append(served("1"), [f"r-{i}-{j}" for j in range(5)], [{"hr": j} for j in range(5)], [1.0] * 5, None)
