@@ -34,6 +34,7 @@ from pipelines.core.processes import free_port, stop, venv_bin, wait_for_http  #
 # others have nothing left. Modules not named follow in collection order. The Makefile passes
 # --no-loadscope-reorder, which keeps this order (xdist would order by test count).
 LONGEST_FIRST = (
+    "e2e/test_data_on_dask.py",  # ~210 s, a third of it dvc repro on Dask twice
     "e2e/test_postgres.py",  # 217 s
     "e2e/test_dask.py",  # 212
     "e2e/test_schedules.py",  # 135, most of it waiting for cron minutes
@@ -44,7 +45,8 @@ LONGEST_FIRST = (
     "e2e/test_browser.py",  # 134
     "e2e/test_make_run.py",  # 119
     "e2e/test_serving.py",  # 104
-    "e2e/test_cli.py",  # 97
+    "e2e/test_prefect_server.py",  # ~85
+    "e2e/test_cli.py",  # 60
     "e2e/test_shadow.py",  # 89
     "unit/model/test_torch.py",  # 82
     "e2e/test_served_stream.py",  # 81

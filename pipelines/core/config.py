@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipelines.core.errors import LooplineError
 
-MODEL_FAMILIES = ("linear", "random_forest", "hist_gradient_boosting", "torch_mlp")
+MODEL_FAMILIES = ("linear", "random_forest", "hist_gradient_boosting", "torch_mlp", "xgboost")
 
 
 class _Section(BaseModel):
@@ -125,8 +125,8 @@ class TrainConfig(_Section):
     """The estimator families and their hyperparameters."""
 
     model: str = "hist_gradient_boosting"
-    """The family the `train` stage (dvc repro) fits: linear, random_forest, hist_gradient_boosting
-    or torch_mlp."""
+    """The family the `train` stage (dvc repro) fits: linear, random_forest, hist_gradient_boosting,
+    torch_mlp or xgboost."""
     seed: int = 42
     """The seed every estimator gets."""
     threads: int = Field(0, ge=0)
@@ -218,16 +218,27 @@ class DaskConfig(_Section):
     threads_per_worker: int = Field(1, ge=1)
     """Native threads (OpenMP, BLAS, torch) one candidate's fit uses on a worker; a worker fits one
     candidate at a time."""
+    memory_limit: str = "auto"
+    """Memory each worker of the LocalCluster may use ("4GiB"; auto: the machine's memory divided
+    among the workers). A worker past it is restarted and its tasks run again elsewhere."""
 
 
 class ExecutionConfig(_Section):
-    """Where the candidate search's fits run."""
+    """Where the data stages and the candidate search's fits run."""
 
     runner: Literal["sequential", "dask"] = "sequential"
     """Where the candidate search's fits run: sequential (in the training process) or dask (each
     family and each Optuna trial a task on a Dask worker)."""
+    data: Literal["pandas", "dask"] = "pandas"
+    """How the data stages (ingest, clean, validate, split) run: pandas (each loads the whole table
+    in one process; outputs are single Parquet files) or dask (a partition at a time, as tasks on
+    the cluster of execution.dask; outputs are folders of Parquet parts, which every worker must
+    reach: a shared filesystem for a remote cluster)."""
+    partition_mb: float = Field(64.0, gt=0.0)
+    """With data: dask, the size of a partition: megabytes of source CSV read as one task (a part
+    file of every output). Smaller partitions need less memory per worker."""
     dask: DaskConfig = DaskConfig()
-    """The cluster, when runner is dask."""
+    """The cluster, when runner or data is dask."""
 
 
 class PromotionConfig(_Section):

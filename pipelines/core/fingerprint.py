@@ -23,7 +23,7 @@ import yaml
 
 from pipelines.core.config import Params
 from pipelines.core.errors import LooplineError
-from pipelines.core.storage import file_md5
+from pipelines.core.storage import path_md5
 
 PACKAGE = Path(__file__).resolve().parents[1]  # pipelines/
 ROOT = PACKAGE.parent  # the repository root, which dvc.yaml's paths are relative to
@@ -76,18 +76,6 @@ def dvc_stage(stage: str, params: Params, dvc_yaml: str | Path = "dvc.yaml") -> 
     return StageSpec(
         deps=[Path(fill(d)) for d in entry.get("deps", [])], params=list(entry.get("params", [])), outs=outs
     )
-
-
-def path_md5(path: Path) -> str:
-    """md5 of a file, or of a directory's file names and contents ('missing' if neither)."""
-    if path.is_file():
-        return file_md5(path)
-    if path.is_dir():
-        digest = hashlib.md5()
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(f"{f.relative_to(path)}:{file_md5(f)}\n".encode())
-        return digest.hexdigest()
-    return "missing"
 
 
 def fingerprint(deps: list[Path], param_keys: list[str], params: Params, salt: str = "") -> str:

@@ -48,6 +48,36 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path` to fill; on success it takes the place of
+    `path` (a file or a folder before), the old one moved aside first and then removed: a
+    failed or killed stage leaves the previous output whole. The temporary name is a dotfile
+    ending in .tmp, as `atomic_path`'s."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:12]
+    tmp_path, old_path = path.with_name(f".{path.name}.{token}.tmp"), path.with_name(f".{path.name}.{token}.old")
+    tmp_path.mkdir()
+    try:
+        yield tmp_path
+        for part in tmp_path.iterdir():
+            _fsync(part)
+        _fsync(tmp_path)
+        if path.exists():
+            os.replace(path, old_path)
+        os.replace(tmp_path, path)
+        _fsync(path.parent)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        if old_path.is_dir():
+            shutil.rmtree(old_path, ignore_errors=True)
+        else:
+            old_path.unlink(missing_ok=True)
+
+
 def write_parquet(data: pd.DataFrame | pa.Table, path: str | Path) -> None:
     table = data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False)
     with atomic_path(path) as tmp:
@@ -75,8 +105,9 @@ def write_bytes(data: bytes, path: str | Path) -> None:
 
 
 def require_input(path: Path, stage: str) -> Path:
-    """`path`, which a stage reads: an error naming it and the way to make it when it is missing."""
-    if not path.is_file():
+    """`path`, which a stage reads (a file, or a folder of Parquet parts): an error naming it
+    and the way to make it when it is missing."""
+    if not (path.is_file() or (path.is_dir() and any(path.glob("*.parquet")))):
         from pipelines.core.errors import LooplineError
 
         raise LooplineError(stage, f"input {path} does not exist; run the earlier stages first (dvc repro)")
@@ -90,6 +121,20 @@ def read_input(path: Path, stage: str) -> pd.DataFrame:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def path_md5(path: str | Path) -> str:
+    """md5 of a file, or of a folder's file names and contents (a stage output in Parquet
+    parts, a source folder of CSV files); 'missing' if neither."""
+    path = Path(path)
+    if path.is_file():
+        return file_md5(path)
+    if path.is_dir():
+        digest = hashlib.md5()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{f.relative_to(path)}:{file_md5(f)}\n".encode())
+        return digest.hexdigest()
+    return "missing"
 
 
 def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:

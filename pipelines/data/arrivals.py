@@ -30,7 +30,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,7 +138,9 @@ def landed_kind(columns: list[str], params: Params) -> Kind:
     id_column, time_key = params.monitor.id_column, params.monitor.time_key
     if all(c in columns for c in features):
         return "full" if target in columns else "features"
-    if target in columns and ((id_column and id_column in columns) or (time_key and all(k in columns for k in time_key))):
+    if target in columns and (
+        (id_column and id_column in columns) or (time_key and all(k in columns for k in time_key))
+    ):
         return "labels"
     keys = " or ".join(
         [f"the id column {id_column!r}"] * bool(id_column) + [f"the time key {time_key}"] * bool(time_key)
@@ -232,7 +234,9 @@ def check_batch(rows: pa.Table, params: Params, source: str, kind: Kind = "full"
     keyed = bool(params.monitor.time_key) and all(k in rows.column_names for k in params.monitor.time_key)
     if kind == "labels" and not keyed and id_column in rows.column_names and rows.column(id_column).null_count:
         missing = rows.column(id_column).null_count
-        raise LooplineError(STAGE, f"{source} rejected: {missing} label(s) name no {id_column!r} and the file has no time key")
+        raise LooplineError(
+            STAGE, f"{source} rejected: {missing} label(s) name no {id_column!r} and the file has no time key"
+        )
     return cleaned.report
 
 

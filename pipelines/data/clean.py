@@ -9,16 +9,23 @@ schema or the source changed, which a person should look at.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from pipelines.core.config import CleanConfig, DataConfig, SchemaConfig
+from pipelines.core.config import CleanConfig, DataConfig, Params, SchemaConfig
 from pipelines.core.errors import LooplineError
-from pipelines.data.schema import LABEL_SPACE, label_key, ColumnRule, Rules, compile_rules
+from pipelines.core.layout import Layout
+from pipelines.core.storage import atomic_folder, require_input, write_csv, write_json, write_parquet
+from pipelines.data.parts import PART, cluster, parts_of, run_tasks
+from pipelines.data.schema import LABEL_SPACE, ColumnRule, Rules, compile_rules, label_key
 
 STAGE = "clean"
 
@@ -101,74 +108,260 @@ def _quarantine(rows: pa.Table, problems: list[tuple[str, np.ndarray]]) -> tuple
     return quarantine, any_bad
 
 
-def clean_rows(
-    rows: pa.Table, schema: SchemaConfig, data: DataConfig, cfg: CleanConfig, keep: tuple[str, ...] = ()
-) -> Cleaned:
-    """`keep`: text columns (a request id) carried along unchanged, not used to find duplicates."""
-    n_in = rows.num_rows
-    table, problems = _typed_columns(rows, compile_rules(schema, data.target))
-    carried = {c: rows.column(c) for c in keep if c in rows.column_names}
-    quarantine, any_bad = _quarantine(rows, problems)
+# --- a partition's part of clean, and the decisions taken over the whole table --------------
+# The pandas engine cleans its one table as a single partition with these same steps; the
+# Dask engine (pipelines/data/partitions.py) runs `type_partition` and `finish_partition` on
+# each partition and takes the decisions between them over all of them.
 
+
+@dataclass(frozen=True)
+class TypedPartition:
+    """One partition typed: its good rows, its quarantine, and what the whole-table decisions
+    need from it."""
+
+    rows: pa.Table  # the good rows typed (category columns with this partition's dictionary), `keep` columns after
+    quarantine: pd.DataFrame
+    rows_in: int
+    problems: dict[str, int]  # rows with each problem (`column: reason`)
+    hashes: np.ndarray  # uint64 per good row: equal rows have equal hashes, in any partition
+    labels: dict[str, list[str]]  # each category column's labels
+
+
+def type_partition(
+    rows: pa.Table, schema: SchemaConfig, data: DataConfig, keep: tuple[str, ...] = ()
+) -> TypedPartition:
+    """Type a partition's text rows, quarantine the ones that cannot be repaired, and hash
+    the rest for the duplicate search. `keep`: text columns (a request id) carried along
+    unchanged, not part of a row's identity."""
+    rules = compile_rules(schema, data.target)
+    table, problems = _typed_columns(rows, rules)
+    quarantine, any_bad = _quarantine(rows, problems)
+    good = pa.array(~any_bad)
+    if len(quarantine):
+        table = table.filter(good)
+    hashes = _row_hashes(table)
+    for col in keep:
+        if col in rows.column_names:
+            table = table.append_column(col, rows.column(col).filter(good) if len(quarantine) else rows.column(col))
+    labels = {
+        c: table.column(c).combine_chunks().dictionary.to_pylist()
+        for c, r in rules.columns.items()
+        if r.kind == "category"
+    }
+    return TypedPartition(
+        rows=table,
+        quarantine=quarantine,
+        rows_in=rows.num_rows,
+        problems={label: int(mask.sum()) for label, mask in problems},
+        hashes=hashes,
+        labels=labels,
+    )
+
+
+def check_quarantine_share(rows_in: int, quarantine: pd.DataFrame, problems: dict[str, int], cfg: CleanConfig) -> None:
+    """Stop when more of the table's rows cannot be repaired than clean.max_quarantine_fraction."""
     quarantined = len(quarantine)
-    if n_in and quarantined / n_in > cfg.max_quarantine_fraction:
+    if rows_in and quarantined / rows_in > cfg.max_quarantine_fraction:
         raise LooplineError(
             STAGE,
             (
-                f"{quarantined} of {n_in} rows ({quarantined / n_in:.1%}) cannot be repaired, more than "
+                f"{quarantined} of {rows_in} rows ({quarantined / rows_in:.1%}) cannot be repaired, more than "
                 f"clean.max_quarantine_fraction={cfg.max_quarantine_fraction}: {_summarise(quarantine, problems)}. "
                 "The source looks broken rather than dirty; nothing was written."
             ),
         )
 
-    if quarantined:
-        table = table.filter(pa.array(~any_bad))
-        carried = {c: v.filter(pa.array(~any_bad)) for c, v in carried.items()}
-    duplicates = 0
+
+def categories(schema: SchemaConfig, target: str, labels: list[dict[str, list[str]]]) -> dict[str, list[str]]:
+    """Each category column's categories over every partition: the schema's labels in their
+    order, then the others met (which validate reports), sorted."""
+    rules = compile_rules(schema, target)
+    out = {}
+    for col, rule in rules.columns.items():
+        if rule.kind == "category":
+            known = list(rule.labels.values())
+            seen = {label for part in labels for label in part.get(col, [])}
+            out[col] = known + sorted(seen - set(known))
+    return out
+
+
+def duplicate_candidates(hashes: list[np.ndarray]) -> list[np.ndarray]:
+    """For each partition, the rows whose hash some other row of the table shares: the only
+    rows that can be duplicates (a 64-bit hash per row finds them in linear time)."""
+    every = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
+    shared = pd.Series(every).duplicated(keep=False).to_numpy()
+    bounds = np.cumsum([0, *(len(h) for h in hashes)])
+    return [np.flatnonzero(shared[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def comparable(rows: pa.Table, which: np.ndarray) -> pd.DataFrame:
+    """Rows `which` of a typed partition as values to compare exactly: labels, not a
+    partition's own category codes."""
+    taken = rows.take(pa.array(which, type=pa.int64()))
+    return pd.DataFrame(
+        {
+            name: column.cast(pa.string()).to_pandas() if pa.types.is_dictionary(column.type) else column.to_pandas()
+            for name, column in zip(taken.column_names, taken.columns, strict=True)
+        }
+    )
+
+
+def duplicates_among(candidates: list[pd.DataFrame]) -> list[np.ndarray]:
+    """Which candidate rows equal an earlier row of the table (partitions in order, rows in
+    order within each): a mask per partition's candidates."""
+    if not candidates or not sum(len(c) for c in candidates):
+        return [np.zeros(len(c), dtype=bool) for c in candidates]
+    dup = pd.concat(candidates, ignore_index=True).duplicated().to_numpy()
+    bounds = np.cumsum([0, *(len(c) for c in candidates)])
+    return [dup[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def finish_partition(rows: pa.Table, categories: dict[str, list[str]], drop: np.ndarray | None) -> pa.Table:
+    """A typed partition's clean rows: the duplicates dropped, every category column on the
+    table's categories (so partitions read back as one table, as the pandas engine writes it)."""
+    if drop is not None and drop.any():
+        rows = rows.filter(pa.array(~drop))
+    for col, wanted in categories.items():
+        column = rows.column(col).combine_chunks()
+        have = column.dictionary.to_pylist()
+        if have == wanted:
+            continue
+        position = {label: i for i, label in enumerate(wanted)}
+        remap = np.array([position[label] for label in have] + [-1], dtype=np.int32)
+        codes = remap[column.indices.fill_null(len(have)).to_numpy(zero_copy_only=False)]
+        recoded = pa.DictionaryArray.from_arrays(pa.array(codes, mask=codes < 0), pa.array(wanted, pa.string()))
+        rows = rows.set_column(rows.column_names.index(col), col, recoded)
+    return rows
+
+
+def clean_rows(
+    rows: pa.Table, schema: SchemaConfig, data: DataConfig, cfg: CleanConfig, keep: tuple[str, ...] = ()
+) -> Cleaned:
+    """The whole table as one partition. `keep`: text columns (a request id) carried along
+    unchanged, not used to find duplicates."""
+    typed = type_partition(rows, schema, data, keep)
+    check_quarantine_share(typed.rows_in, typed.quarantine, typed.problems, cfg)
+    drop = None
     if cfg.drop_duplicates:
-        dup = _duplicated(table)
-        duplicates = int(dup.sum())
-        if duplicates:
-            table = table.filter(pa.array(~dup))
-            carried = {c: v.filter(pa.array(~dup)) for c, v in carried.items()}
-    for col, values in carried.items():
-        table = table.append_column(col, values)
+        [which] = duplicate_candidates([typed.hashes])
+        [dup] = duplicates_among([comparable(_without(typed.rows, keep), which)])
+        drop = np.zeros(typed.rows.num_rows, dtype=bool)
+        drop[which[dup]] = True
+    table = finish_partition(typed.rows, categories(schema, data.target, [typed.labels]), drop)
     report = {
-        "rows_in": n_in,
-        "rows_quarantined": quarantined,
-        "duplicates_dropped": duplicates,
+        "rows_in": typed.rows_in,
+        "rows_quarantined": len(typed.quarantine),
+        "duplicates_dropped": int(drop.sum()) if drop is not None else 0,
         "rows_out": table.num_rows,
     }
-    return Cleaned(rows=table, quarantine=quarantine, report=report)
+    return Cleaned(rows=table, quarantine=typed.quarantine, report=report)
 
 
-def _duplicated(table: pa.Table) -> np.ndarray:
-    """Rows equal to an earlier row. A 64-bit hash per row finds the candidates in linear
-    time; exact comparison then runs on the (few) rows whose hash is not unique."""
+def _without(table: pa.Table, columns: tuple[str, ...]) -> pa.Table:
+    return table.drop_columns([c for c in columns if c in table.column_names])
+
+
+def _row_hashes(table: pa.Table) -> np.ndarray:
+    """A 64-bit hash per row of the typed columns: category columns by their labels (so a row
+    hashes alike whatever partition's dictionary encodes it), numbers by their bits (nulls as
+    NaN hash alike)."""
     row_hash = np.zeros(table.num_rows, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for column in table.columns:
             column = column.combine_chunks()
             if pa.types.is_dictionary(column.type):
-                bits = column.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.uint64)
-            else:  # float64; nulls as NaN hash alike
+                label_bits = pd.util.hash_array(np.asarray(column.dictionary.to_pylist(), dtype=object))
+                codes = column.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+                bits = np.where(codes >= 0, label_bits[np.maximum(codes, 0)] if len(label_bits) else 0, np.uint64(1))
+                bits = bits.astype(np.uint64)
+            else:
                 bits = column.to_numpy(zero_copy_only=False).view(np.uint64)
             row_hash = (row_hash ^ bits) * np.uint64(0x100000001B3) + np.uint64(0x9E3779B97F4A7C15)
             row_hash ^= row_hash >> np.uint64(29)
-    candidates = np.flatnonzero(pd.Series(row_hash).duplicated(keep=False).to_numpy())
-    dup = np.zeros(table.num_rows, dtype=bool)
-    if len(candidates):
-        subset = table.take(pa.array(candidates)).to_pandas()
-        dup[candidates] = subset.duplicated().to_numpy()
-    return dup
+    return row_hash
 
 
-def _summarise(quarantine: pd.DataFrame, problems: list[tuple[str, np.ndarray]]) -> str:
+def _summarise(quarantine: pd.DataFrame, problems: dict[str, int]) -> str:
     parts = []
-    for label, mask in problems:
+    for label, count in problems.items():
         col = label.split(":", 1)[0]
-        count = int(mask.sum())
         examples = quarantine.loc[quarantine["reason"].str.contains(label, regex=False), col].head(3).tolist()
         shown = f", e.g. {examples}" if "missing" not in label else ""
         parts.append(f"{label} in {count} rows{shown}")
     return "; ".join(parts)
+
+
+# --- the stage a partition at a time (execution.data: dask; pipelines/data/parts.py) ----------
+
+
+def clean_partitioned(params: Params) -> dict[str, Any]:
+    from pipelines.data.clean import categories, check_quarantine_share, duplicate_candidates, duplicates_among
+
+    layout = Layout.of(params)
+    parts = parts_of(require_input(layout.ingested, "clean"))
+    schema, data, cfg = params.table_schema, params.data, params.clean
+    layout.clean.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        cluster(params) as client,
+        tempfile.TemporaryDirectory(prefix=".clean-", dir=layout.clean.parent) as scratch,
+    ):
+        typed_parts = [Path(scratch) / PART.format(i) for i in range(len(parts))]
+        typed = run_tasks(
+            client, _type_part, [(p, params, t) for p, t in zip(parts, typed_parts, strict=True)], "clean", params
+        )
+        quarantine = pd.concat([t.quarantine for t in typed], ignore_index=True)
+        problems: dict[str, int] = {}
+        for t in typed:
+            for label, count in t.problems.items():
+                problems[label] = problems.get(label, 0) + count
+        check_quarantine_share(sum(t.rows_in for t in typed), quarantine, problems, cfg)
+        drops: list[np.ndarray | None] = [None] * len(parts)
+        if cfg.drop_duplicates:
+            candidates = duplicate_candidates([t.hashes for t in typed])
+            shared = [i for i, which in enumerate(candidates) if len(which)]
+            rows = run_tasks(
+                client, _candidate_rows, [(typed_parts[i], candidates[i]) for i in shared], "clean", params
+            )
+            for i, dup in zip(shared, duplicates_among(rows), strict=True):
+                drops[i] = candidates[i][dup]
+        wanted = categories(schema, data.target, [t.labels for t in typed])
+        with atomic_folder(layout.clean) as folder:
+            calls = [(typed_parts[i], wanted, drops[i], folder / PART.format(i)) for i in range(len(parts))]
+            rows_out = run_tasks(client, _finish_part, calls, "clean", params)
+    report = {
+        "rows_in": sum(t.rows_in for t in typed),
+        "rows_quarantined": len(quarantine),
+        "duplicates_dropped": sum(len(d) for d in drops if d is not None),
+        "rows_out": sum(rows_out),
+    }
+    write_csv(quarantine, layout.clean_quarantine)
+    write_json(report, layout.clean_report)
+    return report
+
+
+def _type_part(part: Path, params: Params, out: Path):
+    """A partition typed into `out`; what the whole-table decisions need comes back."""
+    from pipelines.data.clean import type_partition
+
+    typed = type_partition(pq.read_table(part), params.table_schema, params.data)
+    write_parquet(typed.rows, out)
+    return replace(typed, rows=typed.rows.slice(0, 0))
+
+
+def _candidate_rows(part: Path, which: np.ndarray) -> pd.DataFrame:
+    from pipelines.data.clean import comparable
+
+    return comparable(pq.read_table(part), which)
+
+
+def _finish_part(part: Path, wanted: dict[str, list[str]], drop: np.ndarray | None, out: Path) -> int:
+    from pipelines.data.clean import finish_partition
+
+    rows = pq.read_table(part)
+    mask = None
+    if drop is not None:
+        mask = np.zeros(rows.num_rows, dtype=bool)
+        mask[drop] = True
+    finished = finish_partition(rows, wanted, mask)
+    write_parquet(finished, out)
+    return finished.num_rows

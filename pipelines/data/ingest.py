@@ -14,14 +14,18 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipelines.core.config import DataConfig, SchemaConfig
+from pipelines.core.config import DataConfig, Params, SchemaConfig
 from pipelines.core.errors import LooplineError
+from pipelines.core.layout import Layout
+from pipelines.core.storage import atomic_folder, write_csv, write_parquet
+from pipelines.data.parts import PART, cluster, run_tasks
 
 STAGE = "ingest"
 SNIFF_BYTES = 1 << 16
@@ -44,13 +48,28 @@ def _fail(path: Path, message: str) -> LooplineError:
     return LooplineError(STAGE, f"{path}: {message}")
 
 
-def _first_invalid_utf8(path: Path) -> tuple[int, int]:
-    """Byte offset and 1-based line of the first byte sequence that is not UTF-8."""
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return err.start, data.count(b"\n", 0, err.start) + 1
+def _first_invalid_utf8(path: Path, start: int = 0, end: int | None = None) -> tuple[int, int]:
+    """Byte offset and 1-based line of the first byte sequence that is not UTF-8 in the
+    bytes [start, end) of the file (read in blocks: the file may be larger than memory)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines, offset = 1, 0
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 24):
+            if end is not None and offset + len(block) > end:
+                block = block[: end - offset]
+            if offset + len(block) > start:
+                checked = block[max(start - offset, 0) :]
+                try:
+                    decoder.decode(checked, final=end is not None and offset + len(block) >= end)
+                except UnicodeDecodeError as err:
+                    bad = offset + max(start - offset, 0) + err.start
+                    return bad, lines + block[: bad - offset].count(b"\n")
+            lines += block.count(b"\n")
+            offset += len(block)
+            if end is not None and offset >= end:
+                break
     return -1, -1
 
 
@@ -119,16 +138,87 @@ def read_source(
     keep: tuple[str, ...] = (),
     declared: SchemaConfig | None = None,
 ) -> Ingested:
-    """`keep`: further columns (such as a request id) read as text beside the schema's.
-    `declared`: the schema a column must be in to be read (default `schema`, which the file
-    must hold whole; a landed batch of another kind holds part of it)."""
-    path = Path(path)
+    """The whole file (a CSV file, or every CSV file of a folder, in name order) as one
+    table. `keep`: further columns (such as a request id) read as text beside the
+    schema's. `declared`: the schema a column must be in to be read (default `schema`,
+    which the file must hold whole; a landed batch of another kind holds part of it)."""
+    parts = [
+        read_range(*piece, schema, data, keep, declared)
+        for piece in source_pieces(Path(path), schema, data, None, keep, declared)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return Ingested(
+        rows=pa.concat_tables([p.rows for p in parts]),
+        quarantine=pd.concat([p.quarantine for p in parts], ignore_index=True),
+    )
+
+
+Piece = tuple[Path, list[str], int, int, str]  # file, its header, byte range [start, end), partition name
+
+
+def source_files(path: Path) -> list[Path]:
+    """The source's files: the CSV file itself, or the CSV files of a folder in name order."""
+    if path.is_dir():
+        files = sorted(f for f in path.glob("*.csv") if not f.name.startswith("."))
+        if not files:
+            raise _fail(path, "the folder has no .csv files (data.source)")
+        return files
     if not path.is_file():
         raise _fail(path, "no such file (data.source)")
-    header = _read_header(path)
-    check_columns(path, header, schema, data, keep, declared)
+    return [path]
 
+
+def source_pieces(
+    path: Path,
+    schema: SchemaConfig,
+    data: DataConfig,
+    piece_bytes: int | None,
+    keep: tuple[str, ...] = (),
+    declared: SchemaConfig | None = None,
+) -> list[Piece]:
+    """The source cut into pieces to read one at a time: each file's header is checked, and
+    its data rows are cut at line ends into ranges of about `piece_bytes` (None: a file is
+    one piece). A quoted field holding a line break cannot be cut there: such files are read
+    whole (piece_bytes None)."""
+    pieces: list[Piece] = []
+    for file in source_files(path):
+        header = _read_header(file)
+        check_columns(file, header, schema, data, keep, declared)
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            fh.readline()
+            start = fh.tell()
+            while start < size:
+                end = size if piece_bytes is None else min(start + piece_bytes, size)
+                if end < size:
+                    fh.seek(end)
+                    fh.readline()  # to the end of the line the cut fell in
+                    end = fh.tell()
+                pieces.append((file, header, start, end, f"{file.name}:{len(pieces)}"))
+                start = end
+    if not pieces:
+        raise _fail(path, "the file has a header but no data rows")
+    return pieces
+
+
+def read_range(
+    path: Path,
+    header: list[str],
+    start: int,
+    end: int,
+    name: str,
+    schema: SchemaConfig,
+    data: DataConfig,
+    keep: tuple[str, ...] = (),
+    declared: SchemaConfig | None = None,
+) -> Ingested:
+    """The data rows in bytes [start, end) of a CSV file whose header is `header`, every
+    column as text; rows with the wrong number of fields quarantined with the reason.
+    `name`: the piece's name in messages when the file is read in more than one piece."""
     bad_rows: list[dict[str, object]] = []
+    whole = start == _data_start(path) and end == path.stat().st_size
+    where = "" if whole else f" (piece {name}, bytes {start}-{end})"
 
     def on_invalid_row(row: pacsv.InvalidRow) -> str:
         reason = f"expected {row.expected_columns} fields, found {row.actual_columns}" + (
@@ -137,27 +227,34 @@ def read_source(
         bad_rows.append({"line": row.number, "text": row.text, "reason": reason})
         return "skip"
 
+    if whole:  # streamed from the file, never held whole
+        source: Any = path
+    else:
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            source = pa.BufferReader(fh.read(end - start))
     try:
         table = pacsv.read_csv(
-            path,
-            read_options=pacsv.ReadOptions(column_names=header, skip_rows=1, block_size=1 << 24),
+            source,
+            read_options=pacsv.ReadOptions(column_names=header, skip_rows=1 if whole else 0, block_size=1 << 24),
             parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid_row),
             convert_options=pacsv.ConvertOptions(
                 column_types={c: pa.string() for c in header},
-                include_columns=[c for c in (declared or schema).columns if c in header] + [c for c in keep if c in header],
+                include_columns=[c for c in (declared or schema).columns if c in header]
+                + [c for c in keep if c in header],
                 strings_can_be_null=True,
             ),
         )
     except pa.ArrowInvalid as err:
         if "UTF8" in str(err):
-            offset, line = _first_invalid_utf8(path)
+            offset, line = _first_invalid_utf8(path, start, end)
             raise _fail(
                 path,
-                f"the file is not valid UTF-8: first bad byte at offset {offset} (line {line}); re-export it as UTF-8",
+                f"the file is not valid UTF-8: first bad byte at offset {offset} (line {line}){where}; "
+                "re-export it as UTF-8",
             ) from None
-        raise _fail(path, f"cannot be parsed as CSV: {err}") from None
-
-    if table.num_rows == 0:
+        raise _fail(path, f"cannot be parsed as CSV{where}: {err}") from None
+    if table.num_rows == 0 and whole:
         raise _fail(
             path,
             "the file has a header but no data rows"
@@ -166,6 +263,12 @@ def read_source(
         )
     quarantine = pd.DataFrame(bad_rows, columns=["line", "text", "reason"])
     return Ingested(rows=table, quarantine=quarantine)
+
+
+def _data_start(path: Path) -> int:
+    with open(path, "rb") as fh:
+        fh.readline()
+        return fh.tell()
 
 
 def arrival_files(arrivals: Path) -> list[Path]:
@@ -184,3 +287,47 @@ def read_arrivals(files: Sequence[Path], columns: list[str]) -> pa.Table:
             )
         )
     return pa.concat_tables(tables)
+
+
+# --- the stage a partition at a time (execution.data: dask; pipelines/data/parts.py) ----------
+
+
+def ingest_partitioned(params: Params) -> dict[str, Any]:
+    from pipelines.data.ingest import arrival_files, source_pieces
+
+    layout = Layout.of(params)
+    pieces = source_pieces(
+        Path(params.data.source), params.table_schema, params.data, int(params.execution.partition_mb * 2**20)
+    )
+    batches = arrival_files(layout.arrivals)
+    with cluster(params) as client, atomic_folder(layout.ingested) as folder:
+        calls: list[tuple] = [(piece, params, folder / PART.format(i)) for i, piece in enumerate(pieces)]
+        calls += [(batch, params, folder / PART.format(len(pieces) + i)) for i, batch in enumerate(batches)]
+        read = run_tasks(client, _ingest_part, calls, "ingest", params)
+        rows = sum(n for n, _ in read)
+        if rows == 0:
+            raise LooplineError("ingest", f"{params.data.source}: no row has the fields of the header")
+    quarantine = pd.concat([q for _, q in read], ignore_index=True)
+    write_csv(quarantine, layout.ingest_quarantine)
+    return {
+        "source": str(params.data.source),
+        "rows": rows,
+        "arrival_batches": len(batches),
+        "last_arrival": batches[-1].name if batches else "none",
+        "rows_quarantined": len(quarantine),
+        "partitions": len(calls),
+    }
+
+
+def _ingest_part(piece: Any, params: Params, out: Path) -> tuple[int, pd.DataFrame]:
+    """A piece of the source (or an accepted batch) read as text into part `out`."""
+    from pipelines.data.ingest import read_arrivals, read_range
+
+    if isinstance(piece, Path):  # an accepted batch
+        rows, quarantine = read_arrivals([piece], list(params.table_schema.columns)), pd.DataFrame()
+    else:
+        file, header, start, end, name = piece
+        got = read_range(file, header, start, end, name, params.table_schema, params.data)
+        rows, quarantine = got.rows, got.quarantine
+    write_parquet(rows, out)
+    return rows.num_rows, quarantine

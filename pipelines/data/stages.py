@@ -1,5 +1,9 @@
 """The data stages as file-to-file steps: params, ingest, clean, validate, split.
 
+With `execution.data: dask` each runs a partition at a time on a Dask cluster
+(pipelines/data/parts.py), through the same functions of ingest.py, clean.py,
+validate.py and split.py that these call on the whole table.
+
 Each reads its inputs from the paths in `Layout`, calls the pure functions of its module and
 writes its outputs atomically. A stage's code is this function and the modules it imports, so
 the imports stay inside the functions: an edit to clean.py is a change to the clean stage
@@ -23,6 +27,10 @@ def check_params(params: Params) -> dict[str, Any]:
 
 def ingest(params: Params) -> dict[str, Any]:
     """The source file plus every accepted batch in arrivals/, as one text table."""
+    if params.execution.data == "dask":
+        from pipelines.data.ingest import ingest_partitioned
+
+        return ingest_partitioned(params)
     import pyarrow as pa
 
     from pipelines.core.storage import write_csv, write_parquet
@@ -46,11 +54,14 @@ def ingest(params: Params) -> dict[str, Any]:
 
 
 def clean(params: Params) -> dict[str, Any]:
+    if params.execution.data == "dask":
+        from pipelines.data.clean import clean_partitioned
+
+        return clean_partitioned(params)
     import pyarrow.parquet as pq
 
-    from pipelines.core.storage import write_csv, write_json, write_parquet
+    from pipelines.core.storage import require_input, write_csv, write_json, write_parquet
     from pipelines.data.clean import clean_rows
-    from pipelines.core.storage import require_input
 
     layout = Layout.of(params)
     rows = pq.read_table(require_input(layout.ingested, "clean"))
@@ -62,8 +73,11 @@ def clean(params: Params) -> dict[str, Any]:
 
 
 def validate(params: Params) -> dict[str, Any]:
-    from pipelines.core.storage import write_json
-    from pipelines.core.storage import read_input
+    if params.execution.data == "dask":
+        from pipelines.data.validate import validate_partitioned
+
+        return validate_partitioned(params)
+    from pipelines.core.storage import read_input, write_json
     from pipelines.data.validate import raise_if_failed, validate_frame
 
     layout = Layout.of(params)
@@ -80,8 +94,11 @@ def validate(params: Params) -> dict[str, Any]:
 
 
 def split(params: Params) -> dict[str, Any]:
-    from pipelines.core.storage import write_parquet
-    from pipelines.core.storage import read_input
+    if params.execution.data == "dask":
+        from pipelines.data.split import split_partitioned
+
+        return split_partitioned(params)
+    from pipelines.core.storage import read_input, write_parquet
     from pipelines.data.split import SPLITS, split_rows
 
     layout = Layout.of(params)

@@ -17,12 +17,17 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 
-from pipelines.core.config import SchemaConfig
+from pipelines.core.config import Params, SchemaConfig
 from pipelines.core.errors import LooplineError
+from pipelines.core.layout import Layout
+from pipelines.core.storage import require_input, write_json, write_text
+from pipelines.data.parts import cluster, parts_of, run_tasks
 from pipelines.data.schema import compile_rules
 
 STAGE = "validate"
@@ -125,10 +130,11 @@ def _render_html(result: dict[str, Any], failures: list[str], source: str) -> st
 
 def validate_frame(df: pd.DataFrame, schema: SchemaConfig, source: str = "data") -> Validation:
     """The suite from `schema` run on `df` by GX's pandas engine."""
-    return _validation(validate_partition(df, schema), source)
+    return verdict(validate_partition(df, schema), source)
 
 
-def _validation(result: dict[str, Any], source: str) -> Validation:
+def verdict(result: dict[str, Any], source: str) -> Validation:
+    """A GX result (of the table, or combined from its partitions) as the stage's verdict."""
     failures = [_describe_failure(r) for r in result["results"] if not r["success"]]
     return Validation(
         success=bool(result["success"]),
@@ -335,4 +341,31 @@ def validate_partitions(
     """`validate_frame` for a table given as named partitions, one partition in memory at a
     time; a failure names the partitions its examples come from."""
     combined = combine_partitions([(name, validate_partition(df, schema)) for name, df in partitions])
-    return _validation(combined, source)
+    return verdict(combined, source)
+
+
+# --- the stage a partition at a time (execution.data: dask; pipelines/data/parts.py) ----------
+
+
+def validate_partitioned(params: Params) -> dict[str, Any]:
+    from pipelines.data.validate import combine_partitions, raise_if_failed, verdict
+
+    layout = Layout.of(params)
+    parts = parts_of(require_input(layout.clean, "validate"))
+    with cluster(params) as client:
+        results = run_tasks(client, _validate_part, [(p, params.table_schema) for p in parts], "validate", params)
+    source = str(layout.clean)
+    validation = verdict(combine_partitions([(p.name, r) for p, r in zip(parts, results, strict=True)]), source)
+    write_json(validation.result, layout.validation / "result.json")
+    write_text(validation.report_html, layout.validation / "report.html")
+    raise_if_failed(validation, source, str(layout.validation / "report.html"))
+    stats = validation.result["statistics"]
+    summary = {"success": True, "expectations": stats["evaluated_expectations"]}
+    write_json(summary, layout.validation / "summary.json")
+    return summary
+
+
+def _validate_part(part: Path, schema) -> dict[str, Any]:
+    from pipelines.data.validate import validate_partition
+
+    return validate_partition(pq.read_table(part).to_pandas(), schema)

@@ -37,11 +37,26 @@ ESTIMATORS: dict[str, dict[str, type[BaseEstimator]]] = {
     "torch_mlp": {"regression": TorchMLPRegressor, "classification": TorchMLPClassifier},
 }
 LINEAR_CLASSIFIER_DEFAULTS = {"max_iter": 1000}
+XGBOOST_DEFAULTS = {
+    "tree_method": "hist"
+}  # its threads: OpenMP's, held to the fit's budget as HistGradientBoosting's are
+
+
+def estimator_class(family: str, task: str) -> type[BaseEstimator]:
+    """The estimator of `family` for `task`; XGBoost's is imported only when asked for."""
+    if family == "xgboost":
+        from pipelines.model.boosting import XGBoostClassifier, XGBoostRegressor
+
+        return XGBoostRegressor if task == "regression" else XGBoostClassifier
+    return ESTIMATORS[family][task]
 
 
 def build_estimator(family: str, task: str, hyperparams: dict[str, Any], seed: int) -> BaseEstimator:
-    cls = ESTIMATORS[family][task]
-    estimator = cls(**(LINEAR_CLASSIFIER_DEFAULTS if cls is LogisticRegression else {}))
+    cls = estimator_class(family, task)
+    defaults = (
+        LINEAR_CLASSIFIER_DEFAULTS if cls is LogisticRegression else XGBOOST_DEFAULTS if family == "xgboost" else {}
+    )
+    estimator = cls(**defaults)
     valid = estimator.get_params()
     unknown = [k for k in hyperparams if k not in valid]
     if unknown:
@@ -68,6 +83,22 @@ def build_model(params: Params, family: str | None = None, hyperparams: dict[str
     if "checkpoint_dir" in estimator.get_params() and estimator.get_params()["checkpoint_dir"] is None:
         estimator.set_params(checkpoint_dir=str(params.paths.models / "checkpoints"))
     return Pipeline([("features", build_preprocessor(params.features, params.table_schema)), ("model", estimator)])
+
+
+def fit_family(
+    params: Params, family: str, hyperparams: dict[str, Any], rows: pd.DataFrame, threads: int | None = None
+) -> Pipeline:
+    """`family` with `hyperparams` fitted: on `rows`, or, for xgboost with the data in
+    partitions (execution.data: dask), on every training partition across the Dask cluster's
+    workers (`rows`, the sample, fit the feature transform)."""
+    model = build_model(params, family, hyperparams)
+    if family == "xgboost" and params.execution.data == "dask":
+        from pipelines.model.boosting import fit_on_partitions
+
+        return fit_on_partitions(params, model, rows)
+    if threads is not None and "n_jobs" in model[-1].get_params():
+        model[-1].set_params(n_jobs=threads)  # a worker's budget; seeded, the fit is the same
+    return fit_model(model, rows, params, threads)
 
 
 def fit_model(model: Pipeline, train: pd.DataFrame, params: Params, threads: int | None = None) -> Pipeline:

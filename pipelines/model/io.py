@@ -38,6 +38,8 @@ META_FILE = "model.json"
 MODEL_TYPES = frozenset(
     {
         "numpy.dtype",
+        "pipelines.model.boosting.XGBoostClassifier",
+        "pipelines.model.boosting.XGBoostRegressor",
         "pipelines.model.features.CyclicalEncoder",
         "pipelines.model.torch_model.TorchMLPClassifier",
         "pipelines.model.torch_model.TorchMLPRegressor",
@@ -57,6 +59,7 @@ MODEL_TYPES = frozenset(
         "sklearn.tree._classes.DecisionTreeClassifier",
         "sklearn.tree._classes.DecisionTreeRegressor",
         "sklearn.tree._tree.Tree",
+        "xgboost.core.Booster",
     }
 )
 # With the same classes as models logged before pipelines/ had its parts name them

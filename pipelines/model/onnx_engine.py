@@ -209,6 +209,48 @@ def _with_torch_head(prep, estimator, task: str):
     return joined
 
 
+def _register_xgboost() -> None:
+    """XGBoost's estimators (pipelines/model/boosting.py) through onnxmltools' converter, inside
+    skl2onnx's graph of the whole pipeline."""
+    from onnxmltools.convert.xgboost.operator_converters.XGBoost import convert_xgboost
+    from skl2onnx import update_registered_converter
+    from skl2onnx.common.shape_calculator import (
+        calculate_linear_classifier_output_shapes,
+        calculate_linear_regressor_output_shapes,
+    )
+
+    from pipelines.model.boosting import XGBoostClassifier, XGBoostRegressor
+
+    update_registered_converter(
+        XGBoostRegressor, "LooplineXGBoostRegressor", calculate_linear_regressor_output_shapes, convert_xgboost
+    )
+    update_registered_converter(
+        XGBoostClassifier,
+        "LooplineXGBoostClassifier",
+        calculate_linear_classifier_output_shapes,
+        convert_xgboost,
+        options={"nocl": [True, False], "zipmap": [True, False, "columns"]},
+    )
+
+
+def _float32_tree_inputs(onx) -> None:
+    """XGBoost compares float32 features with float32 thresholds: its ensembles' input is cast
+    to float32 first, so a float64 value that rounds onto a threshold goes where XGBoost
+    sends it (a float64 comparison would send it the other way)."""
+    from onnx import TensorProto, helper
+
+    graph = onx.graph
+    casts = []
+    for node in graph.node:
+        if node.domain == "ai.onnx.ml" and node.op_type in ("TreeEnsembleRegressor", "TreeEnsembleClassifier"):
+            source = node.input[0]
+            node.input[0] = f"{source}_float32_for_{node.name}"
+            casts.append((node.name, helper.make_node("Cast", [source], [node.input[0]], to=TensorProto.FLOAT)))
+    for name, cast in casts:
+        position = next(i for i, n in enumerate(graph.node) if n.name == name)
+        graph.node.insert(position, cast)
+
+
 def _tree_outputs_as_double(onx) -> None:
     """The tree ensembles read float64 inputs and compare them with float64 thresholds, but
     ONNX Runtime's ai.onnx.ml opset-3 ensembles only emit float32, while skl2onnx declares
@@ -286,9 +328,14 @@ def convert(model, features: Sequence[str], strings: set[str], task: str) -> byt
         else:
             options = {id(estimator): {"zipmap": False}} if task == "classification" else None
             onnx_forest.forget()
+            boosted = type(estimator).__module__ == "pipelines.model.boosting"
+            if boosted:
+                _register_xgboost()
             onx = convert_sklearn(model, initial_types=initial, target_opset=opsets, options=options)
             onnx_forest.attach(onx)
             _exact_thresholds(onx, estimator)
+            if boosted:
+                _float32_tree_inputs(onx)
             _tree_outputs_as_double(onx)
     except ImportError as err:  # skl2onnx and torch.onnx raise many types
         raise ConversionError(f"{type(estimator).__name__}: {type(err).__name__}: {str(err).splitlines()[0]}") from None

@@ -12,13 +12,13 @@ from pipelines.core.layout import Layout
 
 def fit_configured_model(params: Params) -> tuple[Any, dict[str, Any]]:
     """The `train.model` family fitted on the training split, and its metadata."""
-    from pipelines.data.split import read_split, training_sample
-    from pipelines.model.estimators import build_model, fit_model
+    from pipelines.data.split import training_rows
+    from pipelines.model.estimators import fit_family
     from pipelines.model.io import model_metadata
 
-    rows, _ = training_sample(read_split(params, "train"), params)
-    model = fit_model(build_model(params), rows, params)
+    rows, _ = training_rows(params)
     family = params.train.model
+    model = fit_family(params, family, params.train.hyperparams.get(family, {}), rows)
     return model, model_metadata(params, family, model, rows, params.train.hyperparams.get(family, {}))
 
 

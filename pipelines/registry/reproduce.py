@@ -188,7 +188,7 @@ def _rebuild(
 
     from pipelines.core.config import load_params
     from pipelines.core.layout import Layout
-    from pipelines.core.storage import file_md5
+    from pipelines.core.storage import path_md5
 
     name, version, commit = base.name, base.version, base.commit
 
@@ -215,11 +215,11 @@ def _rebuild(
         return not_rebuilt(missing)
     layout = Layout.of(then)
     clean = tree / layout.clean
-    if file_md5(clean) == tags.get(names.CLEAN_MD5):
+    if path_md5(clean) == tags.get(names.CLEAN_MD5):
         matched.append(f"data: clean rows md5 {tags[names.CLEAN_MD5]} (dvc.lock at the commit)")
     else:
         differences.append(
-            f"data: dvc.lock at commit {commit} gives clean rows md5 {file_md5(clean)}, but v{version} was trained on "
+            f"data: dvc.lock at commit {commit} gives clean rows md5 {path_md5(clean)}, but v{version} was trained on "
             f"{tags.get(names.CLEAN_MD5)} (its data version was not committed with its code)"
         )
     out = tree / "reproduced.parquet"

@@ -24,7 +24,7 @@ from pipelines.core import names
 from pipelines.core.config import Params
 from pipelines.core.fingerprint import PARAMS_MODULE, code_files, fingerprint
 from pipelines.core.layout import Layout
-from pipelines.data.split import SPLITS, read_split, training_sample
+from pipelines.data.split import SPLITS, read_split, training_rows
 from pipelines.model.io import model_metadata
 from pipelines.registry.promotion import Challenger, Registration
 
@@ -104,7 +104,7 @@ def study_name(params: Params) -> str:
 
 def lineage_tags(params: Params, params_path: str, flow_run_id: str, rows: dict[str, int]) -> dict[str, str]:
     """Where a training's data and code came from, tagged on its parent and candidate runs."""
-    from pipelines.core.storage import file_md5
+    from pipelines.core.storage import path_md5
     from pipelines.data.ingest import arrival_files
     from pipelines.registry.lineage import dvc_lock_md5, git_commit
     from pipelines.registry.tracking import run_owner
@@ -113,10 +113,10 @@ def lineage_tags(params: Params, params_path: str, flow_run_id: str, rows: dict[
     arrivals = arrival_files(layout.arrivals)
     tags = {
         names.GIT_COMMIT: git_commit(),
-        names.CLEAN_MD5: file_md5(layout.clean),
+        names.CLEAN_MD5: path_md5(layout.clean),
         names.SOURCE: str(params.data.source),
-        names.SOURCE_MD5: file_md5(params.data.source),
-        names.INGESTED_MD5: file_md5(layout.ingested),
+        names.SOURCE_MD5: path_md5(params.data.source),
+        names.INGESTED_MD5: path_md5(layout.ingested),
         names.ARRIVAL_BATCHES: len(arrivals),
         names.LAST_ARRIVAL: arrivals[-1].name if arrivals else "none",
         names.DVC_LOCK_MD5: dvc_lock_md5(layout.clean) or "none",
@@ -181,8 +181,8 @@ def search_and_log(params: Params, params_path: str, flow_run_id: str, warn=prin
     from pipelines.registry.tracking import client_for, close_orphaned_runs, flatten, log_dict_batch
     from pipelines.training.search import search_candidates
 
-    train, val, test = (read_split(params, name, "search") for name in SPLITS)
-    train, sampled = training_sample(train, params)
+    train, sampled = training_rows(params, "search")
+    val, test = (read_split(params, name, "search") for name in SPLITS[1:])
     if params.split.order_by:  # the promotion's block length must fit the test rows: say so before training
         block_length(params.promotion, len(test))
     client, experiment_id = client_for(params)

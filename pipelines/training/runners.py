@@ -27,9 +27,6 @@ import pandas as pd
 from pipelines.core.config import Params
 from pipelines.core.errors import LooplineError
 
-STAGE = "execution"
-CONNECT_TIMEOUT_S = 20
-
 
 @dataclass(frozen=True)
 class Fit:
@@ -64,16 +61,13 @@ def fit_and_score(
     params: Params, fit: Fit, train: pd.DataFrame, val: pd.DataFrame, baseline: Any, threads: int | None = None
 ) -> Fitted:
     """Fit one candidate on the training rows and score it on the validation rows."""
-    from pipelines.model.estimators import build_model, fit_model
+    from pipelines.model.estimators import fit_family
     from pipelines.model.evaluation import score
 
-    model = build_model(params, fit.family, fit.hyperparams)
-    if threads is not None and "n_jobs" in model[-1].get_params():
-        model[-1].set_params(n_jobs=threads)  # the worker's budget; seeded, the fit is the same
     started = time.perf_counter()
     with warnings.catch_warnings():  # joblib in a (daemonic) Dask worker: n_jobs is the budget already
         warnings.filterwarnings("ignore", message="Inside a Dask worker", category=UserWarning)
-        model = fit_model(model, train, params, threads=threads)
+        model = fit_family(params, fit.family, fit.hyperparams, train, threads)
     seconds = time.perf_counter() - started
     metrics, _ = score(model, val, params.features.columns, params.data.target, params.data.task, baseline)
     return Fitted(model, metrics, seconds, worker_name())
@@ -147,41 +141,7 @@ def runner_for(params: Params, train: pd.DataFrame, val: pd.DataFrame, baseline:
         with training_slot():  # counted as one training for the whole search, not per fit
             yield SequentialRunner(params, train, val, baseline)
         return
+    from pipelines.core.cluster import dask_client
+
     with dask_client(params) as client:
         yield DaskRunner(client, params, train, val, baseline)
-
-
-@contextmanager
-def dask_client(params: Params) -> Iterator[Any]:
-    """A client of the configured cluster, or of a LocalCluster started here for the block."""
-    import logging
-
-    from distributed import Client, LocalCluster
-
-    config = params.execution.dask
-    if not config.address:
-        logging.getLogger("distributed").setLevel(logging.WARNING)
-        with (
-            LocalCluster(
-                n_workers=config.n_workers, threads_per_worker=1, processes=True, dashboard_address=None
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            yield client
-        return
-    try:
-        client = Client(config.address, timeout=CONNECT_TIMEOUT_S)
-    except (OSError, TimeoutError) as err:
-        raise LooplineError(
-            STAGE, f"execution.dask.address {config.address}: no Dask scheduler answered ({err})"
-        ) from None
-    try:
-        try:
-            client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
-        except TimeoutError:
-            raise LooplineError(
-                STAGE, f"execution.dask.address {config.address}: the scheduler has no workers (`dask worker` …)"
-            ) from None
-        yield client
-    finally:
-        client.close()

@@ -30,6 +30,7 @@ FAMILIES = {
     "random_forest": {"n_estimators": 15},
     "linear": {},
     "torch_mlp": {"epochs": 4, "hidden_sizes": [32]},
+    "xgboost": {"n_estimators": 40},
 }
 
 

@@ -57,8 +57,8 @@ def test_dropped_leakage_column_cannot_be_declared():
 
 def test_unknown_model_family():
     raw = raw_params()
-    raw["train"]["model"] = "xgboost"
-    assert "xgboost" in _error(raw)
+    raw["train"]["model"] = "catboost"
+    assert "catboost" in _error(raw)
 
 
 def test_a_reference_profile_evidently_would_test_differently_is_refused():

@@ -60,7 +60,9 @@ def test_a_clean_table_in_three_partitions_passes_as_it_does_whole(schema):
     frame = table()
     whole = validate_frame(frame, schema).result
     assert whole["success"]
-    assert_same_verdict(whole, combine_partitions([(n, validate_partition(p, schema)) for n, p in in_parts(frame, [400, 800])]))
+    assert_same_verdict(
+        whole, combine_partitions([(n, validate_partition(p, schema)) for n, p in in_parts(frame, [400, 800])])
+    )
 
 
 def test_bad_values_spread_over_partitions_are_counted_and_shown_as_gx_counts_them_whole(schema):
