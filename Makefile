@@ -9,7 +9,7 @@ FIND_LINKS ?= /opt/wheels
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast fuzz lint lock docs reference browser-deps screenshots replay replay-late backtest bench bench-bootstrap bench-scale bench-flow bench-commands bench-torch bench-serve bench-batch bench-shadow bench-soak bench-onnx bench-monitor bench-log bench-concurrent bench-dask
+.PHONY: install run test test-fast fuzz lint lock docs reference browser-deps screenshots replay replay-late backtest bench bench-bootstrap bench-scale bench-scale-50m bench-flow bench-commands bench-torch bench-serve bench-batch bench-shadow bench-soak bench-onnx bench-monitor bench-log bench-concurrent bench-dask
 
 install: $(STAMP)
 
@@ -100,9 +100,13 @@ bench: bench-scale bench-flow bench-commands bench-torch bench-onnx bench-serve 
 bench-bootstrap: install
 	$(BIN)/python bench/bootstrap.py --rows 100000 --resamples 1000
 
-# Scale benchmark: synthetic Bikeshare-shaped data at 1M and 10M rows.
+# Scale benchmark: synthetic Bikeshare-shaped data at 1M and 10M rows, pandas and Dask side by side.
 bench-scale: install
-	$(BIN)/python bench/scale.py --rows 1000000 10000000
+	$(BIN)/python bench/scale.py --rows 1000000 10000000 --engine pandas dask
+
+# The Dask engine at 10M and 50M rows (a table pandas cannot hold on this machine); ~4 GB of disk.
+bench-scale-50m: install
+	$(BIN)/python bench/scale.py --rows 10000000 50000000 --engine dask
 
 # Training flow vs the same functions in a plain script, at 8,645 (Bikeshare) and 1M rows.
 bench-flow: install

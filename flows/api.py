@@ -161,7 +161,9 @@ def prefect_server(host: str, port: int, command: str, database: str | None = No
         stop(server, timeout=STOP_TIMEOUT_S)  # its whole group: `prefect server start` runs uvicorn as a child
 
 
-def keep_server(host: str, port: int, echo: Callable[[str], None], database: str | None = None) -> None:
+def keep_server(
+    host: str, port: int, echo: Callable[[str], None], database: str | None = None, secured: bool = False
+) -> None:
     """`loopline prefect-server`: serve the API until Ctrl-C or SIGTERM, recorded for the
     loopline commands that run meanwhile."""
     from pipelines.core.postgres import describe
@@ -185,7 +187,13 @@ def keep_server(host: str, port: int, echo: Callable[[str], None], database: str
             echo(
                 f"Prefect API: {url}; UI at http://{host}:{port}; database: "
                 f"{describe(database) if database else 'SQLite in PREFECT_HOME'}\n"
-                f"loopline commands with no PREFECT_API_URL use it while it runs ({record}); stop with Ctrl-C"
+                f"loopline commands with no PREFECT_API_URL use it while it runs ({record}); stop with Ctrl-C\n"
+                + (
+                    "sign-in: the auth string of PREFECT_SERVER_API_AUTH_STRING; clients and workers set "
+                    "PREFECT_API_AUTH_STRING (the events websocket is not covered: keep it behind a proxy)"
+                    if secured
+                    else "no sign-in (PREFECT_SERVER_API_AUTH_STRING sets one)"
+                )
             )
             while not stopping and server.poll() is None:
                 time.sleep(0.2)

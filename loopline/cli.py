@@ -394,16 +394,13 @@ def card(
 ) -> None:
     """Print a registered version's model card, as of now (the one logged with it, card/model_card.md,
     is as of its promotion decision)."""
-    from pipelines.core.errors import LooplineError
     from pipelines.registry.card import build_card, save_card
+    from pipelines.registry.champion import require_version
     from pipelines.registry.tracking import registry_client
 
     p = _params(params)
     client = registry_client(p)
-    try:
-        client.get_model_version(p.tracking.model_name, version)
-    except Exception:
-        raise LooplineError("card", f"{p.tracking.model_name} has no version {version!r} in {p.tracking.uri}") from None
+    require_version(client, p.tracking.model_name, version, "card", p.tracking.uri)
     text = build_card(client, p, p.tracking.model_name, version)
     saved = save_card(client, p.tracking.model_name, version, text, save) if save is not None else None
     if saved is not None and not as_json:
@@ -459,7 +456,9 @@ def check_params(
 
         typer.echo(config_reference(), nl=False)
         return
-    loaded = _params(params).model_dump(mode="json", by_alias=True)
+    from pipelines.core.config import shown
+
+    loaded = shown(_params(params))
     if as_json:
         typer.echo(json.dumps(loaded))
         return
@@ -500,9 +499,9 @@ def serve(
     _exec("bentoml", ["serve", bento or "serving.service:Predictor", *where], env)
 
 
-def _mlflow_server(store: str, options: list[str], host: str, port: int) -> None:
+def _mlflow_server(store: str, options: list[str], host: str, port: int, env: dict[str, str] | None = None) -> None:
     """Become `mlflow server` on `store`."""
-    _exec("mlflow", ["server", "--backend-store-uri", store, *options, "--host", host, "--port", str(port)])
+    _exec("mlflow", ["server", "--backend-store-uri", store, *options, "--host", host, "--port", str(port)], env)
 
 
 @app.command("mlflow-ui")
@@ -533,22 +532,111 @@ def tracking_server(
     host: HostOption = None,
     port: PortOption = None,
     workers: Annotated[int, typer.Option(min=1)] = 2,
+    auth: Annotated[
+        bool,
+        typer.Option(
+            help="Let in only MLflow users (MLflow's basic-auth app): the first start creates the admin from "
+            "$MLFLOW_AUTH_ADMIN_PASSWORD; `loopline users add` makes readers and writers."
+        ),
+    ] = False,
+    auth_db: Annotated[
+        str | None,
+        typer.Option(help="Where the users live (default: sqlite:///mlflow-auth.db beside a local ARTIFACTS folder)."),
+    ] = None,
+    open_: Annotated[
+        bool,
+        typer.Option(
+            "--open", help="Listen beyond loopback without --auth: anyone who reaches the port may change the registry."
+        ),
+    ] = False,
 ) -> None:
     """The team's MLflow server: runs and registry in STORE, artifacts served by the server
     (clients need no access to ARTIFACTS). Point tracking.uri (or MLFLOW_TRACKING_URI) at
-    http://HOST:PORT."""
+    http://HOST:PORT; with --auth, clients set MLFLOW_TRACKING_USERNAME / _PASSWORD."""
+    import os
+
+    from pipelines.core.errors import LooplineError
     from pipelines.core.postgres import describe
     from pipelines.registry.tracking import check_backend_store
 
     p = _params(params)
     host, port = host or p.servers.mlflow.host, port or p.servers.mlflow.port
+    _refuse_open_beyond_loopback("tracking-server", host, auth or open_, "--auth (or --open to let anyone in)")
     store = check_backend_store(store)
     if "://" not in artifacts:
         Path(artifacts).mkdir(parents=True, exist_ok=True)
         artifacts = str(Path(artifacts).resolve())
-    typer.echo(f"MLflow server: store {describe(store)}, artifacts {artifacts}; tracking.uri: http://{host}:{port}")
     served = ["--serve-artifacts", "--artifacts-destination", artifacts, "--workers", str(workers)]
-    _mlflow_server(store, served, host, port)
+    env = None
+    if auth:
+        from pipelines.registry.access import auth_config
+
+        if auth_db is None and "://" in artifacts:
+            raise LooplineError(
+                "tracking-server --auth", f"artifacts {artifacts} is not a local folder: give --auth-db"
+            )
+        admin_password = os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD")
+        if admin_password is not None and len(admin_password) < 12:  # MLflow's rule, met before it starts
+            raise LooplineError(
+                "tracking-server --auth", "MLFLOW_AUTH_ADMIN_PASSWORD is shorter than the 12 characters MLflow requires"
+            )
+        auth_db = auth_db or f"sqlite:///{Path(artifacts).parent / 'mlflow-auth.db'}"
+        config = auth_config(
+            Path(artifacts).parent / ".mlflow-auth" if "://" not in artifacts else Path(".mlflow-auth"), auth_db
+        )
+        env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(config)}
+        if not env.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):  # CSRF tokens of the UI's forms: one per start, unless given
+            import secrets
+
+            env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_hex(32)
+        served = ["--app-name", "basic-auth", *served]
+    typer.echo(
+        f"MLflow server: store {describe(store)}, artifacts {artifacts}; tracking.uri: http://{host}:{port}; "
+        + (
+            f"users in {describe(auth_db or '')} (clients: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"
+            if auth
+            else "no sign-in"
+        )
+    )
+    _mlflow_server(store, served, host, port, env)
+
+
+def _refuse_open_beyond_loopback(command: str, host: str, secured: bool, remedy: str) -> None:
+    """A team server on an address beyond this machine must let in only who belongs."""
+    from pipelines.core.errors import LooplineError
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not secured:
+        raise LooplineError(
+            command,
+            f"it would listen on {host}, beyond this machine, letting anyone who reaches the port in: {remedy}",
+        )
+
+
+@app.command()
+def users(
+    action: Annotated[str, typer.Argument(metavar="add", help="add (the one action).")],
+    name: Annotated[str, typer.Argument(help="The user's name.")],
+    role: Annotated[
+        str, typer.Option(help="reader (browses, changes nothing) or writer (trains, registers, promotes).")
+    ] = "reader",
+    password_file: Annotated[
+        Path | None, typer.Option(help="A file holding the new user's password (default: read from standard input).")
+    ] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Add a user to the team's MLflow server (tracking-server --auth), as its admin
+    (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)."""
+    from pipelines.core.errors import LooplineError
+    from pipelines.registry.access import add_user
+
+    if action != "add":
+        raise typer.BadParameter(f"the action is add, not {action!r}")
+    p = _params(params)
+    try:
+        password = password_file.read_text(encoding="utf-8").strip() if password_file else sys.stdin.readline().strip()
+    except OSError as err:
+        raise LooplineError("users", f"--password-file {password_file}: {err.strerror}") from None
+    typer.echo(add_user(p, name, password, role))
 
 
 @app.command("prefect-server")
@@ -564,18 +652,55 @@ def prefect_server(
         bool,
         typer.Option(help="Also keep a warm process that runs loopline commands with their libraries imported."),
     ] = True,
+    open_: Annotated[
+        bool,
+        typer.Option(
+            "--open", help="Listen beyond loopback without an auth string: anyone who reaches the port may run flows."
+        ),
+    ] = False,
 ) -> None:
     """Keep a Prefect API (and its UI) up until Ctrl-C; loopline commands meanwhile use it
     instead of starting a temporary one each, and run in a warm process that has their
     libraries imported already (seconds saved per command; --no-warm: not that)."""
     import contextlib
+    import os
 
     from flows.api import keep_server
     from loopline.warm import warm_process
 
     p = _params(params)
+    host = host or p.servers.prefect.host
+    secured = bool(os.environ.get("PREFECT_SERVER_API_AUTH_STRING"))
+    _refuse_open_beyond_loopback(
+        "prefect-server", host, secured or open_, "set PREFECT_SERVER_API_AUTH_STRING=user:password (or --open)"
+    )
     with warm_process(typer.echo) if warm else contextlib.nullcontext():
-        keep_server(host or p.servers.prefect.host, port or p.servers.prefect.port, echo=typer.echo, database=database)
+        keep_server(host, port or p.servers.prefect.port, echo=typer.echo, database=database, secured=secured)
+
+
+@app.command()
+def certs(
+    folder: Annotated[Path, typer.Argument(help="Where to write ca.pem, cert.pem and key.pem.")],
+    host: Annotated[
+        list[str] | None, typer.Option("--host", help="A name or address the scheduler is reached by (repeatable).")
+    ] = None,
+    port: Annotated[int, typer.Option(help="The scheduler's port, for the commands printed.")] = 8786,
+) -> None:
+    """Certificates for a Dask cluster with TLS: a certificate authority and one certificate for
+    the scheduler, the workers and loopline; prints the commands and the params to use them."""
+    from pipelines.core.cluster import make_certificates
+
+    hosts = host or ["127.0.0.1", "localhost"]
+    paths = make_certificates(folder.resolve(), hosts)
+    tls = f"--tls-ca-file {paths['ca']} --tls-cert {paths['cert']} --tls-key {paths['key']}"
+    typer.echo(
+        f"wrote {paths['ca']}, {paths['cert']}, {paths['key']} (the key readable by you only; copy it to each "
+        "machine of the cluster by a safe way)\n"
+        f"dask scheduler --protocol tls --port {port} {tls}\n"
+        f"dask worker tls://{hosts[0]}:{port} {tls}\n"
+        f"params.yaml, execution.dask: {{address: tls://{hosts[0]}:{port}, tls_ca_file: {paths['ca']}, "
+        f"tls_cert_file: {paths['cert']}, tls_key_file: {paths['key']}}}"
+    )
 
 
 @app.command()
@@ -657,6 +782,14 @@ def main() -> None:
         sys.exit(err.exit_code)
     except typer.Abort:
         status = 130
+    except Exception as err:
+        from pipelines.registry.access import refusal
+
+        refused = refusal(err, sys.argv[1] if len(sys.argv) > 1 else "loopline")
+        if refused is None:
+            raise
+        typer.echo(f"error: {refused}", err=True)
+        sys.exit(2)
     if status == 130:
         typer.echo("aborted", err=True)
     if isinstance(status, int) and status:
@@ -666,6 +799,7 @@ def main() -> None:
 def exit_code() -> int:
     """main() as the `loopline` command runs it: its exit status (loopline.launch exits with
     it, here or in a warm process). An uncaught exception propagates, with its traceback."""
+    sys.unraisablehook = _LostInterrupts().hook
     try:
         main()
     except SystemExit as exit_:
@@ -675,3 +809,35 @@ def exit_code() -> int:
     if isinstance(code, str):  # sys.exit("message"), as Python itself reports it
         print(code, file=sys.stderr)
     return code if isinstance(code, int) else (0 if code is None else 1)
+
+
+class _LostInterrupts:
+    """Ctrl-C's KeyboardInterrupt raised inside a finaliser (`__del__`, a weakref or garbage
+    collection callback: wherever the main thread was when the signal came) is dropped by
+    Python with an "Exception ignored" message, and the command would run on to its end.
+    `hook` (sys.unraisablehook) sees it dropped and a waiting thread raises it again in the
+    main thread a moment later, outside the finaliser and the hook (raised from the hook, or
+    from a thread it starts, it lands in the hook and is dropped too); anything else is
+    reported as usual."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lost = threading.Event()
+        threading.Thread(target=self._again, name="ctrl-c again", daemon=True).start()
+
+    def _again(self) -> None:
+        import _thread
+        import time
+
+        while True:
+            self.lost.wait()
+            self.lost.clear()
+            time.sleep(0.02)
+            _thread.interrupt_main()
+
+    def hook(self, unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            self.lost.set()
+            return
+        sys.__unraisablehook__(unraisable)

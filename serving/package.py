@@ -18,7 +18,7 @@ import json
 import re
 from pathlib import Path
 
-from pipelines.core.config import Params
+from pipelines.core.config import Params, shown
 from pipelines.core.errors import LooplineError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def package_version(registry_version: str, run_id: str, params: Params) -> str:
     for pattern in INCLUDED:
         for path in sorted(REPO.glob(pattern)):
             digest.update(f"{path.relative_to(REPO)}\n".encode() + path.read_bytes())
-    digest.update(json.dumps(params.model_dump(mode="json", by_alias=True), sort_keys=True).encode())
+    digest.update(json.dumps(shown(params), sort_keys=True).encode())
     return f"v{registry_version}-{digest.hexdigest()[:10]}"
 
 
@@ -77,9 +77,7 @@ def build_bento(params: Params) -> tuple[str, str, str, bool]:
             save_model(model, meta, stored.path)
             for file, data in files.items():  # the ONNX form: a packaged model starts without converting
                 Path(stored.path_of(file)).write_bytes(data)
-            Path(stored.path_of("params.json")).write_text(
-                json.dumps(params.model_dump(mode="json", by_alias=True), indent=2), encoding="utf-8"
-            )
+            Path(stored.path_of("params.json")).write_text(json.dumps(shown(params), indent=2), encoding="utf-8")
     bento = bentoml.bentos.build_bentofile(
         str(BENTOFILE),
         name=bento_model_name(name),

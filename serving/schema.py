@@ -258,6 +258,7 @@ class ServiceStatus(BaseModel):
     engine_reason: str | None  # why that engine
     threads: dict[str, int]  # native thread pools as the threads that call the model hold them
     shadow: ShadowStatus | None = None  # the registry's `shadow`, scored after each answer
+    authentication: str = "none"  # who may predict: none, or "API keys: <ids>" (never the keys)
 
 
 def request_records(frame: pd.DataFrame, params: Params) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse
 
 from pipelines.core.config import load_params, parse_params
 from pipelines.monitoring.prediction_log import PredictionLog, log_location
+from serving.keys import load_api_keys
 from serving.runtime import (
     ChampionHolder,
     ChampionLoadFailed,
@@ -167,6 +168,9 @@ def _error(status: int, message: str, ctx: bentoml.Context) -> Any:
 
 _HOLDER: list[ChampionHolder] = []  # the worker's holder, for the readiness probe
 REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("loopline_request", default="-")
+CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("loopline_caller", default=None)  # the key's id
+KEYED_ROUTES = ("/predict", "/predict_batch", "/predict_columns")
+API_KEYS = load_api_keys(PARAMS)
 log = logging.getLogger("loopline.serving")
 logging.getLogger("loopline").setLevel(logging.INFO)  # model switches belong in the service log
 
@@ -198,6 +202,12 @@ class ClientErrorsAsWarnings(logging.Filter):
 logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorsAsWarnings())
 
 
+def service_status(holder: ChampionHolder) -> ServiceStatus:
+    """/model: the holder's status and who may predict (the keys' ids, never a key)."""
+    authentication = "API keys: " + ", ".join(API_KEYS.ids) if API_KEYS is not None else "none"
+    return ServiceStatus(**holder.status(), authentication=authentication)
+
+
 def not_ready_reason() -> str | None:
     """Why /readyz is 503 (None when a model is in service)."""
     if not _HOLDER:
@@ -221,10 +231,12 @@ class RequestGuard:
     def __init__(self, app: Any, max_body_bytes: int):
         self.app, self.max = app, max_body_bytes
 
-    async def _reject(self, send: Any, status: int, message: str, path: str | None = None) -> None:
+    async def _reject(
+        self, send: Any, status: int, message: str, path: str | None = None, headers: list | None = None
+    ) -> None:
         if path is not None:
             rejected(path, status, message)
-        await self._send_json(send, status, json.dumps({"error": message}).encode())
+        await self._send_json(send, status, json.dumps({"error": message}).encode(), headers)
 
     async def _send_json(self, send: Any, status: int, body: bytes, headers: list | None = None) -> None:
         await send(
@@ -247,7 +259,7 @@ class RequestGuard:
             if scope["path"] == "/docs.json":
                 return await self._send_json(send, 200, openapi_document())
             if scope["path"] == "/model" and _HOLDER:  # a read: GET, as /readyz is (POST is kept too)
-                status = ServiceStatus(**_HOLDER[0].status()).model_dump_json().encode()
+                status = service_status(_HOLDER[0]).model_dump_json().encode()
                 return await self._send_json(send, 200, status)
             if scope["path"] == "/docs":  # where the README and --help say the UI is; BentoML serves it at /
                 return await self._send_json(send, 307, b"{}", [(b"location", b"/")])
@@ -261,6 +273,16 @@ class RequestGuard:
         path = scope["path"]
         if path.startswith("/admin/") and (refused := admin_refusal(headers.get(b"authorization"))) is not None:
             return await self._reject(send, 401, refused, path)
+        if API_KEYS is not None and path in KEYED_ROUTES:
+            caller = API_KEYS.caller(headers.get(b"authorization"), headers.get(b"x-api-key"))
+            if caller is None:
+                why = (
+                    "the API key is not one of the service's"
+                    if headers.get(b"authorization") or headers.get(b"x-api-key")
+                    else "this service needs an API key: send Authorization: Bearer <key> (or X-API-Key: <key>)"
+                )
+                return await self._reject(send, 401, why, path, [(b"www-authenticate", b'Bearer realm="loopline"')])
+            CALLER.set(caller)
         media = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
         if media != b"application/json":
             return await self._reject(
@@ -391,20 +413,21 @@ class Predictor:
         self.holder.stop()
         self.prediction_log.flush()
 
-    def _predict(self, records: Rows, request_ids: list[str]):
+    def _predict(self, records: Rows, request_ids: list[str], callers: list[str | None] | str | None):
         hold_thread_budget(PARAMS.serve.model_threads)
         served = self.holder.require()  # one model for the whole batch, even if a reload lands meanwhile
         predictions, probabilities = predict_records(served, records, PARAMS)
-        self.prediction_log.append(served, request_ids, records, predictions, probabilities)
+        self.prediction_log.append(served, request_ids, records, predictions, probabilities, callers=callers)
         if self.holder.shadow is not None:  # answered: the shadow scores these rows later, if there is room
             self.holder.shadow.offer(records, request_ids)
         PREDICTIONS.labels(model_version=served.version).inc(len(request_ids))
         BATCH_ROWS.observe(len(request_ids))
         return served, predictions, probabilities
 
-    def _predict_single(self, items: list[tuple[dict[str, Any], str]]) -> list[Prediction]:
-        request_ids = [rid for _, rid in items]
-        served, predictions, probabilities = self._predict([record for record, _ in items], request_ids)
+    def _predict_single(self, items: list[tuple[dict[str, Any], str, str | None]]) -> list[Prediction]:
+        request_ids = [rid for _, rid, _ in items]
+        callers = [caller for _, _, caller in items]
+        served, predictions, probabilities = self._predict([record for record, _, _ in items], request_ids, callers)
         return [
             Prediction(
                 prediction=p,
@@ -435,7 +458,7 @@ class Predictor:
             rejected("/predict", 400, BAD_REQUEST_ID)
             return _error(400, BAD_REQUEST_ID, ctx)
         try:
-            return await self.batcher.submit((record, request_id))
+            return await self.batcher.submit((record, request_id, CALLER.get()))
         except Unavailable as err:
             return _error(503, err.message, ctx)
 
@@ -449,7 +472,7 @@ class Predictor:
             return _error(400, BAD_REQUEST_ID, ctx)
         request_ids = [f"{request_id}-{i}" for i in range(count)]
         try:
-            served, predictions, probabilities = await asyncio.to_thread(self._predict, rows, request_ids)
+            served, predictions, probabilities = await asyncio.to_thread(self._predict, rows, request_ids, CALLER.get())
         except Unavailable as err:
             return _error(503, err.message, ctx)
         return BatchPrediction(
@@ -484,12 +507,12 @@ class Predictor:
         import asyncio
 
         await asyncio.to_thread(self.holder.refresh)
-        return ServiceStatus(**self.holder.status())
+        return service_status(self.holder)
 
     @bentoml.api(route="/model")
     def model_info(self) -> ServiceStatus:
         """The model in service, where it came from, and the last registry check."""
-        return ServiceStatus(**self.holder.status())
+        return service_status(self.holder)
 
 
 @functools.cache

@@ -45,6 +45,7 @@ LONGEST_FIRST = (
     "e2e/test_browser.py",  # 134
     "e2e/test_make_run.py",  # 119
     "e2e/test_serving.py",  # 104
+    "e2e/test_team_security.py",  # 100
     "e2e/test_prefect_server.py",  # ~85
     "e2e/test_cli.py",  # 60
     "e2e/test_shadow.py",  # 89
@@ -309,10 +310,11 @@ def champion(client, name="bikes") -> str | None:
     return alias_version(client, name, CHAMPION)
 
 
-def start_service(args: list[str], tmp: Path, port: int) -> subprocess.Popen:
-    """`loopline serve ARGS` on `port`, in `tmp`, its output in tmp/serve-PORT.log."""
+def start_service(args: list[str], tmp: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`loopline serve ARGS` on `port`, in `tmp`, its output in tmp/serve-PORT.log (`env`:
+    variables to set beside this process's)."""
     log = open(tmp / f"serve-{port}.log", "w")  # noqa: SIM115  (the server writes it until stopped)
-    env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true", **(env or {})}
     return subprocess.Popen(
         [venv_bin("loopline"), "serve", *args, "--port", str(port)],
         cwd=tmp,
@@ -459,3 +461,12 @@ def alert_receiver():
     receiver = AlertReceiver()
     yield receiver
     receiver.server.shutdown()
+
+
+def hears_ctrl_c() -> None:
+    """preexec_fn for a child a test interrupts with SIGINT: Ctrl-C at its default, as from a
+    terminal. A shell starts a background job (`make test &`) with SIGINT ignored, every
+    process below inherits that, and Python then never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -221,6 +222,14 @@ class DaskConfig(_Section):
     memory_limit: str = "auto"
     """Memory each worker of the LocalCluster may use ("4GiB"; auto: the machine's memory divided
     among the workers). A worker past it is restarted and its tasks run again elsewhere."""
+    tls_ca_file: str | None = None
+    """With a tls:// address: the certificate authority the scheduler's and workers' certificates
+    are signed by (`loopline certs DIR` makes one). With the two below, this client presents its
+    certificate; a scheduler started with the same authority refuses clients without one."""
+    tls_cert_file: str | None = None
+    """This client's certificate (PEM), signed by tls_ca_file."""
+    tls_key_file: str | None = None
+    """This client's private key (PEM): a file only its owner reads; its contents never go in here."""
 
 
 class ExecutionConfig(_Section):
@@ -464,6 +473,12 @@ class ServeConfig(_Section):
     <token>); $LOOPLINE_ADMIN_TOKEN takes precedence. Required when the service listens beyond
     loopback (serve.host other than 127.0.0.1/localhost/::1): without one, admin routes answer
     401. On loopback without a token they stay open."""
+    api_keys_file: str | None = None
+    """A file of API keys, `id:key` per line ($LOOPLINE_API_KEYS, the same entries separated by
+    commas, takes precedence). When there are keys, /predict, /predict_batch and /predict_columns
+    answer 401 without one (Authorization: Bearer <key>, or X-API-Key), and each prediction is
+    logged with its key's id (never the key). /livez, /readyz, /model and /docs stay open. None:
+    no keys, every request is answered."""
     model_threads: int = Field(1, ge=1)
     """Native threads per worker for model calls (ONNX Runtime's session, OpenMP and BLAS through
     threadpoolctl, torch): a training beside the service cannot make a one-row prediction wait for
@@ -698,6 +713,26 @@ def _describe(err: ValidationError, source: str) -> str:
                 msg += f" (got {e.get('input')!r})"
             lines.append(f"{key}: {msg}" if key else msg)
     return f"{source} is not valid: " + "; ".join(lines)
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*:)[^@\s/]+@")
+
+
+def without_passwords(value: Any) -> Any:
+    """`value` (a params dump: dicts, lists, strings) with the password of every URL in it shown
+    as ***: what loopline prints, logs or packages of the params never holds one."""
+    if isinstance(value, dict):
+        return {k: without_passwords(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_passwords(v) for v in value]
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\g<head>***@", value)
+    return value
+
+
+def shown(params: Params, **dump: Any) -> dict[str, Any]:
+    """The params as JSON-able values with every key's name as in the file, passwords hidden."""
+    return without_passwords(params.model_dump(mode="json", by_alias=True, **dump))
 
 
 def parse_params(raw: dict[str, Any], source: str = "params") -> Params:

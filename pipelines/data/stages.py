@@ -77,20 +77,14 @@ def validate(params: Params) -> dict[str, Any]:
         from pipelines.data.validate import validate_partitioned
 
         return validate_partitioned(params)
-    from pipelines.core.storage import read_input, write_json
-    from pipelines.data.validate import raise_if_failed, validate_frame
+    from pipelines.core.storage import read_input
+    from pipelines.data.validate import record_verdict, validate_frame
 
     layout = Layout.of(params)
     source = str(layout.clean)
-    validation = validate_frame(read_input(layout.clean, "validate"), params.table_schema, source)
-    # The report is written whatever the outcome: on failure it is what a person opens.
-    write_json(validation.result, layout.validation / "result.json")
-    write_text(validation.report_html, layout.validation / "report.html")
-    raise_if_failed(validation, source, str(layout.validation / "report.html"))
-    stats = validation.result["statistics"]
-    summary = {"success": True, "expectations": stats["evaluated_expectations"]}
-    write_json(summary, layout.validation / "summary.json")
-    return summary
+    return record_verdict(
+        validate_frame(read_input(layout.clean, "validate"), params.table_schema, source), layout, source
+    )
 
 
 def split(params: Params) -> dict[str, Any]:

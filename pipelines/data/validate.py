@@ -155,6 +155,17 @@ def raise_if_failed(validation: Validation, source: str, report_path: str) -> No
         )
 
 
+def record_verdict(validation: Validation, layout: Layout, source: str) -> dict[str, Any]:
+    """The stage's files for a verdict: the result and the report whatever the outcome (on a
+    failure the report is what a person opens), then the error; else the summary."""
+    write_json(validation.result, layout.validation / "result.json")
+    write_text(validation.report_html, layout.validation / "report.html")
+    raise_if_failed(validation, source, str(layout.validation / "report.html"))
+    summary = {"success": True, "expectations": validation.result["statistics"]["evaluated_expectations"]}
+    write_json(summary, layout.validation / "summary.json")
+    return summary
+
+
 # --- a table in partitions: the same suite on each, one verdict -------------------------
 #
 # A table too large for one frame is validated a partition at a time, each with GX's pandas
@@ -348,21 +359,14 @@ def validate_partitions(
 
 
 def validate_partitioned(params: Params) -> dict[str, Any]:
-    from pipelines.data.validate import combine_partitions, raise_if_failed, verdict
-
     layout = Layout.of(params)
     parts = parts_of(require_input(layout.clean, "validate"))
     with cluster(params) as client:
         results = run_tasks(client, _validate_part, [(p, params.table_schema) for p in parts], "validate", params)
     source = str(layout.clean)
-    validation = verdict(combine_partitions([(p.name, r) for p, r in zip(parts, results, strict=True)]), source)
-    write_json(validation.result, layout.validation / "result.json")
-    write_text(validation.report_html, layout.validation / "report.html")
-    raise_if_failed(validation, source, str(layout.validation / "report.html"))
-    stats = validation.result["statistics"]
-    summary = {"success": True, "expectations": stats["evaluated_expectations"]}
-    write_json(summary, layout.validation / "summary.json")
-    return summary
+    return record_verdict(
+        verdict(combine_partitions([(p.name, r) for p, r in zip(parts, results, strict=True)]), source), layout, source
+    )
 
 
 def _validate_part(part: Path, schema) -> dict[str, Any]:

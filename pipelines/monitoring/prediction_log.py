@@ -51,8 +51,9 @@ LOG_COLUMNS = (
     "prediction",
     "probabilities",
     "role",
+    "caller",
 )
-READ_COLUMNS = ("request_id", "ts", "model_version", "role", "prediction", "probabilities")
+READ_COLUMNS = ("request_id", "ts", "model_version", "role", "caller", "prediction", "probabilities")
 PRUNE_CHUNK = 20_000  # rows deleted per transaction: the service's writer never waits long
 # The writer gathers what is appended for this long after a first burst and writes it in one
 # transaction: under single-record traffic a transaction per micro-batch costs 2-3x per row
@@ -100,11 +101,14 @@ class _SQLite:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS predictions (request_id TEXT NOT NULL, ts TEXT NOT NULL, "
                 "model_name TEXT NOT NULL, model_version TEXT NOT NULL, run_id TEXT NOT NULL, "
-                "inputs TEXT NOT NULL, prediction NOT NULL, probabilities TEXT, role TEXT NOT NULL DEFAULT 'champion')"
+                "inputs TEXT NOT NULL, prediction NOT NULL, probabilities TEXT, role TEXT NOT NULL DEFAULT 'champion', "
+                "caller TEXT)"
             )
             known = {row[1] for row in db.execute("PRAGMA table_info(predictions)")}
             if "role" not in known:  # a log written before roles existed: every row was the champion's
                 db.execute("ALTER TABLE predictions ADD COLUMN role TEXT NOT NULL DEFAULT 'champion'")
+            if "caller" not in known:  # a log written before API keys: no caller is known
+                db.execute("ALTER TABLE predictions ADD COLUMN caller TEXT")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_request_id ON predictions (request_id)")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_version_ts ON predictions (model_version, ts)")
@@ -145,9 +149,10 @@ class _PostgreSQL:
                 "CREATE TABLE IF NOT EXISTS predictions (id BIGSERIAL PRIMARY KEY, request_id TEXT NOT NULL, "
                 "ts TEXT NOT NULL, model_name TEXT NOT NULL, model_version TEXT NOT NULL, run_id TEXT NOT NULL, "
                 "inputs JSONB NOT NULL, prediction JSONB NOT NULL, probabilities JSONB, "
-                "role TEXT NOT NULL DEFAULT 'champion')"
+                "role TEXT NOT NULL DEFAULT 'champion', caller TEXT)"
             )
             db.execute("ALTER TABLE predictions ADD COLUMN IF NOT EXISTS role TEXT NOT NULL DEFAULT 'champion'")
+            db.execute("ALTER TABLE predictions ADD COLUMN IF NOT EXISTS caller TEXT")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_request_id ON predictions (request_id)")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_version_ts ON predictions (model_version, ts)")
@@ -186,6 +191,7 @@ class _Burst:
     records: Sequence[dict[str, Any]] | Mapping[str, Any]  # records, or one array per field
     predictions: Sequence[Any]
     probabilities: Sequence[dict[str, float]] | None
+    callers: Sequence[str | None] | str | None = None  # the API key's id of each row, or of them all
 
     @property
     def size(self) -> int:
@@ -203,10 +209,11 @@ class _Burst:
         else:
             inputs = [_json(record) for record in self.records]
         predictions = [_json(p) for p in self.predictions] if postgres else self.predictions
+        callers = [self.callers] * self.size if self.callers is None or isinstance(self.callers, str) else self.callers
         return [
-            (rid, self.ts, name, version, run_id, row_inputs, prediction, probs, self.role)
-            for rid, row_inputs, prediction, probs in zip(
-                self.request_ids, inputs, predictions, probabilities, strict=True
+            (rid, self.ts, name, version, run_id, row_inputs, prediction, probs, self.role, caller)
+            for rid, row_inputs, prediction, probs, caller in zip(
+                self.request_ids, inputs, predictions, probabilities, callers, strict=True
             )
         ]
 
@@ -221,7 +228,8 @@ class PredictionLog:
 
     Columns: request_id, ts (UTC ISO), model_name, model_version, run_id, inputs (JSON
     object of the record: features and context fields), prediction (number or label),
-    probabilities (JSON or NULL), role (champion | shadow). A failed write is logged and its
+    probabilities (JSON or NULL), role (champion | shadow), caller (the id of the API key the
+    request presented; NULL without keys). A failed write is logged and its
     rows counted in `dropped`; the next burst reconnects."""
 
     def __init__(self, location: str | Path):
@@ -248,8 +256,10 @@ class PredictionLog:
         predictions: Sequence[Any],
         probabilities: Sequence[dict[str, float]] | None,
         role: str = CHAMPION_ROLE,
+        callers: Sequence[str | None] | str | None = None,
     ) -> None:
-        """Queue the answers of one call; the writer thread encodes and writes them."""
+        """Queue the answers of one call (`callers`: the API key ids of its rows, or of them
+        all); the writer thread encodes and writes them."""
         burst = _Burst(
             utc_now(),
             (served.name, served.version, served.run_id),
@@ -258,6 +268,7 @@ class PredictionLog:
             records,
             predictions,
             probabilities,
+            callers,
         )
         self._queue.put(burst)
 

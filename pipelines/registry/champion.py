@@ -125,11 +125,18 @@ def feature_difference(mine: list[str], theirs: list[str], champion: str) -> str
     )
 
 
-def _require_version(client, name: str, version: str) -> None:
+def require_version(client, name: str, version: str, action: str = "registry", where: str = ""):
+    """The registered version `version` of `name`, or a one-line error saying there is none
+    (`where`: the store, for the message). Any other error (a server refusing the caller,
+    one not answering) goes on as it is, for the command to report (`access.refusal`)."""
+    from mlflow.exceptions import MlflowException
+
     try:
-        client.get_model_version(name, version)
-    except Exception:
-        raise LooplineError("registry", f"model {name!r} has no version {version}") from None
+        return client.get_model_version(name, version)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise LooplineError(action, f"{name} has no version {version!r}{f' in {where}' if where else ''}") from None
 
 
 def make_shadow(
@@ -139,7 +146,7 @@ def make_shadow(
     features (`features_of(version)`: pipelines.registry.tracking.model_features) are not the
     champion's. Returns what happened."""
     with registry_lock(tracking_uri):
-        _require_version(client, name, version)
+        require_version(client, name, version)
         champion = alias_version(client, name, names.CHAMPION)
         if champion is None:
             raise LooplineError("registry", f"model {name!r} has no champion for a shadow to run beside")
@@ -289,7 +296,7 @@ def promote_shadow(
 def promote(client, name: str, version: str, tracking_uri: str, reason: str = "manual") -> str | None:
     """Make `version` champion by hand; returns the version it replaced."""
     with registry_lock(tracking_uri):
-        _require_version(client, name, version)
+        require_version(client, name, version)
         current = alias_version(client, name, names.CHAMPION)
         if current == version:
             return current

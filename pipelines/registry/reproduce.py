@@ -137,15 +137,13 @@ def _library_differences(recorded: str | None) -> list[str]:
 
 def reproduce(params: Params, version: str, repo: Path | None = None) -> Reproduction:
     """Rebuild `version` of the params' model in a worktree of its commit and compare."""
+    from pipelines.registry.champion import require_version
     from pipelines.registry.tracking import load_model_version, registry_client
 
     repo = (repo or Path.cwd()).resolve()
     client = registry_client(params)
     name = params.tracking.model_name
-    try:
-        mv = client.get_model_version(name, version)
-    except Exception:
-        raise LooplineError(STAGE, f"{name} has no version {version!r} in {params.tracking.uri}") from None
+    mv = require_version(client, name, version, STAGE, params.tracking.uri)
     tags = client.get_run(mv.run_id).data.tags
     recorded = tags.get(names.GIT_COMMIT, "unknown")
     commit = recorded.removesuffix("-dirty")

@@ -25,6 +25,10 @@ from pipelines.core.names import END_REASON, MODEL_ARTIFACT, OWNER
 if TYPE_CHECKING:
     from pipelines.model.evaluation import Importance
 
+# MLflow writes "View run ... at: <url>" to stdout for each run on a tracking server; a
+# command's stdout is its own output (`--json` included), and the run's link is in our logs.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 
 def tracking_uri(params: Params) -> str:
     """The configured store (MLFLOW_TRACKING_URI wins); a relative SQLite path is made

@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from pipelines.core import names
-from pipelines.core.config import Params
+from pipelines.core.config import Params, shown
 from pipelines.core.fingerprint import PARAMS_MODULE, code_files, fingerprint
 from pipelines.core.layout import Layout
 from pipelines.data.split import SPLITS, read_split, training_rows
@@ -194,9 +194,7 @@ def search_and_log(params: Params, params_path: str, flow_run_id: str, warn=prin
         lineage[names.TRAIN_SAMPLE] = sampled
         warn(f"the search fits on {sampled}")
     parent_id = client.create_run(experiment_id, run_name=f"training-{flow_run_id[:8]}", tags=lineage).info.run_id
-    log_dict_batch(
-        client, parent_id, params=flatten("", params.model_dump(mode="json", by_alias=True, exclude={"table_schema"}))
-    )
+    log_dict_batch(client, parent_id, params=flatten("", shown(params, exclude={"table_schema"})))
     timings: dict[str, float] = {}
     try:
         started = time.perf_counter()

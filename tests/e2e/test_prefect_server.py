@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, bikeshare_sample, free_port, tracking_section, venv_bin, write_params
+from conftest import REPO, bikeshare_sample, free_port, hears_ctrl_c, tracking_section, venv_bin, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +85,7 @@ class Server:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=hears_ctrl_c,
         )
 
 

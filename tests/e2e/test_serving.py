@@ -345,6 +345,63 @@ def test_hot_reload_switches_version_without_dropping_requests(service, champion
     assert service.post("/admin/reload").json()["model_version"] == v1  # the admin endpoint checks now
 
 
+def test_api_keys_guard_the_prediction_routes_and_the_log_names_each_caller(champion_v1, test_rows, setup, tmp_path):
+    """With keys ($LOOPLINE_API_KEYS), every prediction route answers 401 without a known key
+    (none, or a wrong one) and 200 with one, by Bearer or X-API-Key; the health routes and
+    /model stay open; the log holds each answer's key id, and no key is written anywhere."""
+    import yaml
+
+    from pipelines.monitoring.prediction_log import read_prediction_log
+
+    _, path, params = setup
+    keys = {"alice": "k-alice-3f9c0b6e1d2a4478", "batch-job": "k-batch-9e8d7c6b5a493827"}
+    raw = yaml.safe_load(path.read_text())
+    raw["serve"]["prediction_log"] = str(tmp_path / "keyed.db")
+    keyed = tmp_path / "params.yaml"
+    keyed.write_text(yaml.safe_dump(raw))
+    port = free_port()
+    env = {"LOOPLINE_API_KEYS": ",".join(f"{k}:{v}" for k, v in keys.items())}
+    proc = start_service(["--params", str(keyed)], tmp_path, port, env)
+    body = request_records(test_rows.head(2), params)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/readyz", timeout=120, proc=proc)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            columns = {c: [r[c] for r in body] for c in body[0]}
+            for route, payload in (
+                ("/predict", body[0]),
+                ("/predict_batch", {"records": body}),
+                ("/predict_columns", columns),
+            ):
+                anonymous = client.post(route, json=payload)
+                assert anonymous.status_code == 401 and "needs an API key" in anonymous.json()["error"], route
+                assert anonymous.headers["www-authenticate"].startswith("Bearer")
+                wrong = client.post(route, json=payload, headers={"Authorization": "Bearer k-not-a-key-000000000"})
+                assert wrong.status_code == 401 and "not one of the service's" in wrong.json()["error"]
+            right = client.post(
+                "/predict", json=body[0], headers={"Authorization": f"Bearer {keys['alice']}", "X-Request-ID": "a-1"}
+            )
+            assert right.status_code == 200, right.text
+            batch = client.post(
+                "/predict_batch", json={"records": body}, headers={"X-API-Key": keys["batch-job"], "X-Request-ID": "b"}
+            )
+            assert batch.status_code == 200, batch.text
+            assert client.get("/livez").status_code == 200 and client.get("/readyz").status_code == 200
+            status = client.get("/model").json()
+            assert (
+                status["authentication"] == "API keys: alice, batch-job" and status["model_version"] == champion_v1[0]
+            )
+    finally:
+        stop(proc)
+    log = read_prediction_log(tmp_path / "keyed.db", [])
+    assert dict(zip(log["request_id"], log["caller"], strict=True)) == {
+        "a-1": "alice",
+        "b-0": "batch-job",
+        "b-1": "batch-job",
+    }
+    written = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert not any(key.encode() in written for key in keys.values())
+
+
 def test_sigkill_of_the_server_group_leaves_no_worker_holding_the_port(setup, tmp_path):
     """`setsid loopline serve & kill -9 -- -$PID`: BentoML's workers run in their own session,
     so they must die with their parent, not keep the port."""

@@ -241,7 +241,7 @@ def test_cli_promote_and_rollback_are_audited(first_run, capsys):
     assert champion(client) == before and f"from v{target} to v{before}" in out
     assert "rollback from" in client.get_model_version("bikes", before).tags["loopline.restored"]
     code, _, err = run_cli("promote", "99", "--params", str(params), capsys=capsys)
-    assert code == 2 and "no version 99" in err and "Traceback" not in err
+    assert code == 2 and "bikes has no version '99'" in err and "Traceback" not in err
 
 
 def test_loopline_mlflow_ui_serves_runs_over_the_mlflow_rest_api(first_run):

@@ -158,3 +158,30 @@ def test_params_yaml_shows_every_section_and_key(capsys):
         elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             missing += [f"{key}.{k}" for k in field.annotation.model_fields if f"{k}:" not in blocks[key]]
     assert not missing, f"params.yaml does not show {missing}"
+
+
+def test_passwords_in_urls_are_never_shown_logged_or_packaged(tmp_path, capsys):
+    """check-params (--show, --json) and every other dump of the params (MLflow's params,
+    the Bento's params.json) show a URL's password as ***; other URLs are untouched."""
+    import json
+
+    from conftest import run_cli, write_params
+    from pipelines.core.config import load_params, shown, without_passwords
+
+    secret = "pw-Xq81zT5"
+    params = write_params(
+        tmp_path,
+        "unused.csv",
+        serve={"prediction_log": f"postgresql://svc:{secret}@db:5432/predictions"},
+        locks={"dsn": f"postgresql+psycopg://lock:{secret}@db/mlflow"},
+    )
+    for args in (["--show"], ["--json"]):
+        code, out, err = run_cli("check-params", "--params", str(params), *args, capsys=capsys)
+        assert code == 0 and secret not in out + err and "svc:***@db:5432/predictions" in out, out
+    dumped = json.dumps(shown(load_params(params)))
+    assert secret not in dumped and "lock:***@db/mlflow" in dumped
+    assert without_passwords(["http://host:5000", "sqlite:///a.db", "tls://10.0.0.1:8786"]) == [
+        "http://host:5000",
+        "sqlite:///a.db",
+        "tls://10.0.0.1:8786",
+    ]
