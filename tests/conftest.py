@@ -364,6 +364,30 @@ def start_tracking_server(tmp: Path, store: str) -> tuple[subprocess.Popen, str]
     return proc, url
 
 
+def start_dask_scheduler(folder: Path, log, *options: str) -> tuple[subprocess.Popen, str]:
+    """A `dask scheduler` on a port of the system's choosing, and its address, read from the
+    scheduler file it writes once it listens (a port picked beforehand can be taken by
+    another process before the scheduler binds it: "Address already in use")."""
+    import json
+
+    from pipelines.core.processes import start_server
+
+    info = folder / f"scheduler-{time.monotonic_ns()}.json"
+    scheduler = start_server(
+        [venv_bin("dask"), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard"]
+        + ["--scheduler-file", str(info), *options],
+        log=log,
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return scheduler, json.loads(info.read_text())["address"]
+        except (OSError, ValueError, KeyError):  # not written yet, or not whole yet
+            assert scheduler.poll() is None, f"dask scheduler exited with {scheduler.returncode}"
+            assert time.monotonic() < deadline, "dask scheduler did not start in 120 s"
+            time.sleep(0.1)
+
+
 @pytest.fixture
 def dask_cluster(tmp_path):
     """A real `dask scheduler` and two `dask worker` processes on loopback: the scheduler's
@@ -372,12 +396,8 @@ def dask_cluster(tmp_path):
 
     from pipelines.core.processes import start_server
 
-    address = f"tcp://127.0.0.1:{free_port()}"
     log = open(tmp_path / "dask.log", "w")  # noqa: SIM115  (the cluster writes it until stopped)
-    scheduler = start_server(
-        [venv_bin("dask"), "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
-        log=log,
-    )
+    scheduler, address = start_dask_scheduler(tmp_path, log)
     workers = [
         start_server(
             [venv_bin("dask"), "worker", address, "--nthreads", "1", "--name", f"worker-{i}", "--no-dashboard"]

@@ -19,7 +19,18 @@ import pytest
 import yaml
 from corpus import FAILING
 
-from conftest import BIKESHARE, REPO, WINE, copy_of_repo, free_port, run_cli, sh, venv_bin, write_params
+from conftest import (
+    BIKESHARE,
+    REPO,
+    WINE,
+    copy_of_repo,
+    free_port,
+    run_cli,
+    sh,
+    start_dask_scheduler,
+    venv_bin,
+    write_params,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -163,16 +174,10 @@ def test_a_worker_killed_mid_clean_leaves_the_output_whole_and_identical(tmp_pat
     synthesise(600_000, source)
     for engine in ("dask", "pandas"):
         (tmp_path / engine).mkdir()
-    port = free_port()
-    scheduler = subprocess.Popen(
-        [venv_bin("dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    scheduler, address = start_dask_scheduler(tmp_path, None)
     workers = [
         subprocess.Popen(
-            [venv_bin("dask"), "worker", f"tcp://127.0.0.1:{port}", "--nthreads", "1", "--no-nanny", "--no-dashboard"],
+            [venv_bin("dask"), "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -180,7 +185,7 @@ def test_a_worker_killed_mid_clean_leaves_the_output_whole_and_identical(tmp_pat
         for _ in range(2)
     ]
     try:
-        parts = {"data": "dask", "partition_mb": 1, "dask": {"address": f"tcp://127.0.0.1:{port}"}}
+        parts = {"data": "dask", "partition_mb": 1, "dask": {"address": address}}
         params = write_params(tmp_path / "dask", source, execution=parts)
         assert run_cli("stage", "ingest", "--params", str(params), capsys=capsys)[0] == 0
         done: list[tuple] = []

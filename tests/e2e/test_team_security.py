@@ -21,6 +21,7 @@ from conftest import (
     REPO,
     bikeshare_sample,
     free_port,
+    start_dask_scheduler,
     start_service,
     stop,
     venv_bin,
@@ -189,26 +190,11 @@ def test_dask_with_tls_refuses_a_client_without_certificates_and_runs_a_configur
     assert certs.returncode == 0, certs.stderr
     ca, cert, key = (tmp_path / "certs" / f"{n}.pem" for n in ("ca", "cert", "key"))
     assert key.stat().st_mode & 0o777 == 0o600
-    port = free_port()
     tls = ["--tls-ca-file", str(ca), "--tls-cert", str(cert), "--tls-key", str(key)]
-    scheduler = Server(
-        [
-            venv_bin("dask"),
-            "scheduler",
-            "--protocol",
-            "tls",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-dashboard",
-            *tls,
-        ],
-        team["anonymous"],
-        tmp_path / "scheduler.log",
-    )
+    scheduler_log = (tmp_path / "scheduler.log").open("w")
+    scheduler, address = start_dask_scheduler(tmp_path, scheduler_log, "--protocol", "tls", *tls)
     worker = Server(
-        [venv_bin("dask"), "worker", f"tls://127.0.0.1:{port}", "--nthreads", "1", "--no-dashboard", *tls],
+        [venv_bin("dask"), "worker", address, "--nthreads", "1", "--no-dashboard", *tls],
         team["anonymous"],
         tmp_path / "worker.log",
     )
@@ -225,14 +211,14 @@ def test_dask_with_tls_refuses_a_client_without_certificates_and_runs_a_configur
         # theirs could ever run.
         trusting = ssl.create_default_context(cafile=str(ca))
         with pytest.raises((OSError, TimeoutError)):
-            asyncio.run(connect(f"tls://127.0.0.1:{port}", timeout=5, ssl_context=trusting))
+            asyncio.run(connect(address, timeout=5, ssl_context=trusting))
         assert loopline("certs", str(tmp_path / "other"), env=team["anonymous"], timeout=60).returncode == 0
         other = {
             f"tls_{k}": str(tmp_path / "other" / f"{n}.pem")
             for k, n in (("ca_file", "ca"), ("client_cert", "cert"), ("client_key", "key"))
         }
         with pytest.raises((OSError, TimeoutError)):
-            Client(f"tls://127.0.0.1:{port}", timeout=5, security=Security(require_encryption=True, **other))
+            Client(address, timeout=5, security=Security(require_encryption=True, **other))
         params = write_params(
             tmp_path,
             bikeshare_sample(tmp_path, 1000),
@@ -242,7 +228,7 @@ def test_dask_with_tls_refuses_a_client_without_certificates_and_runs_a_configur
             execution={
                 "runner": "dask",
                 "dask": {
-                    "address": f"tls://127.0.0.1:{port}",
+                    "address": address,
                     "tls_ca_file": str(ca),
                     "tls_cert_file": str(cert),
                     "tls_key_file": str(key),
@@ -256,7 +242,8 @@ def test_dask_with_tls_refuses_a_client_without_certificates_and_runs_a_configur
         assert all(w.startswith("tls://127.0.0.1:") for w in workers), workers
     finally:
         worker.stop()
-        scheduler.stop()
+        stop(scheduler)
+        scheduler_log.close()
 
 
 def test_no_secret_is_written_anywhere_a_secured_round_writes(team, tmp_path):
