@@ -80,10 +80,10 @@ def command_api(echo: Callable[[str], None], warm: tuple[str, ...] = ()) -> Iter
 def start_temporary_api_while(work: Callable[[], None]) -> None:
     """Start Prefect's temporary API (the one a flow run with no API starts for itself) in a
     thread while `work` runs here; back once both are done. If it fails to start, the first
-    flow starts it again and fails there, with Prefect's own message."""
+    flow starts it again and fails there, with Prefect's own message. The API's process dies
+    with this one however this one ends (a SIGKILL, the OOM killer: no atexit runs then)."""
     import threading
 
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED
 
     if not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
@@ -94,18 +94,54 @@ def start_temporary_api_while(work: Callable[[], None]) -> None:
     # codec is imported here first all the same.
     import encodings.idna  # noqa: F401
 
+    started = threading.Event()
+
     def start() -> None:
         try:
-            SubprocessASGIServer().start()
+            _temporary_api_class()().start()
         except Exception:  # said again by the flow's own start, where it is raised
-            return
+            pass
+        finally:
+            started.set()
+        # Linux signals a child whose parent *thread* ends (PR_SET_PDEATHSIG): this thread
+        # started the API, so it lives as long as the process.
+        threading.Event().wait()
 
-    starting = threading.Thread(target=start, name="prefect-temporary-api", daemon=True)
-    starting.start()
+    threading.Thread(target=start, name="prefect-temporary-api", daemon=True).start()
     try:
         work()
     finally:
-        starting.join()
+        started.wait()
+
+
+def _temporary_api_class():
+    """Prefect's SubprocessASGIServer, its uvicorn process started with die_with_parent. The
+    instance is Prefect's one for the default port, so the flows' own start finds it running."""
+    import subprocess
+    import sys
+
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    class DiesWithUs(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            # Prefect 3's own command (prefect/server/api/server.py), plus preexec_fn
+            return subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent)]
+                + ["--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1"]
+                + ["--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+                env={
+                    **os.environ,
+                    "PREFECT_UI_ENABLED": "0",
+                    "PREFECT__SERVER_EPHEMERAL": "1",
+                    "PREFECT__SERVER_FINAL": "1",
+                    **get_current_settings().to_environment_variables(exclude_unset=True),
+                },
+                preexec_fn=die_with_parent,
+            )
+
+    return DiesWithUs
 
 
 def _import_all(modules: tuple[str, ...]) -> None:

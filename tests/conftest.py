@@ -30,29 +30,30 @@ os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "5"
 from pipelines.core.processes import free_port, stop, venv_bin, wait_for_http  # noqa: E402,F401  (used by the tests)
 
 # The modules `make test` hands to its workers first, longest first (seconds of one run on this
-# 2-core machine, three workers): a long module taken last keeps one worker busy while the
+# 2-core machine, two workers): a long module taken last keeps one worker busy while the
 # others have nothing left. Modules not named follow in collection order. The Makefile passes
 # --no-loadscope-reorder, which keeps this order (xdist would order by test count).
 LONGEST_FIRST = (
-    "e2e/test_data_on_dask.py",  # ~210 s, a third of it dvc repro on Dask twice
-    "e2e/test_postgres.py",  # 217 s
-    "e2e/test_dask.py",  # 212
-    "e2e/test_schedules.py",  # 135, most of it waiting for cron minutes
-    "e2e/test_dvc.py",  # 153
-    "e2e/test_training_flow.py",  # 150
-    "e2e/test_reproduce.py",  # 146
-    "e2e/test_monitoring.py",  # 138
-    "e2e/test_browser.py",  # 134
-    "e2e/test_make_run.py",  # 119
-    "e2e/test_serving.py",  # 104
-    "e2e/test_team_security.py",  # 100
-    "e2e/test_prefect_server.py",  # ~85
-    "e2e/test_cli.py",  # 60
-    "e2e/test_shadow.py",  # 89
-    "unit/model/test_torch.py",  # 82
-    "e2e/test_served_stream.py",  # 81
-    "e2e/test_offline_metric.py",  # 80
-    "unit/monitoring/test_decisions.py",  # 77
+    "e2e/test_postgres.py",  # 222 s (2026-12-07, two workers)
+    "e2e/test_data_on_dask.py",  # 173
+    "e2e/test_schedules.py",  # 167, most of it waiting for a cron minute
+    "e2e/test_dask.py",  # 164
+    "e2e/test_make_run.py",  # 127
+    "e2e/test_team_security.py",  # 121
+    "e2e/test_monitoring.py",  # 109
+    "e2e/test_prefect_server.py",  # 101
+    "e2e/test_training_flow.py",  # 97
+    "e2e/test_dvc.py",  # 85
+    "e2e/test_browser.py",  # 84
+    "e2e/test_serving.py",  # 83
+    "unit/model/test_torch.py",  # 68
+    "e2e/test_shadow.py",  # 68
+    "e2e/test_served_stream.py",  # 66
+    "unit/monitoring/test_decisions.py",  # 53
+    "e2e/test_engines.py",  # 52
+    "e2e/test_reproduce.py",  # 49
+    "e2e/test_offline_metric.py",  # 37
+    "e2e/test_cli.py",  # 35
 )
 
 
@@ -182,13 +183,20 @@ def postgres_db():
 
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
-    """A real `prefect server start` on a free loopback port, used by every flow test."""
+    """A real `loopline prefect-server` on a free loopback port in this worker's PREFECT_HOME,
+    as a team member keeps one up: the flows the tests run here talk to its API, and the
+    `loopline` commands they start with this PREFECT_HOME find it and its warm process (a
+    command forked with its libraries imported, not a new interpreter importing them and a
+    temporary API of its own: seconds of CPU each). The commands a test means to run cold, or
+    on the temporary API as a new user's first one does, get a PREFECT_HOME of their own
+    (`own_prefect_home`) or LOOPLINE_WARM=0."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     port = free_port()
     log = open(tmp_path_factory.mktemp("prefect") / "server.log", "w")  # noqa: SIM115  (closed after the session)
     proc = subprocess.Popen(
-        [venv_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [venv_bin("loopline"), "prefect-server", "--port", str(port)],
+        cwd=REPO,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -201,6 +209,23 @@ def prefect_api(tmp_path_factory):
     finally:
         stop(proc)
         log.close()
+
+
+@pytest.fixture(autouse=True)
+def e2e_commands_find_the_prefect_server(request):
+    """Every end-to-end test runs with this worker's `loopline prefect-server` up (started by
+    the first that needs it): the `loopline` commands it starts run warm from the first test
+    on, whichever order the tests come in."""
+    if "e2e" in request.node.path.parts:
+        request.getfixturevalue("prefect_api")
+
+
+def own_prefect_home(env: dict[str, str], home: Path) -> dict[str, str]:
+    """`env` for a command that must not find this worker's Prefect server or warm process:
+    a Prefect home of its own (a new user's), no API configured."""
+    env = {**env, "PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    return env
 
 
 def tracking_section(tmp: Path, model_name: str = "bikes") -> dict:

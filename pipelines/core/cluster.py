@@ -176,6 +176,13 @@ def kept_client(params: Params) -> Iterator[Any]:
     yield _KEPT[key][1]
 
 
+def close_kept_clusters() -> None:
+    """Close the LocalClusters kept so far, now: for a process that goes on without Dask (idle
+    workers still use CPU: heartbeats, memory monitors)."""
+    for key in list(_KEPT):
+        _close_kept(key)
+
+
 def _close_kept(key: str) -> None:
     context, _ = _KEPT.pop(key, (None, None))
     if context is not None:

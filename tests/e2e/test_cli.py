@@ -157,5 +157,8 @@ def test_team_servers_refuse_a_store_they_cannot_use_naming_it(tmp_path, capsys)
         capsys=capsys,
     )
     assert code == 2 and f"port={port}" in err and "cannot reach PostgreSQL" in err
-    code, _, err = run_cli("prefect-server", "--database", f"postgresql://127.0.0.1:{port}/prefect", capsys=capsys)
+    from prefect.settings import PREFECT_HOME, temporary_settings
+
+    with temporary_settings(updates={PREFECT_HOME: tmp_path / "prefect-home"}):  # not this worker's: its server runs
+        code, _, err = run_cli("prefect-server", "--database", f"postgresql://127.0.0.1:{port}/prefect", capsys=capsys)
     assert code == 2 and "prefect-server --database" in err and f"port={port}" in err

@@ -41,6 +41,16 @@ OUTPUTS = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def no_cluster_left_running():
+    """The LocalCluster the data stages keep for this process (one for the module's tests)
+    is closed after them, not left idling beside the rest of the suite."""
+    from pipelines.core.cluster import close_kept_clusters
+
+    yield
+    close_kept_clusters()
+
+
 def run_data(tmp: Path, source: Path, engine: str, base: str = "params.yaml", capsys=None, mb: float = 0.05):
     """The data stages (and the rest of `loopline run`) on `engine`, in `tmp`/engine, in
     partitions of `mb` megabytes of CSV (0.05: the bundled 0.57 MB in 11)."""

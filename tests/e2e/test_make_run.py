@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, copy_of_repo, sh
+from conftest import REPO, copy_of_repo, own_prefect_home, sh
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +38,11 @@ def clone(root: Path) -> Path:
 
 
 def make_run(root: Path, bentoml_home: Path, api_url: str | None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
-    # A new user's shell: nothing set that loopline should set for itself.
-    for var in ("PREFECT_SERVER_ANALYTICS_ENABLED", "BENTOML_DO_NOT_TRACK", "PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+    # A new user's shell: one Prefect home for both clones (their ~/.prefect, not this test
+    # worker's, where a Prefect server and a warm process run), nothing set that loopline
+    # should set for itself.
+    env = own_prefect_home({**os.environ, "BENTOML_HOME": str(bentoml_home)}, bentoml_home.parent / "prefect-home")
+    for var in ("PREFECT_SERVER_ANALYTICS_ENABLED", "BENTOML_DO_NOT_TRACK", "MLFLOW_TRACKING_URI"):
         env.pop(var, None)
     if api_url:
         env["PREFECT_API_URL"] = api_url

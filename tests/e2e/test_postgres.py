@@ -4,9 +4,11 @@ service replicas sharing one prediction log that monitoring joins."""
 from __future__ import annotations
 
 import functools
+import os
 from datetime import UTC, datetime
 
 import httpx
+import psutil
 import pytest
 
 from conftest import (
@@ -23,6 +25,13 @@ from conftest import (
 )
 
 pytestmark = pytest.mark.slow
+
+
+def _group_of(proc: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(proc.pid)
+    except OSError:  # gone meanwhile
+        return None
 
 
 def test_two_service_replicas_log_to_one_postgresql_table_and_monitoring_joins_every_id(postgres_db, tmp_path):
@@ -169,6 +178,10 @@ def test_the_loop_through_an_mlflow_server_on_postgresql(postgres_db, prefect_ap
     server, url = start_tracking_server(tmp_path, postgres_db)
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "BENTOML_HOME": str(tmp_path / "bentoml")}
     try:
+        # the server and its web workers only: no MLflow job runner or Huey consumers (jobs
+        # loopline never submits, eight processes more)
+        group = [" ".join(p.cmdline()) for p in psutil.process_iter() if _group_of(p) == server.pid]
+        assert group and not [c for c in group if "mlflow.server.jobs" in c or "huey" in c], group
         sample = bikeshare_sample(tmp_path)
         paths = []
         for i in range(2):
@@ -270,8 +283,10 @@ def test_prefect_server_on_postgresql_runs_the_deployments_on_a_work_pool_worker
     url = f"http://127.0.0.1:{port}/api"
     home = {"PREFECT_HOME": str(tmp_path / "prefect-home")}
     log = open(tmp_path / "prefect.log", "w")  # noqa: SIM115  (written until the processes stop)
-    server = start_server(
-        [venv_bin("loopline"), "prefect-server", "--port", str(port), "--database", postgres_db], log=log, env=home
+    server = start_server(  # --no-warm: no loopline command here would use a warm process
+        [venv_bin("loopline"), "prefect-server", "--port", str(port), "--database", postgres_db, "--no-warm"],
+        log=log,
+        env=home,
     )
     worker = None
     try:

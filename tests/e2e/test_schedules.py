@@ -139,14 +139,12 @@ async def read_flow_run(api_url: str, flow_run_id):
         return await client.read_flow_run(flow_run_id)
 
 
-def training_runs_in_progress(api_urls: list[str], slow_params: Path, timeout: float = 180) -> list:
-    """A training run started by hand on each API, on `slow_params` (a search that takes a
-    while), and now inside its candidate search: their ids. The schedules are paused first: a
-    run whose process is starting when the stop comes is killed by the signal (Crashed, with
-    its traceback) rather than cancelled, which is Prefect's engine and not what this checks."""
-    from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
+def pause_training_schedules(api_urls: list[str]) -> None:
+    """No more scheduled trainings on these APIs (each one a training process, every minute,
+    for as long as the test runs); runs started by hand still run. And none starting when the
+    deploys are stopped: a run whose process is starting when the stop comes is killed by the
+    signal (Crashed, with its traceback) rather than cancelled, which is Prefect's engine and
+    not what this checks."""
     # Pausing deletes the schedule's future runs. A runner fetches runs up to 10 s before
     # their time (PREFECT_RUNNER_PREFETCH_SECONDS): one it fetched for the next minute and
     # then lost to the pause fails to start with a 404 traceback in its log. Pause mid-minute,
@@ -155,6 +153,14 @@ def training_runs_in_progress(api_urls: list[str], slow_params: Path, timeout: f
         time.sleep(0.5)
     for api_url in api_urls:
         asyncio.run(pause_training_schedule(api_url))
+
+
+def training_runs_in_progress(api_urls: list[str], slow_params: Path, timeout: float = 180) -> list:
+    """A training run started by hand on each API, on `slow_params` (a search that takes a
+    while), and now inside its candidate search: their ids."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     ids = []
     for api_url in api_urls:  # started together: they search side by side
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
@@ -214,6 +220,7 @@ def test_scheduled_runs_fire_and_deploy_stops_cleanly(prefect_api, tmp_path):
             run = wait_for_completed_scheduled_run(api, proc, log)
             assert run.auto_scheduled and run.state.is_completed()
             assert run.expected_start_time.second == 0  # made for a minute boundary by the cron
+        pause_training_schedules([prefect_api, local_api])
         training = asyncio.run(read_deployment("training/scheduled-training"))
         monitoring = asyncio.run(read_deployment("monitoring/scheduled-monitoring"))
         assert [s.schedule.cron for s in training.schedules] == ["* * * * *"]

@@ -3,6 +3,7 @@ tracking, caching, the guarded registry, failures, kills, concurrency and deploy
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from conftest import (
     champion,
     client_of,
     free_port,
+    own_prefect_home,
     stop,
     tracking_section,
     venv_bin,
@@ -352,10 +354,10 @@ def test_sigkill_during_training_leaves_registry_and_next_run_completes(prefect_
     slow = {"families": ["linear"], "n_trials": 40, "space": {"random_forest": {"n_estimators": {"choices": [60, 80]}}}}
     params = flow_params(tmp_path, bikeshare_sample(tmp_path), search=slow)
     client = client_of(store)
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # the training's own process (not a warm one's child), killed as a crash kills it
         [venv_bin("loopline"), "train", "--params", str(params)],
         cwd=REPO,
-        env=_env(prefect_api),
+        env={**_env(prefect_api), "LOOPLINE_WARM": "0"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -431,3 +433,41 @@ def test_two_concurrent_trainings_cannot_both_become_champion(prefect_api, tmp_p
     later = next(r for r in reasons if "first model" not in r)
     assert "champion v" in later  # the second decision compared against the first champion
     assert champion(client) in {"1", "2"}
+
+
+def test_a_command_killed_on_the_temporary_api_takes_that_api_with_it(tmp_path):
+    """A `loopline train` with no Prefect API runs Prefect's temporary API as a child process.
+    Killed outright (SIGKILL to the command alone, as the OOM killer does: no atexit, no
+    signal handler), it must not leave that API running."""
+    import psutil
+
+    params = flow_params(tmp_path, bikeshare_sample(tmp_path, 600), search={"families": ["linear"], "n_trials": 0})
+    env = own_prefect_home({**os.environ, "LOOPLINE_WARM": "0"}, tmp_path / "prefect-home")
+    proc = subprocess.Popen(
+        [venv_bin("loopline"), "train", "--params", str(params)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    api = None
+    try:
+        deadline = time.monotonic() + 120
+        while api is None:
+            assert proc.poll() is None, "the training ended before its temporary API was seen"
+            assert time.monotonic() < deadline, "no temporary API started within 120 s"
+            for child in psutil.Process(proc.pid).children():
+                with contextlib.suppress(psutil.Error):
+                    if "prefect.server.api.server:create_app" in " ".join(child.cmdline()):
+                        api = child
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        try:
+            api.wait(timeout=20)
+        except psutil.TimeoutExpired:
+            pytest.fail(f"the temporary API (pid {api.pid}) outlived the command killed with SIGKILL")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the API shares the command's group
