@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, bikeshare_sample, free_port, hears_ctrl_c, tracking_section, venv_bin, write_params
+from conftest import (
+    REPO,
+    bikeshare_sample,
+    free_port,
+    hears_ctrl_c,
+    own_prefect_home,
+    tracking_section,
+    venv_bin,
+    write_params,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +37,7 @@ class Server:
         self.home = home
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
-        self.env = {**os.environ, "PREFECT_HOME": str(home)}
-        self.env.pop("PREFECT_API_URL", None)
+        self.env = own_prefect_home(dict(os.environ), home)
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [venv_bin("loopline"), "prefect-server", "--port", str(self.port)],

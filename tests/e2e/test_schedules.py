@@ -24,6 +24,7 @@ from conftest import (
     REPO,
     bikeshare_sample,
     monitoring_retrains_through_the_training_deployment,
+    own_prefect_home,
     tracking_section,
     venv_bin,
     write_params,
@@ -55,8 +56,7 @@ def deploy(tmp: Path, api_url: str | None, schedule: dict = EVERY_MINUTE) -> tup
         tracking=tracking_section(tmp),
         schedule=schedule,
     )
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home")}
-    env.pop("PREFECT_API_URL", None)
+    env = own_prefect_home(dict(os.environ), tmp / "prefect-home")
     if api_url:
         env["PREFECT_API_URL"] = api_url
     log = tmp / "deploy.log"
