@@ -84,7 +84,7 @@ def start_temporary_api_while(work: Callable[[], None]) -> None:
     with this one however this one ends (a SIGKILL, the OOM killer: no atexit runs then)."""
     import threading
 
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
     if not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         work()
@@ -97,10 +97,14 @@ def start_temporary_api_while(work: Callable[[], None]) -> None:
     started = threading.Event()
 
     def start() -> None:
+        # As long as a `loopline prefect-server` may take, not Prefect's 20 s: on a loaded
+        # machine the API came up after Prefect gave up, and the flow's own start then ran a
+        # second one on the same port ("address already in use", a traceback in the output).
+        server = _temporary_api_class()()
         try:
-            _temporary_api_class()().start()
+            server.start(timeout=max(START_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
         except Exception:  # said again by the flow's own start, where it is raised
-            pass
+            server.stop()  # what did not answer in time is not left to hold the port
         finally:
             started.set()
         # Linux signals a child whose parent *thread* ends (PR_SET_PDEATHSIG): this thread

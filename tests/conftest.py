@@ -34,26 +34,26 @@ from pipelines.core.processes import free_port, stop, venv_bin, wait_for_http  #
 # others have nothing left. Modules not named follow in collection order. The Makefile passes
 # --no-loadscope-reorder, which keeps this order (xdist would order by test count).
 LONGEST_FIRST = (
-    "e2e/test_postgres.py",  # 222 s (2026-12-07, two workers)
-    "e2e/test_data_on_dask.py",  # 173
-    "e2e/test_schedules.py",  # 167, most of it waiting for a cron minute
-    "e2e/test_dask.py",  # 164
-    "e2e/test_make_run.py",  # 127
-    "e2e/test_team_security.py",  # 121
-    "e2e/test_monitoring.py",  # 109
-    "e2e/test_prefect_server.py",  # 101
+    "e2e/test_postgres.py",  # 238 s (2026-12-07, two workers; its first test waits for the Prefect server)
+    "e2e/test_data_on_dask.py",  # 211
+    "e2e/test_schedules.py",  # 178, most of it waiting for a cron minute
+    "e2e/test_dask.py",  # 133
+    "e2e/test_make_run.py",  # 113
+    "e2e/test_dvc.py",  # 113
+    "e2e/test_monitoring.py",  # 104
     "e2e/test_training_flow.py",  # 97
-    "e2e/test_dvc.py",  # 85
-    "e2e/test_browser.py",  # 84
-    "e2e/test_serving.py",  # 83
-    "unit/model/test_torch.py",  # 68
-    "e2e/test_shadow.py",  # 68
-    "e2e/test_served_stream.py",  # 66
-    "unit/monitoring/test_decisions.py",  # 53
-    "e2e/test_engines.py",  # 52
-    "e2e/test_reproduce.py",  # 49
-    "e2e/test_offline_metric.py",  # 37
-    "e2e/test_cli.py",  # 35
+    "e2e/test_prefect_server.py",  # 97
+    "e2e/test_browser.py",  # 93
+    "e2e/test_team_security.py",  # 92
+    "e2e/test_serving.py",  # 70
+    "e2e/test_shadow.py",  # 66
+    "unit/model/test_torch.py",  # 65
+    "e2e/test_reproduce.py",  # 51
+    "e2e/test_served_stream.py",  # 45
+    "e2e/test_engines.py",  # 32
+    "e2e/test_offline_metric.py",  # 32
+    "unit/monitoring/test_decisions.py",  # 26
+    "e2e/test_cli.py",  # 14
 )
 
 

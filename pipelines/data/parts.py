@@ -39,14 +39,31 @@ def parts_of(path: Path) -> list[Path]:
     return sorted(path.glob("part-*.parquet")) if path.is_dir() else [path]
 
 
+def for_workers(value: Any) -> Any:
+    """`value` with every relative path in it (in tuples and lists too) made absolute from
+    this process's directory. A worker runs in a directory of its own: a relative path sent
+    to it (params.yaml's `data/...`) would be read and written there instead."""
+    if isinstance(value, Path):
+        return value.absolute()
+    if isinstance(value, tuple):
+        items = [for_workers(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, list):
+        return [for_workers(v) for v in value]
+    return value
+
+
 def run_tasks(client, fn: Callable[..., Any], calls: Sequence[tuple], stage: str, params: Params) -> list[Any]:
-    """`fn(*call)` for every call as tasks on the cluster; their results in order. The first
-    failure is raised as it was raised in the task; a task lost with every worker that ran it
-    (a worker that died, typically for memory) is a LooplineError saying what to change."""
+    """`fn(*call)` for every call as tasks on the cluster (its paths absolute: for_workers);
+    their results in order. The first failure is raised as it was raised in the task; a task
+    lost with every worker that ran it (a worker that died, typically for memory) is a
+    LooplineError saying what to change."""
     from distributed import KilledWorker
 
     token = uuid.uuid4().hex[:12]
-    futures = [client.submit(fn, *call, key=f"{stage}-{i}-{token}", pure=False) for i, call in enumerate(calls)]
+    futures = [
+        client.submit(fn, *for_workers(call), key=f"{stage}-{i}-{token}", pure=False) for i, call in enumerate(calls)
+    ]
     try:
         return client.gather(futures)
     except KilledWorker as err:

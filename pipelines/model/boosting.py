@@ -65,7 +65,7 @@ def fit_on_partitions(params: Params, model: Pipeline, sample: pd.DataFrame) -> 
     from dask import delayed
 
     from pipelines.core.layout import Layout
-    from pipelines.data.parts import cluster, parts_of
+    from pipelines.data.parts import cluster, for_workers, parts_of
 
     columns, target, task = params.features.columns, params.data.target, params.data.task
     features, estimator = model.steps[0][1], model.steps[-1][1]
@@ -73,7 +73,9 @@ def fit_on_partitions(params: Params, model: Pipeline, sample: pd.DataFrame) -> 
         sample = sample.sample(SAMPLE_ROWS, random_state=params.train.seed).sort_index()
     features.fit(sample[columns], sample[target])
     width = features.transform(sample[columns].head(1)).shape[1]
-    parts = [p for p in parts_of(Layout.of(params).split_file("train")) if pq.ParquetFile(p).metadata.num_rows]
+    parts = [
+        p for p in for_workers(parts_of(Layout.of(params).split_file("train"))) if pq.ParquetFile(p).metadata.num_rows
+    ]
     sizes = [pq.ParquetFile(p).metadata.num_rows for p in parts]
     labels = None
     if task == "classification":

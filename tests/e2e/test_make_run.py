@@ -1,6 +1,6 @@
 """`make run`, the README's first command, as a new user meets it: in two clones of the
-project on one machine (one Prefect home, as `~/.prefect` is), twice in a row, and after the
-MLflow store is deleted. Each run must train into its own store, register a champion there,
+project on one machine (one Prefect home, as `~/.prefect` is, one BENTOML_HOME), and after
+the MLflow store is deleted. Each run must train into its own store, register a champion there,
 and end with a prediction from the packaged Bento."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def champion_line(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout
 
 
-def test_make_run_twice_in_two_clones_and_after_the_store_is_removed(prefect_api, tmp_path):
+def test_make_run_in_two_clones_and_after_the_store_is_removed(prefect_api, tmp_path):
     a, b = clone(tmp_path / "a"), clone(tmp_path / "b")
     bentoml_home = tmp_path / "bentoml"
 
@@ -80,8 +80,8 @@ def test_make_run_twice_in_two_clones_and_after_the_store_is_removed(prefect_api
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr[-3000:]
     assert rebuilt.stdout.splitlines()[0].endswith(": identical"), rebuilt.stdout
     print(rebuilt.stdout)
-    again = champion_line(make_run(a, bentoml_home, prefect_api))
-    assert "training skipped" in again and 'model_version": "1"' in again
+    # (a second `make run` in the same clone skips training: the flow's skip is tested in
+    # test_training_flow; the Bento built again in one BENTOML_HOME is the runs below)
 
     other = champion_line(make_run(b, bentoml_home, prefect_api))
     assert "bikeshare-demand v1: promoted to champion" in other, other[-3000:]

@@ -257,19 +257,16 @@ def test_the_loop_through_an_mlflow_server_on_postgresql(postgres_db, prefect_ap
 def test_prefect_server_on_postgresql_runs_the_deployments_on_a_work_pool_worker(postgres_db, tmp_path):
     """`loopline prefect-server --database` keeps its state in PostgreSQL; `loopline deploy
     --work-pool` registers the deployments on a process pool and exits; a real `prefect
-    worker` runs a triggered training, then the retrain a monitoring run starts through
-    run_deployment."""
+    worker` runs a triggered training. (The retrain a monitoring run starts through
+    run_deployment is test_schedules', on `loopline deploy`'s runner: the same deployment
+    call, whatever runs it.)"""
     import os
 
     import psycopg
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from conftest import (
-        client_of,
-        monitoring_retrains_through_the_training_deployment,
-        venv_bin,
-    )
+    from conftest import client_of, venv_bin
     from pipelines.core.processes import start_server
 
     path = write_params(
@@ -306,7 +303,6 @@ def test_prefect_server_on_postgresql_runs_the_deployments_on_a_work_pool_worker
             run = run_deployment("training/scheduled-training", timeout=300)
             assert run.state.is_completed(), run.state
             assert len(client_of(tmp_path).search_model_versions("name='bikes'")) == 1
-            monitoring_retrains_through_the_training_deployment(tmp_path)
     finally:
         for proc in (worker, server):
             if proc is not None:

@@ -93,7 +93,7 @@ def team(tmp_path_factory):
         )
         servers.append(
             Server(
-                [venv_bin("loopline"), "prefect-server", "--port", str(prefect_port), "--no-warm"],
+                [venv_bin("loopline"), "prefect-server", "--port", str(prefect_port)],
                 {**base, "PREFECT_SERVER_API_AUTH_STRING": f"team:{SECRETS['prefect']}"},
                 tmp / "prefect.log",
             )

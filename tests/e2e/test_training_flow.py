@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -471,3 +472,35 @@ def test_a_command_killed_on_the_temporary_api_takes_that_api_with_it(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the API shares the command's group
+
+
+# What a command and then its first flow do: loopline's early start, then Prefect's own
+# (a no-op once the first has started it); then the API's processes and the flow's answer.
+EARLY_THEN_FLOW_START = """
+import json, psutil
+from flows.api import start_temporary_api_while
+from prefect.server.api.server import SubprocessASGIServer
+start_temporary_api_while(lambda: None)
+server = SubprocessASGIServer()
+server.start()
+import httpx
+health = httpx.get(server.api_url + "/health", timeout=10).status_code
+apis = [p for p in psutil.Process().children(recursive=True) if "create_app" in " ".join(p.cmdline())]
+print(json.dumps({"health": health, "apis": len(apis)}))
+server.stop()
+"""
+
+
+def test_a_temporary_api_slower_than_prefects_timeout_is_waited_for_not_started_twice(tmp_path):
+    """With Prefect's start-up timeout at 1 s (a loaded machine takes longer than its 20 s
+    default), the early start used to give up while its server process went on starting;
+    the flow's own start then ran a second one on the same port ("address already in use",
+    a traceback in the command's output) and gave up too. The early start waits as long as a
+    `loopline prefect-server` start may take, and its one API serves the flow."""
+    env = own_prefect_home({**os.environ, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}, tmp_path / "home")
+    proc = subprocess.run(
+        [sys.executable, "-c", EARLY_THEN_FLOW_START], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"health": 200, "apis": 1}
+    assert "address already in use" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]

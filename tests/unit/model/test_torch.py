@@ -139,10 +139,10 @@ def test_ddp_two_cpu_processes_agree(tmp_path, bike):
             "hyperparams": {"torch_mlp": {"epochs": 6, "hidden_sizes": [32], "device": "cpu"}},
         },
     )
-    for stage in ("ingest", "clean", "validate", "split"):
-        subprocess.run(
-            [venv_bin("loopline"), "stage", stage, "--params", str(params)], check=True, capture_output=True, cwd=REPO
-        )
+    from pipelines.core.config import load_params
+
+    for stage in ("ingest", "clean", "validate", "split"):  # the data, here: torchrun is what is tested
+        run_stage(stage, load_params(params))
     report = tmp_path / "report"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
@@ -189,7 +189,7 @@ torch.set_num_threads({threads})
 from test_torch import _data
 from pipelines.model.torch_model import TorchMLPRegressor
 X, y = _data(4000)
-m = TorchMLPRegressor(hidden_sizes=[64, 32], epochs=6, batch_size=128, device="cpu", checkpoint_dir={ckpt!r}).fit(X, y)
+m = TorchMLPRegressor(hidden_sizes=[64, 32], epochs=3, batch_size=128, device="cpu", checkpoint_dir={ckpt!r}).fit(X, y)
 print(hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes() for v in m.weights_.values())).hexdigest())
 """
 
