@@ -28,7 +28,7 @@ run: install
 
 # Test modules are spread over $(TEST_WORKERS) worker processes (pytest-xdist), a module per
 # worker at a time, the longest first (tests/conftest.py: LONGEST_FIRST). The suite keeps both
-# cores busy (~88 %): a third worker measured no faster (13m19-13m41 against 13m49).
+# cores busy (~88 %): a third worker measured no faster (16m25 against 16m29-16m35, 2026-12-07).
 TEST_WORKERS ?= 2
 # Coverage of loopline's own code in the test processes (servers it starts are not traced),
 # with a floor just under what the suite reaches: `make test COVERAGE=1`, as CI runs it. The

@@ -84,7 +84,7 @@ def start_temporary_api_while(work: Callable[[], None]) -> None:
     with this one however this one ends (a SIGKILL, the OOM killer: no atexit runs then)."""
     import threading
 
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED
 
     if not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         work()
@@ -97,14 +97,12 @@ def start_temporary_api_while(work: Callable[[], None]) -> None:
     started = threading.Event()
 
     def start() -> None:
-        # As long as a `loopline prefect-server` may take, not Prefect's 20 s: on a loaded
-        # machine the API came up after Prefect gave up, and the flow's own start then ran a
-        # second one on the same port ("address already in use", a traceback in the output).
         server = _temporary_api_class()()
         try:
-            server.start(timeout=max(START_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+            server.start()
         except Exception:  # said again by the flow's own start, where it is raised
-            server.stop()  # what did not answer in time is not left to hold the port
+            if not _came_up(server):
+                server.stop()  # what did not answer is not left to hold the port
         finally:
             started.set()
         # Linux signals a child whose parent *thread* ends (PR_SET_PDEATHSIG): this thread
@@ -116,6 +114,22 @@ def start_temporary_api_while(work: Callable[[], None]) -> None:
         work()
     finally:
         started.wait()
+
+
+def _came_up(server) -> bool:
+    """Whether a temporary API that Prefect gave up on (after
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, 20 s: a loaded machine took longer)
+    answers within START_TIMEOUT_S after all; then it is the API, as if its start had
+    waited. Prefect leaves the process starting, and the flow's own start would run a second
+    one on the same port ("address already in use", a traceback in the command's output)."""
+    proc = server.server_process
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while proc is not None and proc.poll() is None and time.monotonic() < deadline:
+        if answers(server.api_url):
+            server.running = True  # what Prefect's start sets once the API answers
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _temporary_api_class():

@@ -239,7 +239,8 @@ def _stderr_so_far(proc: subprocess.Popen) -> list[str]:
 
 def test_edited_code_runs_cold_and_the_warm_process_reloads(server, small_params):
     """A source file changed after the warm process imported it: the command runs in its own
-    process (never from the stale import), and the warm process reloads itself."""
+    process (never from the stale import), and the warm process reloads itself; a command
+    after that runs warm again."""
     source = REPO / "pipelines" / "core" / "errors.py"
     stat = source.stat()
     seen = len(server.lines)
@@ -249,14 +250,22 @@ def test_edited_code_runs_cold_and_the_warm_process_reloads(server, small_params
         assert proc.returncode == 0, proc.stderr
         assert server.ran(seen) == []
         server.wait_for("the code changed; reloading", after=seen)
-        server.wait_for("warm commands: ready in", after=seen)
     finally:
+        # The old stamp back at once: every warm process of this checkout (the other test
+        # workers' too) reloads for a command that comes while the file looks edited, and
+        # two reloads each (edited, then back) once cost the suite a minute of CPU.
         os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    seen = len(server.lines)
-    server.loopline("check-params", "--params", str(small_params))  # the old stamp again: a second reload
     server.wait_for("warm commands: ready in", after=seen)
-    assert server.loopline("check-params", "--params", str(small_params)).returncode == 0
-    assert len(server.ran(seen, count=1)) == 1
+    # The reload stamped the code before or after the stamp went back: a command runs warm
+    # now, or after one more reload.
+    for attempt in range(2):
+        seen = len(server.lines)
+        assert server.loopline("check-params", "--params", str(small_params)).returncode == 0
+        if server.ran(seen, count=1, timeout=10):
+            break
+        assert attempt == 0, server.lines[seen:]
+        server.wait_for("warm commands: ready in", after=seen)
+    assert [line.split(" (pid")[0] for line in server.ran(seen, count=1)] == ["warm commands: loopline check-params"]
 
 
 def test_the_warm_process_answers_only_a_loopline_command_of_its_checkout(server):
