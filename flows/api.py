@@ -122,14 +122,14 @@ def _came_up(server) -> bool:
     answers within START_TIMEOUT_S after all; then it is the API, as if its start had
     waited. Prefect leaves the process starting, and the flow's own start would run a second
     one on the same port ("address already in use", a traceback in the command's output)."""
-    proc = server.server_process
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while proc is not None and proc.poll() is None and time.monotonic() < deadline:
-        if answers(server.api_url):
-            server.running = True  # what Prefect's start sets once the API answers
-            return True
-        time.sleep(0.2)
-    return False
+    if server.server_process is None:
+        return False
+    try:
+        wait_for_http(f"{server.api_url}/health", timeout=START_TIMEOUT_S, proc=server.server_process)
+    except (RuntimeError, TimeoutError):  # it exited, or never answered
+        return False
+    server.running = True  # what Prefect's start sets once the API answers
+    return True
 
 
 def _temporary_api_class():
